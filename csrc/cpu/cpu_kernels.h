@@ -1,0 +1,32 @@
+// CPU implementations of gptext's ops, row by row: csrc/ops.cpp splits the rows over threads
+// with at::parallel_for and calls these on each range [row_begin, row_end). They take the
+// same argument structs as the CUDA launchers (csrc/kernels/args.h) and call the same math
+// (csrc/kernels/*.cuh). No torch headers, so the native tests link them too.
+//
+// The implementation (cpu_impl.h) is compiled twice, for baseline x86-64 and with AVX2+FMA
+// enabled; these entry points pick one at run time from what the processor supports.
+#pragma once
+
+#include "../kernels/args.h"
+
+namespace gptext::cpu {
+
+#define GPTEXT_CPU_KERNELS                                                                \
+  void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64_t row_end); \
+  void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_t row_end);  \
+  /* In place: c = act(c + bias) + residual, for the rows given (GemmArgs' epilogue part). */   \
+  void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end);
+
+GPTEXT_CPU_KERNELS
+
+// The instruction set the entry points above use on this machine: "avx2" or "baseline".
+const char* instruction_set();
+
+namespace baseline {
+GPTEXT_CPU_KERNELS
+}
+namespace avx2 {
+GPTEXT_CPU_KERNELS
+}
+
+}  // namespace gptext::cpu

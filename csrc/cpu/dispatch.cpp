@@ -1,0 +1,38 @@
+// Run-time choice between the baseline and AVX2 builds of the CPU kernels.
+#include "cpu_kernels.h"
+
+namespace gptext::cpu {
+namespace {
+
+bool use_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define GPTEXT_CPU_CALL(fn, ...) (use_avx2() ? avx2::fn(__VA_ARGS__) : baseline::fn(__VA_ARGS__))
+#else
+#define GPTEXT_CPU_CALL(fn, ...) baseline::fn(__VA_ARGS__)
+#endif
+
+void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64_t row_end) {
+  GPTEXT_CPU_CALL(softmax_rows, dtype, args, row_begin, row_end);
+}
+
+void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_t row_end) {
+  GPTEXT_CPU_CALL(layernorm_rows, dtype, args, row_begin, row_end);
+}
+
+void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end) {
+  GPTEXT_CPU_CALL(epilogue_rows, dtype, args, row_begin, row_end);
+}
+
+const char* instruction_set() { return use_avx2() ? "avx2" : "baseline"; }
+
+}  // namespace gptext::cpu

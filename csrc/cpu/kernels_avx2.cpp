@@ -1,0 +1,14 @@
+// The CPU kernels compiled for AVX2 + FMA (8-wide fp32), chosen at run time when the
+// processor has them. System headers come first so that only gptext's own (internal
+// linkage) code is compiled for the wider target.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma")
+#define GPTEXT_CPU_ISA avx2
+#include "cpu_impl.h"
+#endif

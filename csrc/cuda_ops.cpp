@@ -1,0 +1,219 @@
+// CUDA implementations of gptext's ops: tensor checks (ops_common.h), then the kernel
+// launchers of csrc/kernels/launch.h on the current stream. Built only when the extension is
+// compiled with CUDA.
+//
+// `linear` has two GEMM implementations, chosen by the GEMM policy (gptext.set_gemm_policy or
+// GPTEXT_GEMM): "wmma", gptext's Tensor Core kernel with its fused epilogue; "cublas", the
+// product through ATen's cuBLAS/cuBLASLt calls (bias, and bias+GELU/ReLU, fused by cuBLASLt
+// where ATen can) and gptext's epilogue kernel for the rest; "auto", whichever of the two
+// measured faster for the device, dtype and shape (timed once per shape class, then cached;
+// cuBLAS while a CUDA graph is being captured and the shape is not yet measured). fp32
+// always takes cuBLAS (TF32 only if torch.backends.cuda.matmul.allow_tf32 is set).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <mutex>
+#include <unordered_map>
+
+#include "kernels/launch.h"
+#include "ops_common.h"
+
+namespace gptext {
+namespace {
+
+void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "gptext.ops.", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+// ---- softmax and LayerNorm -------------------------------------------------------------
+
+at::Tensor softmax_cuda(const at::Tensor& x, int64_t dim, double scale, bool causal, int64_t window) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  SoftmaxProblem p = softmax_problem(x, dim, scale, causal, window);
+  check_cuda(kernels::softmax_forward(p.args, p.dtype, current_stream()), "softmax");
+  return softmax_result(p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  NormProblem p = norm_problem("layernorm", x, std::nullopt, weight, bias, eps);
+  check_cuda(kernels::layernorm_forward(p.args, p.dtype, current_stream()), "layernorm");
+  return {p.out, p.mean, p.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  NormProblem p = norm_problem("layernorm_residual", x, residual, weight, bias, eps);
+  check_cuda(kernels::layernorm_forward(p.args, p.dtype, current_stream()), "layernorm_residual");
+  return {p.out, p.sum, p.mean, p.rstd};
+}
+
+// ---- linear: the two GEMM paths and the policy between them ------------------------------
+
+enum class GemmImpl { Wmma, Cublas };
+
+const char* impl_name(GemmImpl impl) { return impl == GemmImpl::Wmma ? "wmma" : "cublas"; }
+
+void run_wmma(const LinearProblem& p, const at::Tensor& out) {
+  GemmArgs args = p.args;
+  args.c = out.data_ptr();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  check_cuda(kernels::gemm_wmma(args, p.dtype, sms, current_stream()), "linear");
+}
+
+void run_cublas(const LinearProblem& p, at::Tensor& out) {
+  const at::Tensor weight_t = p.weight.t();
+  GemmArgs rest = p.args;  // what cuBLAS(Lt) leaves to gptext's epilogue kernel
+  rest.c = out.data_ptr();
+  if (p.bias.defined()) {
+    if (p.args.act == Activation::None) {
+      at::addmm_out(out, p.bias, p.x2d, weight_t);
+    } else {
+      // ATen fuses bias + GELU (tanh form) or ReLU into cuBLASLt when it can, else applies them.
+      at::_addmm_activation_out(out, p.bias, p.x2d, weight_t, 1, 1, p.args.act == Activation::Gelu);
+    }
+    rest.bias = nullptr;
+    rest.act = Activation::None;
+  } else {
+    at::mm_out(out, p.x2d, weight_t);
+  }
+  check_cuda(kernels::gemm_epilogue(rest, p.dtype, current_stream()), "linear");
+}
+
+void run_impl(GemmImpl impl, const LinearProblem& p, at::Tensor& out) {
+  if (impl == GemmImpl::Wmma) run_wmma(p, out);
+  else run_cublas(p, out);
+}
+
+// Shapes that share a measurement: same device, dtype, N and K, and M rounded up to a
+// power of two (prefill lengths vary; decode batch sizes stay in small buckets).
+struct ShapeClass {
+  int device;
+  int dtype;
+  int64_t m_bucket, n, k;
+  bool operator==(const ShapeClass& o) const {
+    return device == o.device && dtype == o.dtype && m_bucket == o.m_bucket && n == o.n && k == o.k;
+  }
+};
+struct ShapeClassHash {
+  size_t operator()(const ShapeClass& s) const {
+    size_t h = std::hash<int64_t>()(s.m_bucket);
+    for (int64_t v : {int64_t(s.device), int64_t(s.dtype), s.n, s.k}) h = h * 1000003u ^ std::hash<int64_t>()(v);
+    return h;
+  }
+};
+
+std::mutex g_tuned_mutex;
+std::unordered_map<ShapeClass, GemmImpl, ShapeClassHash> g_tuned;
+
+ShapeClass shape_class(const LinearProblem& p, const at::Tensor& x) {
+  return {x.get_device(), int(p.dtype), next_pow2(std::max<int64_t>(p.args.m, 1)), p.args.n, p.args.k};
+}
+
+bool wmma_supported(const LinearProblem& p, const at::Tensor& x) {
+  if (p.dtype == DType::F32) return false;
+  return at::cuda::getDeviceProperties(x.get_device())->major >= 8;
+}
+
+// Median time of a few runs of one implementation, in milliseconds.
+float time_impl(GemmImpl impl, const LinearProblem& p, at::Tensor& out) {
+  constexpr int kRuns = 5;
+  run_impl(impl, p, out);  // warm-up: first-use costs (cuBLAS handles, smem opt-in) excluded
+  std::array<float, kRuns> ms{};
+  cudaEvent_t start, stop;
+  check_cuda(cudaEventCreate(&start), "linear");
+  check_cuda(cudaEventCreate(&stop), "linear");
+  for (float& t : ms) {
+    check_cuda(cudaEventRecord(start, current_stream()), "linear");
+    run_impl(impl, p, out);
+    check_cuda(cudaEventRecord(stop, current_stream()), "linear");
+    check_cuda(cudaEventSynchronize(stop), "linear");
+    check_cuda(cudaEventElapsedTime(&t, start, stop), "linear");
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(ms.begin(), ms.end());
+  return ms[kRuns / 2];
+}
+
+// The implementation the policy picks. With `out` given, "auto" may measure an untuned
+// shape class (the timing runs write `out`, which the caller then overwrites); without it,
+// an untuned class reports what an unmeasured call would use.
+GemmImpl choose_impl(const LinearProblem& p, const at::Tensor& x, at::Tensor* out) {
+  if (!wmma_supported(p, x)) return GemmImpl::Cublas;
+  switch (gemm_policy()) {
+    case GemmPolicy::Wmma:
+      return GemmImpl::Wmma;
+    case GemmPolicy::Cublas:
+      return GemmImpl::Cublas;
+    default:
+      break;
+  }
+  const ShapeClass key = shape_class(p, x);
+  {
+    std::lock_guard<std::mutex> lock(g_tuned_mutex);
+    const auto it = g_tuned.find(key);
+    if (it != g_tuned.end()) return it->second;
+  }
+  if (out == nullptr || c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return GemmImpl::Cublas;
+  }
+  const float wmma_ms = time_impl(GemmImpl::Wmma, p, *out);
+  const float cublas_ms = time_impl(GemmImpl::Cublas, p, *out);
+  const GemmImpl best = wmma_ms < cublas_ms ? GemmImpl::Wmma : GemmImpl::Cublas;
+  std::lock_guard<std::mutex> lock(g_tuned_mutex);
+  g_tuned[key] = best;
+  return best;
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::string& activation, const std::optional<at::Tensor>& residual) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  LinearProblem p = linear_problem("linear", x, weight, bias, activation, residual);
+  at::Tensor out = at::empty({p.args.m, p.args.n}, p.x2d.options());
+  run_impl(choose_impl(p, x, &out), p, out);
+  return out.view(p.out_shape);
+}
+
+at::Tensor ffn_cuda(const at::Tensor& x, const at::Tensor& w_fc, const std::optional<at::Tensor>& b_fc,
+                    const at::Tensor& w_proj, const std::optional<at::Tensor>& b_proj,
+                    const std::optional<at::Tensor>& residual) {
+  check_ffn_shapes(x, w_fc, w_proj);
+  const at::Tensor hidden = linear_cuda(x, w_fc, b_fc, "gelu", std::nullopt);
+  return linear_cuda(hidden, w_proj, b_proj, "none", residual);
+}
+
+std::string linear_backend_cuda(const at::Tensor& x, const at::Tensor& weight) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const LinearProblem p = linear_problem("linear", x, weight, std::nullopt, "none", std::nullopt);
+  return impl_name(choose_impl(p, x, nullptr));
+}
+
+int64_t cuda_binary_arch(int64_t device) { return kernels::kernels_binary_arch(int(device)); }
+
+}  // namespace
+}  // namespace gptext
+
+TORCH_LIBRARY_FRAGMENT(gptext, m) {
+  // The compute capability of the kernel binary that runs on `device` (0: none can).
+  m.def("_cuda_binary_arch(int device) -> int", &gptext::cuda_binary_arch);
+}
+
+TORCH_LIBRARY_IMPL(gptext, CUDA, m) {
+  m.impl("softmax", &gptext::softmax_cuda);
+  m.impl("layernorm", &gptext::layernorm_cuda);
+  m.impl("layernorm_residual", &gptext::layernorm_residual_cuda);
+  m.impl("linear", &gptext::linear_cuda);
+  m.impl("ffn", &gptext::ffn_cuda);
+  m.impl("_linear_backend", &gptext::linear_backend_cuda);
+}

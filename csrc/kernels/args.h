@@ -1,0 +1,64 @@
+// The problem descriptions shared by the CUDA launchers (launch.h) and the CPU kernels
+// (csrc/cpu/cpu_kernels.h): plain pointers and sizes, no torch and no CUDA headers.
+// Pointers address contiguous row-major data of the DType the caller names.
+#pragma once
+
+#include <cstdint>
+
+#include "activations.cuh"
+#include "common.cuh"
+
+namespace gptext {
+
+// Softmax over the last dimension: y[r, :] = softmax(scale * x[r, :]) restricted to the
+// keys attention_key_range() allows for row r, whose query index is r % q_len. With
+// causal == false every key is visible. Masked positions come out as 0.
+struct SoftmaxArgs {
+  const void* x;
+  void* y;
+  int64_t rows;
+  int64_t cols;
+  float scale;     // > 0
+  bool causal;
+  int64_t window;  // 0: no window
+  int64_t q_len;   // rows per (batch, head) block of scores; used only when causal
+};
+
+// LayerNorm over the last dimension, optionally after a residual add:
+//   v = x (+ residual, rounded to the storage type and written to `sum`);
+//   out = (v - mean(v)) * rstd * weight (+ bias);
+// mean and rstd (fp32, one per row) are written when their pointers are non-null.
+struct NormArgs {
+  const void* x;
+  const void* residual;  // null: plain LayerNorm
+  const void* weight;
+  const void* bias;      // null: no shift
+  void* out;
+  void* sum;             // required when residual is given
+  float* mean;
+  float* rstd;
+  int64_t rows;
+  int64_t cols;
+  float eps;
+};
+
+// GEMM with a fused epilogue: c[M, N] = act(a[M, K] @ b[N, K]^T + bias[N]) + residual[M, N].
+// a and b are K-contiguous (b is a PyTorch Linear weight as stored, [out, in]); c and
+// residual are N-contiguous with leading dimension ldc. The epilogue-only entry points
+// (c already holds the product) read just c, bias, residual, m, n, ldc and act.
+struct GemmArgs {
+  const void* a;
+  const void* b;
+  void* c;
+  const void* bias;      // may be null
+  const void* residual;  // may be null; leading dimension ldc
+  int64_t m;
+  int64_t n;
+  int64_t k;
+  int64_t lda;
+  int64_t ldb;
+  int64_t ldc;
+  Activation act;
+};
+
+}  // namespace gptext

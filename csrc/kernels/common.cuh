@@ -1,0 +1,302 @@
+// Shared building blocks for gptext's kernels.
+//
+// Everything marked GPTEXT_HD compiles for both the host and the device: the CPU
+// implementations in csrc/cpu/ call the very same functions as the CUDA kernels, so the
+// math is exercised on every machine, GPU or not. GPTEXT_HD functions have internal
+// linkage (`static`) on purpose: csrc/cpu/ compiles the same code twice, once with AVX2
+// enabled, and internal linkage keeps the two copies from being merged by the linker.
+//
+// The device-only part (vector packs, warp and block reductions) sits under __CUDACC__.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define GPTEXT_HD static __host__ __device__ __forceinline__
+#else
+#define GPTEXT_HD static inline
+#endif
+
+namespace gptext {
+
+// The element types every kernel accepts; values match gptext_kernels.h's callers.
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+GPTEXT_HD int dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+
+GPTEXT_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Smallest power of two >= n (n >= 1), used to pick a register-tile template.
+GPTEXT_HD int next_pow2(int64_t n) {
+  int p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// ---- Scalar conversions for 16-bit storage, bit-exact on host and device ----------------
+// The host has no native bf16/fp16 type, so the CPU kernels keep raw bits (uint16_t) and
+// convert with these. Rounding is to nearest-even, NaN stays NaN: the same as the CUDA
+// intrinsics and as torch.
+
+// Bit casts. __builtin_bit_cast (not memcpy) keeps the host loops that use them
+// vectorisable.
+GPTEXT_HD float bits_to_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  return __builtin_bit_cast(float, bits);
+#endif
+}
+
+GPTEXT_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  return __builtin_bit_cast(uint32_t, f);
+#endif
+}
+
+GPTEXT_HD float bf16_bits_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+GPTEXT_HD uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
+  const uint32_t rounding_bias = 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t((u + rounding_bias) >> 16);
+}
+
+GPTEXT_HD float f16_bits_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  if (exp != 0) return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  // Subnormal (or zero): the value is mant * 2^-24, exact in fp32.
+  const float magnitude = float(mant) * 5.9604644775390625e-08f;
+  return sign ? -magnitude : magnitude;
+}
+
+GPTEXT_HD uint16_t float_to_f16_bits(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t abs_bits = u & 0x7fffffffu;
+  if (abs_bits > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN
+  if (abs_bits >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to +-inf
+  if (abs_bits < 0x38800000u) {
+    // Result is subnormal in fp16: scale so the integer part is the mantissa, and let the
+    // fp32 adder round to nearest-even.
+    const float scaled = bits_to_float(abs_bits) * 16777216.0f;  // * 2^24
+    const float rounded = scaled + 8388608.0f - 8388608.0f;      // round to integer (RNE)
+    return uint16_t(sign | uint16_t(rounded));
+  }
+  const uint32_t rounding_bias = 0xfffu + ((abs_bits >> 13) & 1u);
+  const uint32_t r = abs_bits + rounding_bias;
+  return uint16_t(sign | (((r >> 23) - 112u) << 10) | ((r >> 13) & 0x3ffu));
+}
+
+// ---- Transcendentals shared by softmax, GELU and the CPU kernels --------------------------
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x. The device uses the SFU instruction ex2.approx (relative error ~2^-22). The host
+// uses a range reduction and a degree-7 polynomial (relative error < 2e-7) written so that
+// compilers vectorise it: std::exp2 is a library call that blocks vectorisation. (The CPU
+// files build with -fno-trapping-math, without which GCC will not if-convert the selects.)
+GPTEXT_HD float exp2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  // Clamp to the range where 2^x is a normal float; x < -126 underflows to 0 below.
+  const float xc = x < -126.0f ? -126.0f : (x > 127.0f ? 127.0f : x);
+  // Nearest integer by the 1.5 * 2^23 trick (the add rounds away the fraction), which
+  // vectorises on any x86-64, unlike floor before SSE4.1.
+  const float n = (xc + 12582912.0f) - 12582912.0f;
+  const float f = xc - n;  // f in [-0.5, 0.5]
+  // 2^f = e^(f ln2): Taylor coefficients ln2^k / k!, k = 0..7, evaluated by Horner.
+  const float t = f * 0.6931471805599453f;
+  float p = 1.0f / 5040.0f;
+  p = p * t + 1.0f / 720.0f;
+  p = p * t + 1.0f / 120.0f;
+  p = p * t + 1.0f / 24.0f;
+  p = p * t + 1.0f / 6.0f;
+  p = p * t + 0.5f;
+  p = p * t + 1.0f;
+  p = p * t + 1.0f;
+  const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
+  const float y = x < -126.0f ? 0.0f : p * scale;  // underflow, and -inf -> 0 exactly
+  return x == x ? y : x;  // NaN propagates (softmax of a NaN row is NaN, as in torch)
+#endif
+}
+
+// tanh for activation functions. On the device, the accurate tanhf (the epilogue is not
+// the bottleneck of a GEMM). On the host, 1 - 2/(e^{2x}+1) through exp2_approx: its
+// absolute error is ~1e-7, which is what GELU needs (it multiplies tanh by x/2).
+GPTEXT_HD float tanh_act(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  const float xc = x > 15.0f ? 15.0f : (x < -15.0f ? -15.0f : x);
+  const float e = exp2_approx(2.0f * kLog2e * xc);
+  return 1.0f - 2.0f / (e + 1.0f);
+#endif
+}
+
+}  // namespace gptext
+
+// ---- Device-only helpers -----------------------------------------------------------------
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+namespace gptext::dev {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Rounds through the storage type: what a value becomes once written to memory as T.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
+// N elements moved as one aligned access (N * sizeof(T) == 16 gives a 128-bit load).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
+  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(pack.v[i]);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
+  Pack<T, N> pack;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, N>*>(p) = pack;
+}
+
+__host__ __device__ __forceinline__ bool is_aligned(const void* p, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Block-wide reduction of one float per thread with an associative `combine`; every
+// thread gets the result. `scratch` holds 32 floats of shared memory; blockDim.x must be a
+// multiple of 32. The trailing barrier lets the caller reuse `scratch` straight away.
+template <typename Combine>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, Combine combine, float identity) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = combine(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : identity;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = combine(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  __syncthreads();
+  return v;
+}
+
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce(v, scratch, SumOp{}, 0.0f); }
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  return block_reduce(v, scratch, MaxOp{}, -INFINITY);
+}
+
+// Reduction over the threads that share a row: a warp (kWarpPerRow) or the whole block.
+template <bool kWarpPerRow>
+__device__ __forceinline__ float row_sum(float v, float* scratch) {
+  if constexpr (kWarpPerRow) return warp_sum(v);
+  else return block_sum(v, scratch);
+}
+template <bool kWarpPerRow>
+__device__ __forceinline__ float row_max(float v, float* scratch) {
+  if constexpr (kWarpPerRow) return warp_max(v);
+  else return block_max(v, scratch);
+}
+
+// Grid size for kernels that loop over rows: enough blocks to fill any current GPU many
+// times over; rows beyond that are looped over inside a block.
+__host__ __forceinline__ unsigned capped_grid(int64_t blocks) {
+  constexpr int64_t kMaxGridBlocks = int64_t(1) << 20;
+  return unsigned(blocks < kMaxGridBlocks ? blocks : kMaxGridBlocks);
+}
+
+// Calls fn(std::integral_constant<int, P>{}) for the smallest power of two P in
+// [FIRST, LAST] with P >= needed (LAST when none is): picks a register-tile template.
+template <int FIRST, int LAST, typename Fn>
+__host__ __forceinline__ auto dispatch_pow2(int64_t needed, Fn&& fn) {
+  if constexpr (FIRST >= LAST) {
+    return fn(std::integral_constant<int, LAST>{});
+  } else {
+    if (needed <= FIRST) return fn(std::integral_constant<int, FIRST>{});
+    return dispatch_pow2<FIRST * 2, LAST>(needed, fn);
+  }
+}
+
+}  // namespace gptext::dev
+
+// Maps a DType to the CUDA storage type and calls `body` with a value of that type (the
+// value itself is unused: only its type matters).
+#define GPTEXT_DISPATCH_DTYPE(dtype, T, ...)                \
+  [&] {                                                     \
+    switch (dtype) {                                        \
+      case ::gptext::DType::F32: {                          \
+        using T = float;                                    \
+        return __VA_ARGS__();                               \
+      }                                                     \
+      case ::gptext::DType::F16: {                          \
+        using T = __half;                                   \
+        return __VA_ARGS__();                               \
+      }                                                     \
+      default: {                                            \
+        using T = __nv_bfloat16;                            \
+        return __VA_ARGS__();                               \
+      }                                                     \
+    }                                                       \
+  }()
+
+#endif  // __CUDACC__

@@ -1,0 +1,36 @@
+// Index math of the tiled GEMM (gemm_wmma.cu), kept host-callable so the native tests check
+// it on any machine.
+#pragma once
+
+#include "common.cuh"
+
+namespace gptext {
+
+struct TileCoord {
+  int64_t m;  // tile row
+  int64_t n;  // tile column
+};
+
+// Grouped rasterisation: consecutive blocks walk down a band of `group_m` tile rows before
+// moving to the next tile column, so the blocks resident at one time share A rows and B
+// columns in L2 instead of sweeping all of B per row of tiles. A bijection from
+// [0, tiles_m * tiles_n) onto the tile grid; the last band may be shorter.
+GPTEXT_HD TileCoord gemm_tile_of_block(int64_t block, int64_t tiles_m, int64_t tiles_n, int64_t group_m) {
+  const int64_t tiles_per_band = group_m * tiles_n;
+  const int64_t band = block / tiles_per_band;
+  const int64_t first_m = band * group_m;
+  const int64_t band_rows = (tiles_m - first_m) < group_m ? (tiles_m - first_m) : group_m;
+  const int64_t in_band = block % tiles_per_band;
+  return {first_m + in_band % band_rows, in_band / band_rows};
+}
+
+// Bytes of a 16-byte chunk of row data that lie inside a row of `k` elements of `elem_size`
+// bytes, starting at element `k0`: 16 for a full chunk, less at the tail, 0 past the end or
+// outside the matrix. cp.async copies this many bytes and zero-fills the rest.
+GPTEXT_HD int gemm_chunk_bytes(bool row_in_bounds, int64_t k0, int64_t k, int elem_size) {
+  if (!row_in_bounds || k0 >= k) return 0;
+  const int64_t bytes = (k - k0) * elem_size;
+  return bytes >= 16 ? 16 : int(bytes);
+}
+
+}  // namespace gptext

@@ -1,0 +1,237 @@
+// Tiled GEMM on Tensor Cores with nvcuda::wmma, and a fused epilogue:
+//   c[M, N] = act(a[M, K] @ b[N, K]^T + bias) + residual
+// a is an activation matrix and b a PyTorch Linear weight ([out, in]); both are K-contiguous,
+// so both tiles are loaded the same way: rows of BK elements.
+//
+// Structure (one thread block per BM x BN tile of c):
+//   - a STAGES-deep cp.async pipeline (sm_80+) streams BM x BK and BN x BK tiles into
+//     shared memory while the warps compute on an earlier stage; copies past the matrix
+//     edge zero-fill, so any M, N, K works without a separate tail kernel;
+//   - shared-memory rows are padded from BK to BK + 8 elements (80 bytes for BK = 32):
+//     consecutive rows start 20 banks apart, so the 8-row ldmatrix phases that wmma's
+//     loads issue touch 8 distinct 4-bank groups (no conflicts), and every fragment start
+//     stays 32-byte aligned as wmma requires;
+//   - each warp owns a WM x WN sub-tile as (WM/16) x (WN/16) 16x16 fp32 accumulators;
+//   - the epilogue passes each accumulator through a 16x16 patch of shared memory
+//     (store_matrix_sync), because wmma does not define which thread holds which
+//     element; each lane then finishes 8 consecutive outputs of one row (bias, activation,
+//     residual, rounding) and writes them as one 16-byte store when aligned. The patch
+//     costs one shared-memory round trip per accumulator, small next to the K loop, and
+//     keeps the epilogue independent of fragment layouts.
+//   - blocks are rasterised in bands of kGroupM tile rows (gemm_tiles.cuh) for L2 reuse.
+// Two tile shapes: 128x128 (8 warps, 64x32 each) when that gives at least one tile per SM,
+// else 64x64 (4 warps) so small problems (decode, narrow layers) still spread over the GPU.
+// K rows whose start is not 16-byte aligned (K % 8 != 0) cannot use cp.async; they take
+// the same pipeline with plain predicated loads.
+//
+// Unverified on a GPU until bench/gpu_suite.sh has run it: compiled here for sm_80/sm_90.
+#include <mma.h>
+
+#include <atomic>
+
+#include "gemm_tiles.cuh"
+#include "launch.h"
+
+namespace gptext::kernels {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kGroupM = 8;
+
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int STAGES_, int MIN_BLOCKS_>
+struct TileConfig {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, STAGES = STAGES_;
+  static constexpr int kMinBlocksPerSM = MIN_BLOCKS_;  // caps registers so blocks co-reside
+  static constexpr int kWarpsN = BN / WN;
+  static constexpr int kWarps = (BM / WM) * kWarpsN;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kFragsM = WM / 16, kFragsN = WN / 16;
+  static constexpr int kStride = BK + 8;  // padded shared-memory row, in elements
+  static constexpr int kStageElems = (BM + BN) * kStride;
+  static constexpr size_t kSmemBytes = size_t(STAGES) * kStageElems * 2;
+  // The epilogue reuses the pipeline's memory: one 16x16 fp32 patch per warp.
+  static_assert(kSmemBytes >= size_t(kWarps) * 16 * 16 * sizeof(float), "epilogue patch must fit");
+  static_assert(BK % 16 == 0 && WM % 16 == 0 && WN % 16 == 0, "wmma tiles are 16x16x16");
+};
+using LargeTile = TileConfig<128, 128, 32, 64, 32, 4, 2>;
+using SmallTile = TileConfig<64, 64, 32, 32, 32, 4, 4>;
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a K-contiguous matrix into
+// shared memory, zero-filling outside the matrix.
+template <typename T, typename Cfg, int ROWS, bool kAsync>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int64_t rows_total, int64_t row0,
+                                          int64_t k0, int64_t k) {
+  constexpr int kChunksPerRow = Cfg::BK / 8;
+  for (int c = threadIdx.x; c < ROWS * kChunksPerRow; c += Cfg::kThreads) {
+    const int r = c / kChunksPerRow, kc = (c % kChunksPerRow) * 8;
+    const int64_t gr = row0 + r, gk = k0 + kc;
+    T* dst = smem + r * Cfg::kStride + kc;
+    if constexpr (kAsync) {
+      const int bytes = gemm_chunk_bytes(gr < rows_total, gk, k, int(sizeof(T)));
+      cp_async_16(dst, bytes > 0 ? g + gr * ld + gk : g, bytes);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        dst[e] = (gr < rows_total && gk + e < k) ? g[gr * ld + gk + e] : dev::from_float<T>(0.0f);
+    }
+  }
+}
+
+template <typename T, typename Cfg, bool kAsync>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma_kernel(const GemmArgs a, int64_t tiles_m, int64_t tiles_n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const T* A = static_cast<const T*>(a.a);
+  const T* B = static_cast<const T*>(a.b);
+
+  const TileCoord tile = gemm_tile_of_block(blockIdx.x, tiles_m, tiles_n, kGroupM);
+  const int64_t m0 = tile.m * Cfg::BM, n0 = tile.n * Cfg::BN;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / Cfg::kWarpsN, warp_n = warp % Cfg::kWarpsN;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Cfg::kFragsM][Cfg::kFragsN];
+#pragma unroll
+  for (int i = 0; i < Cfg::kFragsM; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg::kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  auto load_stage = [&](int stage, int64_t k_tile) {
+    T* stage_smem = smem + stage * Cfg::kStageElems;
+    const int64_t k0 = k_tile * Cfg::BK;
+    load_tile<T, Cfg, Cfg::BM, kAsync>(stage_smem, A, a.lda, a.m, m0, k0, a.k);
+    load_tile<T, Cfg, Cfg::BN, kAsync>(stage_smem + Cfg::BM * Cfg::kStride, B, a.ldb, a.n, n0, k0, a.k);
+  };
+
+  const int64_t k_tiles = ceil_div(a.k, Cfg::BK);
+#pragma unroll
+  for (int s = 0; s < Cfg::STAGES - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<Cfg::STAGES - 2>();
+    __syncthreads();  // stage kt has landed for every thread, and stage kt - 1 is free
+    const int64_t next = kt + Cfg::STAGES - 1;
+    if (next < k_tiles) load_stage(int(next % Cfg::STAGES), next);
+    cp_async_commit();
+
+    const T* As = smem + int(kt % Cfg::STAGES) * Cfg::kStageElems;
+    const T* Bs = As + Cfg::BM * Cfg::kStride;
+#pragma unroll
+    for (int kk = 0; kk < Cfg::BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[Cfg::kFragsM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[Cfg::kFragsN];
+#pragma unroll
+      for (int i = 0; i < Cfg::kFragsM; ++i)
+        wmma::load_matrix_sync(af[i], As + (warp_m * Cfg::WM + i * 16) * Cfg::kStride + kk, Cfg::kStride);
+#pragma unroll
+      for (int j = 0; j < Cfg::kFragsN; ++j)
+        wmma::load_matrix_sync(bf[j], Bs + (warp_n * Cfg::WN + j * 16) * Cfg::kStride + kk, Cfg::kStride);
+#pragma unroll
+      for (int i = 0; i < Cfg::kFragsM; ++i)
+#pragma unroll
+        for (int j = 0; j < Cfg::kFragsN; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's shared memory becomes the epilogue's patches
+
+  float* patch = reinterpret_cast<float*>(smem_raw) + warp * 256;
+  T* C = static_cast<T*>(a.c);
+  const T* bias = static_cast<const T*>(a.bias);
+  const T* residual = static_cast<const T*>(a.residual);
+  const bool vector_store = a.ldc % 8 == 0 && dev::is_aligned(C, 16) && dev::is_aligned(residual, 16);
+  const int r = lane / 2, c0 = (lane % 2) * 8;
+#pragma unroll
+  for (int i = 0; i < Cfg::kFragsM; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg::kFragsN; ++j) {
+      wmma::store_matrix_sync(patch, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      const int64_t gm = m0 + warp_m * Cfg::WM + i * 16 + r;
+      const int64_t gn = n0 + warp_n * Cfg::WN + j * 16 + c0;
+      if (gm < a.m && gn < a.n) {
+        const bool full = vector_store && gn + 8 <= a.n;
+        float res[8] = {};
+        if (residual != nullptr) {
+          if (full) {
+            dev::load_floats<8>(residual + gm * a.ldc + gn, res);
+          } else {
+            for (int e = 0; e < 8 && gn + e < a.n; ++e) res[e] = dev::to_float(residual[gm * a.ldc + gn + e]);
+          }
+        }
+        float out[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float b = (bias != nullptr && gn + e < a.n) ? dev::to_float(bias[gn + e]) : 0.0f;
+          out[e] = linear_epilogue(patch[r * 16 + c0 + e], b, a.act, res[e]);
+        }
+        if (full) {
+          dev::store_floats<8>(C + gm * a.ldc + gn, out);
+        } else {
+          for (int e = 0; e < 8 && gn + e < a.n; ++e) C[gm * a.ldc + gn + e] = dev::from_float<T>(out[e]);
+        }
+      }
+      __syncwarp();
+    }
+#else
+  __trap();  // Tensor Core bf16/fp16 WMMA with cp.async needs sm_80+; the host never launches this
+#endif
+}
+
+template <typename T, typename Cfg, bool kAsync>
+cudaError_t launch_tile(const GemmArgs& a, cudaStream_t stream) {
+  auto kernel = gemm_wmma_kernel<T, Cfg, kAsync>;
+  // Opting in to more than 48 KiB of dynamic shared memory is per device; remember it.
+  static std::atomic<uint64_t> opted_in_devices{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = uint64_t(1) << (device % 64);
+  if ((opted_in_devices.load() & bit) == 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::kSmemBytes));
+    if (err != cudaSuccess) return err;
+    opted_in_devices.fetch_or(bit);
+  }
+  const int64_t tiles_m = ceil_div(a.m, Cfg::BM), tiles_n = ceil_div(a.n, Cfg::BN);
+  kernel<<<unsigned(tiles_m * tiles_n), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a, tiles_m, tiles_n);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_gemm(const GemmArgs& a, int sm_count, cudaStream_t stream) {
+  const bool async = a.lda % 8 == 0 && a.ldb % 8 == 0 && dev::is_aligned(a.a, 16) && dev::is_aligned(a.b, 16);
+  const bool large = ceil_div(a.m, LargeTile::BM) * ceil_div(a.n, LargeTile::BN) >= sm_count;
+  if (large) return async ? launch_tile<T, LargeTile, true>(a, stream) : launch_tile<T, LargeTile, false>(a, stream);
+  return async ? launch_tile<T, SmallTile, true>(a, stream) : launch_tile<T, SmallTile, false>(a, stream);
+}
+
+}  // namespace
+
+cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, int sm_count, cudaStream_t stream) {
+  // K == 0 needs no special case: the K loop runs zero times and the epilogue sees zeros.
+  if (args.m == 0 || args.n == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::F16:
+      return launch_gemm<__half>(args, sm_count, stream);
+    case DType::BF16:
+      return launch_gemm<__nv_bfloat16>(args, sm_count, stream);
+    default:
+      return cudaErrorInvalidDeviceFunction;  // fp32 goes through cuBLAS (see cuda_ops.cpp)
+  }
+}
+
+}  // namespace gptext::kernels

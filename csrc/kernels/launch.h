@@ -1,0 +1,44 @@
+// The launcher API of gptext's CUDA kernels: plain pointers, sizes and a stream, no torch.
+// csrc/cuda_ops.cpp checks tensors and calls these; csrc/tests/ calls them directly.
+//
+// Every launcher returns the CUDA error of its launch (cudaSuccess when there was nothing
+// to do), never aborts, and accepts empty problems. Pointers must be device pointers of
+// contiguous row-major data of the given DType; where 128-bit alignment would help, the
+// kernels check it and take a scalar path when it is missing.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "args.h"
+
+namespace gptext::kernels {
+
+using ::gptext::GemmArgs;
+using ::gptext::NormArgs;
+using ::gptext::SoftmaxArgs;
+
+// ---- softmax (softmax.cu): SoftmaxArgs in args.h -------------------------------------
+cudaError_t softmax_forward(const SoftmaxArgs& args, DType dtype, cudaStream_t stream);
+
+// ---- LayerNorm, optionally fused with the residual add (layernorm.cu) -----------------
+cudaError_t layernorm_forward(const NormArgs& args, DType dtype, cudaStream_t stream);
+
+// ---- GEMM with a fused epilogue (gemm_wmma.cu, epilogue.cu) ----------------------------
+// Tensor Core (nvcuda::wmma) GEMM: bf16 or fp16 in, fp32 accumulate, output in the input
+// type. Needs sm_80 or newer; returns cudaErrorInvalidDeviceFunction for F32. `sm_count`
+// picks the tile shape.
+cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, int sm_count, cudaStream_t stream);
+// The same epilogue applied in place to a product already in c (the cuBLAS path):
+// c = act(c + bias) + residual.
+cudaError_t gemm_epilogue(const GemmArgs& args, DType dtype, cudaStream_t stream);
+
+// ---- build information (info.cu) ------------------------------------------------------
+// The compute capability the kernels' best binary for `device` targets (e.g. 90 for
+// sm_90), or 0 when none of the compiled arches can run there.
+int kernels_binary_arch(int device);
+// CUDA runtime version the kernels were compiled against (e.g. 13000).
+int kernels_cuda_version();
+
+}  // namespace gptext::kernels

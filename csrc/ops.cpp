@@ -1,0 +1,171 @@
+// gptext's op library: every schema, the CPU implementations, and the Python module that
+// loads them. The CUDA implementations register in cuda_ops.cpp when the extension is built
+// with CUDA. Autograd formulas and fake (meta) implementations are registered from Python
+// (gptext/ops.py).
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+
+#include "cpu/cpu_kernels.h"
+#include "ops_common.h"
+
+#ifdef GPTEXT_WITH_CUDA
+#include "kernels/launch.h"
+#endif
+
+#ifndef GPTEXT_CUDA_ARCHES
+#define GPTEXT_CUDA_ARCHES ""
+#endif
+
+namespace gptext {
+
+// ---- GEMM policy -----------------------------------------------------------------------
+namespace {
+GemmPolicy policy_from_environment() {
+  const char* env = std::getenv("GPTEXT_GEMM");
+  return env == nullptr ? GemmPolicy::Auto : parse_gemm_policy(env);
+}
+std::atomic<int> g_gemm_policy{-1};  // -1: not read from the environment yet
+}  // namespace
+
+GemmPolicy parse_gemm_policy(const std::string& name) {
+  if (name == "auto") return GemmPolicy::Auto;
+  if (name == "wmma") return GemmPolicy::Wmma;
+  if (name == "cublas") return GemmPolicy::Cublas;
+  TORCH_CHECK_VALUE(false, "gptext: GEMM policy must be 'auto', 'wmma' or 'cublas', got '", name, "'");
+}
+
+const char* gemm_policy_name(GemmPolicy policy) {
+  switch (policy) {
+    case GemmPolicy::Wmma:
+      return "wmma";
+    case GemmPolicy::Cublas:
+      return "cublas";
+    default:
+      return "auto";
+  }
+}
+
+GemmPolicy gemm_policy() {
+  int value = g_gemm_policy.load();
+  if (value < 0) {
+    value = int(policy_from_environment());
+    g_gemm_policy.store(value);
+  }
+  return GemmPolicy(value);
+}
+
+namespace {
+
+void set_gemm_policy(const std::string& name) { g_gemm_policy.store(int(parse_gemm_policy(name))); }
+std::string get_gemm_policy() { return gemm_policy_name(gemm_policy()); }
+
+// One JSON object describing the build, read by gptext.build_info().
+std::string build_info() {
+  std::string info = "{\"cpu_isa\": \"";
+  info += cpu::instruction_set();
+#ifdef GPTEXT_WITH_CUDA
+  info += "\", \"cuda\": true, \"cuda_arch_list\": \"" GPTEXT_CUDA_ARCHES "\", \"cuda_runtime\": ";
+  info += std::to_string(kernels::kernels_cuda_version());
+  info += "}";
+#else
+  info += "\", \"cuda\": false, \"cuda_arch_list\": \"\", \"cuda_runtime\": 0}";
+#endif
+  return info;
+}
+
+// Splits rows over the intra-op thread pool so that each task has at least ~16K elements.
+template <typename Fn>
+void parallel_rows(int64_t rows, int64_t cols, Fn&& fn) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { fn(begin, end); });
+}
+
+// ---- CPU implementations ---------------------------------------------------------------
+
+at::Tensor softmax_cpu(const at::Tensor& x, int64_t dim, double scale, bool causal, int64_t window) {
+  SoftmaxProblem p = softmax_problem(x, dim, scale, causal, window);
+  parallel_rows(p.args.rows, p.args.cols,
+                [&](int64_t begin, int64_t end) { cpu::softmax_rows(p.dtype, p.args, begin, end); });
+  return softmax_result(p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                             const std::optional<at::Tensor>& bias, double eps) {
+  NormProblem p = norm_problem("layernorm", x, std::nullopt, weight, bias, eps);
+  parallel_rows(p.args.rows, p.args.cols,
+                [&](int64_t begin, int64_t end) { cpu::layernorm_rows(p.dtype, p.args, begin, end); });
+  return {p.out, p.mean, p.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    double eps) {
+  NormProblem p = norm_problem("layernorm_residual", x, residual, weight, bias, eps);
+  parallel_rows(p.args.rows, p.args.cols,
+                [&](int64_t begin, int64_t end) { cpu::layernorm_rows(p.dtype, p.args, begin, end); });
+  return {p.out, p.sum, p.mean, p.rstd};
+}
+
+// The product through ATen's CPU GEMM (MKL / oneDNN / OpenBLAS, with the bias folded in),
+// then gptext's epilogue in place for the activation and the residual.
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const std::string& activation, const std::optional<at::Tensor>& residual) {
+  LinearProblem p = linear_problem("linear", x, weight, bias, activation, residual);
+  at::Tensor out = p.bias.defined() ? at::addmm(p.bias, p.x2d, p.weight.t()) : at::mm(p.x2d, p.weight.t());
+  if (p.args.act != Activation::None || p.residual.defined()) {
+    GemmArgs epilogue = p.args;
+    epilogue.c = out.data_ptr();
+    epilogue.bias = nullptr;  // already added by addmm
+    parallel_rows(epilogue.m, epilogue.n,
+                  [&](int64_t begin, int64_t end) { cpu::epilogue_rows(p.dtype, epilogue, begin, end); });
+  }
+  return out.view(p.out_shape);
+}
+
+at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w_fc, const std::optional<at::Tensor>& b_fc,
+                   const at::Tensor& w_proj, const std::optional<at::Tensor>& b_proj,
+                   const std::optional<at::Tensor>& residual) {
+  check_ffn_shapes(x, w_fc, w_proj);
+  const at::Tensor hidden = linear_cpu(x, w_fc, b_fc, "gelu", std::nullopt);
+  return linear_cpu(hidden, w_proj, b_proj, "none", residual);
+}
+
+std::string linear_backend_cpu(const at::Tensor&, const at::Tensor&) { return "cpu"; }
+
+}  // namespace
+}  // namespace gptext
+
+TORCH_LIBRARY(gptext, m) {
+  m.def("softmax(Tensor x, int dim=-1, float scale=1.0, bool causal=False, int window=0) -> Tensor");
+  m.def("layernorm(Tensor x, Tensor weight, Tensor? bias, float eps=1e-05) -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layernorm_residual(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps=1e-05) -> "
+      "(Tensor out, Tensor sum, Tensor mean, Tensor rstd)");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"none\", Tensor? residual=None) -> Tensor");
+  m.def(
+      "ffn(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual=None) -> Tensor");
+  // Which GEMM implementation `linear` would use for these operands ("wmma", "cublas", "cpu").
+  m.def("_linear_backend(Tensor x, Tensor weight) -> str");
+  m.def("_build_info() -> str", &gptext::build_info);
+  m.def("_set_gemm_policy(str policy) -> ()", &gptext::set_gemm_policy);
+  m.def("_gemm_policy() -> str", &gptext::get_gemm_policy);
+}
+
+TORCH_LIBRARY_IMPL(gptext, CPU, m) {
+  m.impl("softmax", &gptext::softmax_cpu);
+  m.impl("layernorm", &gptext::layernorm_cpu);
+  m.impl("layernorm_residual", &gptext::layernorm_residual_cpu);
+  m.impl("linear", &gptext::linear_cpu);
+  m.impl("ffn", &gptext::ffn_cpu);
+  m.impl("_linear_backend", &gptext::linear_backend_cpu);
+}
+
+// Importing gptext._C runs the registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "gptext's compiled ops (see torch.ops.gptext)", -1, nullptr};
+  return PyModule_Create(&module);
+}

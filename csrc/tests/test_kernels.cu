@@ -1,0 +1,251 @@
+// Native tests of the CUDA kernels against the CPU implementations (csrc/cpu), with no torch:
+// random inputs in every storage type, sizes that reach each kernel variant and its tails,
+// misaligned pointers. Exits 77 ("skipped" for CTest) when there is no usable GPU, 1 on any
+// mismatch. bench/gpu_suite.sh runs it plain and under compute-sanitizer.
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../cpu/cpu_kernels.h"
+#include "../kernels/launch.h"
+
+using namespace gptext;
+
+static int failures = 0;
+static int cases = 0;
+
+#define CUDA_OK(expr)                                                                          \
+  do {                                                                                         \
+    const cudaError_t err_ = (expr);                                                           \
+    if (err_ != cudaSuccess) {                                                                 \
+      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, __LINE__, #expr); \
+      std::exit(1);                                                                            \
+    }                                                                                          \
+  } while (0)
+
+// Host values in a storage type: fp32, or raw bf16/fp16 bits (what csrc/cpu takes).
+struct HostArray {
+  DType dtype;
+  std::vector<uint8_t> bytes;
+  HostArray(DType t, size_t n) : dtype(t), bytes(n * dtype_size(t)) {}
+  size_t size() const { return bytes.size() / dtype_size(dtype); }
+  void* data() { return bytes.data(); }
+  float get(size_t i) const {
+    if (dtype == DType::F32) {
+      float v;
+      std::memcpy(&v, &bytes[4 * i], 4);
+      return v;
+    }
+    uint16_t h;
+    std::memcpy(&h, &bytes[2 * i], 2);
+    return dtype == DType::BF16 ? bf16_bits_to_float(h) : f16_bits_to_float(h);
+  }
+  void set(size_t i, float v) {
+    if (dtype == DType::F32) {
+      std::memcpy(&bytes[4 * i], &v, 4);
+      return;
+    }
+    const uint16_t h = dtype == DType::BF16 ? float_to_bf16_bits(v) : float_to_f16_bits(v);
+    std::memcpy(&bytes[2 * i], &h, 2);
+  }
+};
+
+static HostArray random_array(DType t, size_t n, std::mt19937& gen, float scale = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  HostArray a(t, n);
+  for (size_t i = 0; i < n; ++i) a.set(i, dist(gen));
+  return a;
+}
+
+// A device copy, `offset` elements into its allocation (offset 1 breaks 16-byte alignment).
+struct DeviceArray {
+  void* base = nullptr;
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  DeviceArray(const HostArray& h, int offset = 0) {
+    const size_t elem = dtype_size(h.dtype);
+    bytes = h.bytes.size();
+    CUDA_OK(cudaMalloc(&base, bytes + offset * elem + 16));
+    ptr = static_cast<uint8_t*>(base) + offset * elem;
+    if (bytes) CUDA_OK(cudaMemcpy(ptr, h.bytes.data(), bytes, cudaMemcpyHostToDevice));
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  ~DeviceArray() { cudaFree(base); }
+  HostArray download(DType t) const {
+    HostArray h(t, bytes / dtype_size(t));
+    if (bytes) CUDA_OK(cudaMemcpy(h.data(), ptr, bytes, cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+// Tolerances by storage type: a couple of units in the last place of the output.
+static float rtol(DType t) { return t == DType::F32 ? 2e-5f : (t == DType::F16 ? 4e-3f : 3e-2f); }
+
+static void compare(const std::string& name, const HostArray& got, const HostArray& want, float atol, float rel) {
+  ++cases;
+  size_t bad = 0, first = 0;
+  float worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const float g = got.get(i), w = want.get(i);
+    const float err = std::fabs(g - w);
+    const bool both_nan = std::isnan(g) && std::isnan(w);
+    if (!both_nan && !(err <= atol + rel * std::fabs(w))) {
+      if (bad++ == 0) first = i;
+      worst = err > worst ? err : worst;
+    }
+  }
+  if (bad) {
+    ++failures;
+    std::printf("FAIL %s: %zu of %zu differ (first at %zu: %g vs %g; worst error %g)\n", name.c_str(), bad,
+                want.size(), first, got.get(first), want.get(first), worst);
+  }
+}
+
+static const char* name_of(DType t) { return t == DType::F32 ? "f32" : (t == DType::F16 ? "f16" : "bf16"); }
+
+static void test_softmax(std::mt19937& gen) {
+  struct Case {
+    int64_t rows, cols;
+    bool causal;
+    int64_t window, q_len;
+  };
+  const Case cases_[] = {{7, 1, false, 0, 1},      {5, 37, false, 0, 1},    {33, 1024, false, 0, 1},
+                         {3, 1025, false, 0, 1},   {2, 16384, false, 0, 1}, {2, 16385, false, 0, 1},
+                         {2, 50257, false, 0, 1},  {12, 40, true, 0, 4},    {12, 40, true, 7, 6},
+                         {4, 3000, true, 128, 2},  {6, 20000, true, 0, 3},  {8, 5, true, 0, 8}};
+  for (DType t : {DType::F32, DType::BF16, DType::F16}) {
+    for (const Case& c : cases_) {
+      for (int offset : {0, 1}) {
+        const HostArray x = random_array(t, c.rows * c.cols, gen, 3.0f);
+        HostArray want(t, x.size());
+        SoftmaxArgs args{x.bytes.data(), want.data(), c.rows, c.cols, 0.3f, c.causal, c.window, c.q_len};
+        cpu::softmax_rows(t, args, 0, c.rows);
+        DeviceArray dx(x, offset), dy(want, offset);
+        args.x = dx.ptr;
+        args.y = dy.ptr;
+        CUDA_OK(kernels::softmax_forward(args, t, nullptr));
+        CUDA_OK(cudaDeviceSynchronize());
+        compare("softmax " + std::string(name_of(t)) + " " + std::to_string(c.rows) + "x" + std::to_string(c.cols) +
+                    (c.causal ? " causal" : "") + (offset ? " misaligned" : ""),
+                dy.download(t), want, 1e-6f, rtol(t));
+      }
+    }
+  }
+}
+
+static void test_layernorm(std::mt19937& gen) {
+  for (DType t : {DType::F32, DType::BF16, DType::F16}) {
+    for (int64_t cols : {1, 37, 768, 1024, 1600, 2880, 16384, 20000}) {
+      for (bool residual : {true, false}) {
+        for (int offset : {0, 1}) {
+          const int64_t rows = cols > 4096 ? 3 : 9;
+          const HostArray x = random_array(t, rows * cols, gen, 2.0f), r = random_array(t, rows * cols, gen);
+          const HostArray w = random_array(t, cols, gen), b = random_array(t, cols, gen, 0.1f);
+          HostArray out(t, rows * cols), sum(t, rows * cols);
+          std::vector<float> mean(rows), rstd(rows);
+          NormArgs args{x.bytes.data(), residual ? r.bytes.data() : nullptr, w.bytes.data(), b.bytes.data(),
+                        out.data(), residual ? sum.data() : nullptr, mean.data(), rstd.data(), rows, cols, 1e-5f};
+          cpu::layernorm_rows(t, args, 0, rows);
+          DeviceArray dx(x, offset), dr(r, offset), dw(w), db(b), dout(out, offset), dsum(sum, offset);
+          HostArray stats(DType::F32, 2 * rows);
+          DeviceArray dstats(stats);
+          args.x = dx.ptr;
+          args.residual = residual ? dr.ptr : nullptr;
+          args.weight = dw.ptr;
+          args.bias = db.ptr;
+          args.out = dout.ptr;
+          args.sum = residual ? dsum.ptr : nullptr;
+          args.mean = static_cast<float*>(dstats.ptr);
+          args.rstd = static_cast<float*>(dstats.ptr) + rows;
+          CUDA_OK(kernels::layernorm_forward(args, t, nullptr));
+          CUDA_OK(cudaDeviceSynchronize());
+          const std::string name = "layernorm " + std::string(name_of(t)) + " " + std::to_string(cols) +
+                                   (residual ? " residual" : "") + (offset ? " misaligned" : "");
+          compare(name, dout.download(t), out, 1e-5f, 2 * rtol(t));
+          if (residual) compare(name + " (sum)", dsum.download(t), sum, 0.0f, 0.0f);
+          HostArray want_stats(DType::F32, 2 * rows);
+          for (int64_t i = 0; i < rows; ++i) {
+            want_stats.set(i, mean[i]);
+            want_stats.set(rows + i, rstd[i]);
+          }
+          compare(name + " (stats)", dstats.download(DType::F32), want_stats, 1e-5f, 1e-4f);
+        }
+      }
+    }
+  }
+}
+
+// fp64 product on the host, then the shared epilogue, rounded to the storage type.
+static HostArray gemm_reference(const HostArray& a, const HostArray& b, const HostArray* bias, const HostArray* res,
+                                int64_t m, int64_t n, int64_t k, Activation act) {
+  HostArray c(a.dtype, m * n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int64_t p = 0; p < k; ++p) acc += double(a.get(i * k + p)) * b.get(j * k + p);
+      c.set(i * n + j, linear_epilogue(float(acc), bias ? bias->get(j) : 0.0f, act, res ? res->get(i * n + j) : 0.0f));
+    }
+  return c;
+}
+
+static void test_gemm(std::mt19937& gen, int sm_count) {
+  struct Case {
+    int64_t m, n, k;
+  };
+  const Case shapes[] = {{1, 1, 1}, {1, 64, 768}, {7, 13, 29}, {33, 65, 17}, {130, 257, 96}, {64, 64, 0},
+                         {256, 2304, 64}, {2048, 1024, 72}};
+  for (DType t : {DType::BF16, DType::F16}) {
+    for (const Case& s : shapes) {
+      for (Activation act : {Activation::None, Activation::Gelu}) {
+        for (bool extras : {false, true}) {
+          const HostArray a = random_array(t, s.m * s.k, gen), b = random_array(t, s.n * s.k, gen, 0.2f);
+          const HostArray bias = random_array(t, s.n, gen), res = random_array(t, s.m * s.n, gen);
+          const HostArray want = gemm_reference(a, b, extras ? &bias : nullptr, extras ? &res : nullptr, s.m, s.n,
+                                                s.k, act);
+          const std::string name = "gemm " + std::string(name_of(t)) + " " + std::to_string(s.m) + "x" +
+                                   std::to_string(s.n) + "x" + std::to_string(s.k) +
+                                   (act == Activation::Gelu ? " gelu" : "") + (extras ? " bias+residual" : "");
+          DeviceArray da(a), db(b), dbias(bias), dres(res), dc(HostArray(t, s.m * s.n));
+          GemmArgs args{da.ptr, db.ptr, dc.ptr, extras ? dbias.ptr : nullptr, extras ? dres.ptr : nullptr,
+                        s.m, s.n, s.k, s.k, s.k, s.n, act};
+          CUDA_OK(kernels::gemm_wmma(args, t, sm_count, nullptr));
+          CUDA_OK(cudaDeviceSynchronize());
+          compare(name, dc.download(t), want, 1e-2f, 2 * rtol(t));
+
+          // The epilogue kernel over a product computed on the host (the cuBLAS path).
+          HostArray product = gemm_reference(a, b, nullptr, nullptr, s.m, s.n, s.k, Activation::None);
+          DeviceArray dp(product);
+          args.c = dp.ptr;
+          CUDA_OK(kernels::gemm_epilogue(args, t, nullptr));
+          CUDA_OK(cudaDeviceSynchronize());
+          compare(name + " (epilogue kernel)", dp.download(t), want, 1e-2f, 2 * rtol(t));
+        }
+      }
+    }
+  }
+}
+
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("skipped: no CUDA device\n");
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  const int arch = kernels::kernels_binary_arch(0);
+  std::printf("device: %s (sm_%d%d), kernel binary sm_%d\n", prop.name, prop.major, prop.minor, arch);
+  if (arch == 0) {
+    std::printf("FAIL: the kernels were not built for this GPU\n");
+    return 1;
+  }
+  std::mt19937 gen(1234);
+  test_softmax(gen);
+  test_layernorm(gen);
+  if (prop.major >= 8) test_gemm(gen, prop.multiProcessorCount);
+  else std::printf("skipping the WMMA GEMM: it needs sm_80+\n");
+  std::printf("%d cases, %d failed\n", cases, failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,169 @@
+// Host tests of the kernel math shared by the CUDA kernels and the CPU implementations
+// (csrc/kernels/*.cuh). Runs on any machine; the CUDA kernels' own tests are in
+// test_kernels.cu.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "../kernels/activations.cuh"
+#include "../kernels/gemm_tiles.cuh"
+#include "../kernels/norm_math.cuh"
+#include "../kernels/softmax_math.cuh"
+
+using namespace gptext;
+
+static int failures = 0;
+
+#define CHECK(cond, ...)                                        \
+  do {                                                          \
+    if (!(cond)) {                                              \
+      ++failures;                                               \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                                 \
+      std::printf("\n");                                        \
+    }                                                           \
+  } while (0)
+
+static void test_conversions() {
+  // Exactly representable values survive a round trip; rounding is to nearest-even.
+  for (float v : {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 6.103515625e-05f, 5.9604644775390625e-08f}) {
+    CHECK(f16_bits_to_float(float_to_f16_bits(v)) == v, "fp16 round trip of %g", v);
+  }
+  for (float v : {0.0f, 1.0f, -3.0f, 1.5f, 3.3895313892515355e38f}) {
+    CHECK(bf16_bits_to_float(float_to_bf16_bits(v)) == v, "bf16 round trip of %g", v);
+  }
+  CHECK(float_to_bf16_bits(1.0f) == 0x3f80, "bf16(1)");
+  CHECK(float_to_f16_bits(1.0f) == 0x3c00, "f16(1)");
+  CHECK(float_to_f16_bits(1.0f + 1.0f / 2048) == 0x3c00, "f16 tie to even (down)");
+  CHECK(float_to_f16_bits(1.0f + 3.0f / 2048) == 0x3c02, "f16 tie to even (up)");
+  CHECK(float_to_bf16_bits(1.0f + 1.0f / 256) == 0x3f80, "bf16 tie to even (down)");
+  CHECK(float_to_f16_bits(65520.0f) == 0x7c00, "f16 overflow to inf");
+  CHECK(float_to_f16_bits(1e-8f) == 0x0000, "f16 underflow to 0");
+  CHECK(float_to_f16_bits(3e-8f) == 0x0001, "f16 rounds up to the smallest subnormal");
+  CHECK(std::isnan(f16_bits_to_float(float_to_f16_bits(NAN))), "f16 NaN");
+  CHECK(std::isnan(bf16_bits_to_float(float_to_bf16_bits(NAN))), "bf16 NaN");
+  CHECK(std::isinf(bf16_bits_to_float(float_to_bf16_bits(INFINITY))), "bf16 inf");
+  // Every fp16 value converts to float and back to itself.
+  for (uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const float f = f16_bits_to_float(uint16_t(bits));
+    if (std::isnan(f)) continue;
+    CHECK(float_to_f16_bits(f) == bits, "fp16 0x%04x", bits);
+  }
+}
+
+static void test_exp2() {
+  double worst = 0;
+  for (float x = -125.0f; x < 127.0f; x += 0.0137f) {
+    const double rel = std::fabs(exp2_approx(x) / std::exp2(double(x)) - 1.0);
+    worst = rel > worst ? rel : worst;
+  }
+  CHECK(worst < 3e-7, "exp2_approx relative error %g", worst);
+  CHECK(exp2_approx(-INFINITY) == 0.0f, "exp2(-inf)");
+  CHECK(exp2_approx(-200.0f) == 0.0f, "exp2 underflow");
+  CHECK(std::isnan(exp2_approx(NAN)), "exp2(NaN)");
+  CHECK(exp2_approx(0.0f) == 1.0f, "exp2(0) = %g", exp2_approx(0.0f));
+}
+
+static void test_gelu() {
+  for (double x = -8; x < 8; x += 0.01) {
+    const double exact = 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+    CHECK(std::fabs(gelu_tanh(float(x)) - exact) < 1e-6 + 1e-6 * std::fabs(exact), "gelu(%g)", x);
+  }
+  CHECK(linear_epilogue(1.0f, 2.0f, Activation::Relu, 0.5f) == 3.5f, "relu epilogue");
+  CHECK(linear_epilogue(-4.0f, 1.0f, Activation::Relu, 0.5f) == 0.5f, "relu epilogue (negative)");
+  CHECK(linear_epilogue(1.0f, 2.0f, Activation::None, -3.0f) == 0.0f, "plain epilogue");
+}
+
+static void test_key_range() {
+  // q_len 3, k_len 5: queries at positions 2, 3, 4.
+  KeyRange r = attention_key_range(0, 3, 5, true, 0);
+  CHECK(r.begin == 0 && r.end == 3, "causal first query");
+  r = attention_key_range(2, 3, 5, true, 2);
+  CHECK(r.begin == 3 && r.end == 5, "window 2 at position 4: [%lld, %lld)", (long long)r.begin, (long long)r.end);
+  r = attention_key_range(0, 4, 2, true, 0);  // query before the first key
+  CHECK(r.begin == r.end, "empty range");
+  r = attention_key_range(1, 2, 7, false, 0);
+  CHECK(r.begin == 0 && r.end == 7, "not causal");
+}
+
+static void test_softmax_stats() {
+  std::mt19937 gen(1);
+  std::normal_distribution<float> dist(0, 5);
+  std::vector<float> x(1000);
+  for (float& v : x) v = dist(gen);
+  const float k = 0.7f * kLog2e;
+  double m = -INFINITY, s = 0;
+  for (float v : x) m = std::max<double>(m, v);
+  for (float v : x) s += std::exp2((v - m) * double(k));
+  // Merge singletons in two different orders: same (max, sum).
+  SoftmaxStats forward = softmax_stats_empty(), backward = softmax_stats_empty();
+  for (size_t i = 0; i < x.size(); ++i) {
+    forward = softmax_stats_merge(forward, {x[i], 1.0f}, k);
+    backward = softmax_stats_merge({x[x.size() - 1 - i], 1.0f}, backward, k);
+  }
+  CHECK(forward.max == float(m) && backward.max == float(m), "max");
+  CHECK(std::fabs(forward.sum / s - 1) < 1e-5 && std::fabs(backward.sum / s - 1) < 1e-5, "sum %g %g vs %g",
+        forward.sum, backward.sum, s);
+  const SoftmaxStats empty = softmax_stats_merge(softmax_stats_empty(), softmax_stats_empty(), k);
+  CHECK(empty.max == -INFINITY && empty.sum == 0.0f, "empty merge");
+  CHECK(softmax_exp(3.0f, -INFINITY, k) == 0.0f && softmax_inv_sum(0.0f) == 0.0f, "fully masked row");
+}
+
+static void test_welford() {
+  std::mt19937 gen(2);
+  std::normal_distribution<float> dist(100, 3);
+  std::vector<float> x(4097);
+  for (float& v : x) v = dist(gen);
+  double mean = 0, m2 = 0;
+  for (float v : x) mean += v;
+  mean /= x.size();
+  for (float v : x) m2 += (v - mean) * (v - mean);
+  // Four partial states merged in a tree, as the block reduction does.
+  WelfordState parts[4] = {welford_empty(), welford_empty(), welford_empty(), welford_empty()};
+  for (size_t i = 0; i < x.size(); ++i) parts[i % 4] = welford_push(parts[i % 4], x[i]);
+  const WelfordState all = welford_merge(welford_merge(parts[0], parts[1]), welford_merge(parts[2], parts[3]));
+  CHECK(all.count == float(x.size()), "count");
+  CHECK(std::fabs(all.mean - mean) < 1e-4, "mean %g vs %g", all.mean, mean);
+  CHECK(std::fabs(all.m2 / m2 - 1) < 1e-4, "m2 %g vs %g", all.m2, m2);
+  CHECK(welford_merge(welford_empty(), welford_empty()).count == 0, "empty merge");
+  CHECK(std::fabs(layernorm_apply(3.0f, 1.0f, 0.5f, 2.0f, 0.25f) - 2.25f) < 1e-7f, "layernorm_apply");
+}
+
+static void test_gemm_tiles() {
+  for (int64_t tiles_m : {1, 3, 8, 9, 17}) {
+    for (int64_t tiles_n : {1, 2, 5, 13}) {
+      for (int64_t group : {1, 4, 8}) {
+        std::set<std::pair<int64_t, int64_t>> seen;
+        for (int64_t b = 0; b < tiles_m * tiles_n; ++b) {
+          const TileCoord t = gemm_tile_of_block(b, tiles_m, tiles_n, group);
+          CHECK(t.m >= 0 && t.m < tiles_m && t.n >= 0 && t.n < tiles_n, "tile in range");
+          seen.insert({t.m, t.n});
+        }
+        CHECK(int64_t(seen.size()) == tiles_m * tiles_n, "bijection %lld x %lld group %lld", (long long)tiles_m,
+              (long long)tiles_n, (long long)group);
+      }
+    }
+  }
+  CHECK(gemm_chunk_bytes(true, 0, 100, 2) == 16, "full chunk");
+  CHECK(gemm_chunk_bytes(true, 96, 100, 2) == 8, "tail chunk");
+  CHECK(gemm_chunk_bytes(true, 104, 100, 2) == 0, "past the end");
+  CHECK(gemm_chunk_bytes(false, 0, 100, 2) == 0, "row outside");
+}
+
+int main() {
+  test_conversions();
+  test_exp2();
+  test_gelu();
+  test_key_range();
+  test_softmax_stats();
+  test_welford();
+  test_gemm_tiles();
+  if (failures) {
+    std::printf("%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("kernel math: all checks passed\n");
+  return 0;
+}

@@ -1,0 +1,431 @@
+"""gptext's ops: one Python function per op, each dispatching to the compiled kernels
+(torch.ops.gptext, from gptext._C) or to the pure-PyTorch reference (gptext.reference).
+
+Backends (``gptext.set_backend`` / ``with gptext.backend(...)``):
+  auto       compiled kernels where they support the device and dtype, else the reference
+             (with one warning per reason);
+  kernels    compiled kernels, or a RuntimeError saying why they can't serve the call;
+  reference  pure PyTorch.
+
+Inputs are checked here, the same way for both backends, and bad ones raise ValueError /
+TypeError / IndexError naming the argument. The compiled ops get autograd formulas (the
+reference formulas for now) and fake implementations, so they train and work under
+torch.compile; ``torch.library.opcheck`` passes on each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import warnings
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (importing it registers torch.ops.gptext)
+
+    _EXTENSION_ERROR = None
+except ImportError as error:  # not built: everything still runs on the reference
+    _EXTENSION_ERROR = f"{type(error).__name__}: {error}"
+
+__all__ = [
+    "backend",
+    "build_info",
+    "ffn",
+    "gemm_policy",
+    "get_backend",
+    "kernels_available",
+    "layernorm",
+    "layernorm_residual",
+    "linear",
+    "linear_backend",
+    "set_backend",
+    "set_gemm_policy",
+    "softmax",
+]
+
+BACKENDS = ("auto", "kernels", "reference")
+GEMM_POLICIES = ("auto", "wmma", "cublas")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = (None, "none", "gelu", "relu")
+
+_backend = "auto"
+_warned: set[str] = set()
+
+
+# ---- backend selection -------------------------------------------------------------------
+
+def set_backend(name: str) -> None:
+    """Selects where gptext's ops run: 'auto', 'kernels' or 'reference' (process-wide)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"gptext backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """``with gptext.backend("reference"): ...`` runs the block on that backend."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _extension_loaded() -> bool:
+    return _EXTENSION_ERROR is None
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> dict:
+    if not _extension_loaded():
+        return {"cuda": False, "cuda_arch_list": "", "cuda_runtime": 0, "cpu_isa": None}
+    return json.loads(torch.ops.gptext._build_info())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernel_arch(index: int) -> int:
+    """Compute capability of the kernel binary that runs on GPU `index` (0: none)."""
+    return int(torch.ops.gptext._cuda_binary_arch(index))
+
+
+def _device_gap(device: torch.device) -> str | None:
+    """Why the compiled kernels can't run on `device`, or None if they can."""
+    if not _extension_loaded():
+        return f"the compiled extension gptext._C is not available ({_EXTENSION_ERROR})"
+    if device.type in ("cpu", "meta"):
+        return None
+    if device.type != "cuda":
+        return f"gptext has no compiled kernels for {device.type} tensors"
+    if not _build()["cuda"]:
+        return "gptext._C was built without CUDA (see README: building with CUDA)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _cuda_kernel_arch(index) == 0:
+        major, minor = torch.cuda.get_device_capability(index)
+        return (f"the CUDA kernels were built for TORCH_CUDA_ARCH_LIST={_build()['cuda_arch_list']!r}, "
+                f"which cannot run on {torch.cuda.get_device_name(index)} (sm_{major}{minor})")
+    return None
+
+
+def kernels_available(device: str | torch.device = "cuda") -> bool:
+    """True when gptext's compiled kernels can run on that device (type)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False
+    return _device_gap(device) is None
+
+
+def _use_kernels(op: str, x: torch.Tensor) -> bool:
+    """Whether this call runs on the compiled kernels (decided by the backend setting and by
+    the first tensor's device and dtype)."""
+    if _backend == "reference":
+        return False
+    gap = _device_gap(x.device)
+    if gap is None and x.dtype not in KERNEL_DTYPES:
+        gap = f"the kernels take float32, float16 or bfloat16, not {x.dtype}"
+    if gap is None:
+        return True
+    if _backend == "kernels":
+        raise RuntimeError(f"gptext.ops.{op}: backend 'kernels' was requested but {gap}")
+    if gap not in _warned:
+        _warned.add(gap)
+        warnings.warn(f"gptext: using the PyTorch reference instead of the compiled kernels: {gap}",
+                      RuntimeWarning, stacklevel=3)
+    return False
+
+
+def build_info() -> dict:
+    """What was built and what can run here: versions, CUDA arches, usable devices."""
+    info = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "extension": _extension_loaded(),
+        "extension_error": _EXTENSION_ERROR,
+        **_build(),
+        "gemm_policy": gemm_policy(),
+        "devices": [{"device": "cpu", "kernels": kernels_available("cpu")}],
+    }
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            info["devices"].append({
+                "device": f"cuda:{index}",
+                "name": torch.cuda.get_device_name(index),
+                "capability": f"sm_{major}{minor}",
+                "kernels": _device_gap(torch.device("cuda", index)) is None,
+                "kernel_binary": f"sm_{_cuda_kernel_arch(index)}" if info["cuda"] else None,
+            })
+    return info
+
+
+def set_gemm_policy(policy: str) -> None:
+    """How `linear` picks its GEMM on CUDA: 'auto' (measure both, keep the faster per shape),
+    'wmma' (gptext's Tensor Core kernel) or 'cublas'. Also settable with GPTEXT_GEMM."""
+    if policy not in GEMM_POLICIES:
+        raise ValueError(f"gptext GEMM policy must be one of {GEMM_POLICIES}, got {policy!r}")
+    if _extension_loaded():
+        torch.ops.gptext._set_gemm_policy(policy)
+
+
+def gemm_policy() -> str:
+    return torch.ops.gptext._gemm_policy() if _extension_loaded() else "auto"
+
+
+def linear_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which implementation `linear(x, weight, ...)` runs now: 'wmma', 'cublas' (CUDA; an
+    'auto' shape not yet measured reports 'cublas'), 'cpu' or 'reference'."""
+    if not _use_kernels("linear", x):
+        return "reference"
+    return torch.ops.gptext._linear_backend(x, weight)
+
+
+# ---- input checks shared by both backends --------------------------------------------------
+
+def _check_tensor(op: str, name: str, t, like: torch.Tensor | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"gptext.ops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"gptext.ops.{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(f"gptext.ops.{op}: {name} has dtype {t.dtype} but x has {like.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"gptext.ops.{op}: {name} is on {t.device} but x is on {like.device}")
+
+
+def _check_shape(op: str, name: str, t: torch.Tensor, shape) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"gptext.ops.{op}: {name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+
+
+def _check_norm(op: str, x, weight, bias, eps) -> None:
+    _check_tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"gptext.ops.{op}: x must have a non-empty last (normalised) dimension, got shape "
+                         f"{tuple(x.shape)}")
+    _check_tensor(op, "weight", weight, x)
+    _check_shape(op, "weight", weight, (x.shape[-1],))
+    if bias is not None:
+        _check_tensor(op, "bias", bias, x)
+        _check_shape(op, "bias", bias, (x.shape[-1],))
+    if not (eps >= 0 and eps < float("inf")):
+        raise ValueError(f"gptext.ops.{op}: eps must be a finite number >= 0, got {eps}")
+
+
+def _check_linear(op: str, x, weight, bias, activation, residual) -> None:
+    _check_tensor(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"gptext.ops.{op}: x must have at least one dimension")
+    _check_tensor(op, "weight", weight, x)
+    if weight.dim() != 2:
+        raise ValueError(f"gptext.ops.{op}: weight must be 2-d [out_features, in_features], got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"gptext.ops.{op}: x has {x.shape[-1]} features in its last dimension but weight "
+                         f"{tuple(weight.shape)} expects {weight.shape[1]}")
+    if bias is not None:
+        _check_tensor(op, "bias", bias, x)
+        _check_shape(op, "bias", bias, (weight.shape[0],))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"gptext.ops.{op}: activation must be None, 'gelu' or 'relu', got {activation!r}")
+    if residual is not None:
+        _check_tensor(op, "residual", residual, x)
+        _check_shape(op, "residual", residual, (*x.shape[:-1], weight.shape[0]))
+
+
+def _check_ffn(x, w_fc, b_fc, w_proj, b_proj, residual) -> None:
+    _check_linear("ffn", x, w_fc, b_fc, "gelu", None)
+    _check_tensor("ffn", "w_proj", w_proj, x)
+    width, hidden = x.shape[-1], w_fc.shape[0]
+    _check_shape("ffn", "w_proj", w_proj, (width, hidden))
+    if b_proj is not None:
+        _check_tensor("ffn", "b_proj", b_proj, x)
+        _check_shape("ffn", "b_proj", b_proj, (width,))
+    if residual is not None:
+        _check_tensor("ffn", "residual", residual, x)
+        _check_shape("ffn", "residual", residual, x.shape)
+
+
+# ---- the ops ----------------------------------------------------------------------------------
+
+def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causal: bool = False,
+            window: int | None = None) -> torch.Tensor:
+    """softmax(scale * x) along `dim`, computed in fp32.
+
+    As attention scores, x is (..., q_len, k_len), dim is -1, and `causal` masks the keys
+    after each query (queries aligned to the end of the keys, so q_len < k_len works for
+    decoding); `window` keeps only the last `window` keys of each query. Masked positions,
+    and whole rows with nothing visible, come out as 0.
+    """
+    _check_tensor("softmax", "x", x)
+    if x.dim() < 1:
+        raise ValueError("gptext.ops.softmax: x must have at least one dimension")
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(f"gptext.ops.softmax: dim {dim} is out of range for a {x.dim()}-d tensor")
+    scale = 1.0 if scale is None else float(scale)
+    if not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"gptext.ops.softmax: scale must be a positive finite number, got {scale}")
+    window = 0 if window is None else int(window)
+    if window < 0:
+        raise ValueError(f"gptext.ops.softmax: window must be a positive number of keys or None, got {window}")
+    if window and not causal:
+        raise ValueError("gptext.ops.softmax: a window needs causal=True")
+    if causal and (x.dim() < 2 or dim % x.dim() != x.dim() - 1):
+        raise ValueError("gptext.ops.softmax: causal masking needs scores shaped (..., q_len, k_len) and dim=-1")
+    if _use_kernels("softmax", x):
+        return torch.ops.gptext.softmax(x, dim, scale, causal, window)
+    return reference.softmax(x, dim, scale=scale, causal=causal, window=window)
+
+
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension (fp32 statistics, biased variance)."""
+    _check_norm("layernorm", x, weight, bias, eps)
+    if _use_kernels("layernorm", x):
+        return torch.ops.gptext.layernorm(x, weight, bias, eps)[0]
+    return reference.layernorm(x, weight, bias, eps)
+
+
+def layernorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layernorm(x + residual), x + residual) in one pass: the pre-LN block's residual add
+    fused with the next norm. Returns (normed, new residual stream)."""
+    _check_norm("layernorm_residual", x, weight, bias, eps)
+    _check_tensor("layernorm_residual", "residual", residual, x)
+    _check_shape("layernorm_residual", "residual", residual, x.shape)
+    if _use_kernels("layernorm_residual", x):
+        out, total, _, _ = torch.ops.gptext.layernorm_residual(x, residual, weight, bias, eps)
+        return out, total
+    return reference.layernorm_residual(x, residual, weight, bias, eps)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x @ weight.T + bias) + residual with the epilogue fused into the GEMM.
+
+    weight is [out_features, in_features] as PyTorch stores it; activation is None, 'gelu'
+    (tanh form) or 'relu'. On CUDA, bf16/fp16 run on gptext's WMMA kernel or cuBLAS as the
+    GEMM policy decides (``set_gemm_policy``); fp32 runs on cuBLAS.
+    """
+    _check_linear("linear", x, weight, bias, activation, residual)
+    if _use_kernels("linear", x):
+        return torch.ops.gptext.linear(x, weight, bias, activation or "none", residual)
+    return reference.linear(x, weight, bias, activation, residual)
+
+
+def ffn(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
+        b_proj: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """GPT-2's MLP, linear(gelu(linear(x, w_fc, b_fc)), w_proj, b_proj) (+ residual), as two
+    GEMMs with fused epilogues (bias+GELU, then bias+residual)."""
+    _check_ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
+    if _use_kernels("ffn", x):
+        return torch.ops.gptext.ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
+    return reference.ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
+
+
+# ---- autograd formulas and fake implementations of the compiled ops ------------------------
+
+def _register_compiled_ops() -> None:
+    lib = "gptext::"
+
+    @torch.library.register_fake(lib + "softmax")
+    def _softmax_fake(x, dim=-1, scale=1.0, causal=False, window=0):
+        return x.new_empty(x.shape)
+
+    def _softmax_setup(ctx, inputs, output):
+        _, dim, scale, _, _ = inputs
+        ctx.save_for_backward(output)
+        ctx.dim, ctx.scale = dim, scale
+
+    def _softmax_backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        return reference.softmax_backward(grad, probs, ctx.dim, ctx.scale), None, None, None, None
+
+    torch.library.register_autograd(lib + "softmax", _softmax_backward, setup_context=_softmax_setup)
+
+    def _stats_like(x):
+        return x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "layernorm")
+    def _layernorm_fake(x, weight, bias, eps=1e-5):
+        return x.new_empty(x.shape), _stats_like(x), _stats_like(x)
+
+    def _layernorm_setup(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+
+    def _layernorm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = reference.layernorm_backward(grad_out, x, weight, mean, rstd, ctx.has_bias)
+        return dx, dweight, dbias, None
+
+    torch.library.register_autograd(lib + "layernorm", _layernorm_backward, setup_context=_layernorm_setup)
+
+    @torch.library.register_fake(lib + "layernorm_residual")
+    def _layernorm_residual_fake(x, residual, weight, bias, eps=1e-5):
+        return x.new_empty(x.shape), x.new_empty(x.shape), _stats_like(x), _stats_like(x)
+
+    def _layernorm_residual_setup(ctx, inputs, output):
+        _, _, weight, bias, _ = inputs
+        _, total, mean, rstd = output
+        ctx.save_for_backward(total, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+
+    def _layernorm_residual_backward(ctx, grad_out, grad_total, _grad_mean, _grad_rstd):
+        total, weight, mean, rstd = ctx.saved_tensors
+        dv, dweight, dbias = reference.layernorm_backward(grad_out, total, weight, mean, rstd, ctx.has_bias)
+        if grad_total is not None:
+            dv = dv + grad_total
+        return dv, dv, dweight, dbias, None
+
+    torch.library.register_autograd(lib + "layernorm_residual", _layernorm_residual_backward,
+                                    setup_context=_layernorm_residual_setup)
+
+    @torch.library.register_fake(lib + "linear")
+    def _linear_fake(x, weight, bias=None, activation="none", residual=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    def _linear_setup(ctx, inputs, output):
+        x, weight, bias, activation, residual = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.activation, ctx.has_residual = activation, residual is not None
+
+    def _linear_backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias = reference.linear_backward(grad, x, weight, bias, ctx.activation)
+        return dx, dweight, dbias, None, grad if ctx.has_residual else None
+
+    torch.library.register_autograd(lib + "linear", _linear_backward, setup_context=_linear_setup)
+
+    @torch.library.register_fake(lib + "ffn")
+    def _ffn_fake(x, w_fc, b_fc, w_proj, b_proj, residual=None):
+        return x.new_empty((*x.shape[:-1], w_proj.shape[0]))
+
+    def _ffn_setup(ctx, inputs, output):
+        x, w_fc, b_fc, w_proj, b_proj, residual = inputs
+        ctx.save_for_backward(x, w_fc, b_fc, w_proj, b_proj)
+        ctx.has_residual = residual is not None
+
+    def _ffn_backward(ctx, grad):
+        x, w_fc, b_fc, w_proj, b_proj = ctx.saved_tensors
+        hidden = reference.linear(x, w_fc, b_fc, "gelu")  # recomputed, not stored by the forward
+        dhidden, dw_proj, db_proj = reference.linear_backward(grad, hidden, w_proj, b_proj, None)
+        dx, dw_fc, db_fc = reference.linear_backward(dhidden, x, w_fc, b_fc, "gelu")
+        return dx, dw_fc, db_fc, dw_proj, db_proj, grad if ctx.has_residual else None
+
+    torch.library.register_autograd(lib + "ffn", _ffn_backward, setup_context=_ffn_setup)
+
+
+if _extension_loaded():
+    _register_compiled_ops()

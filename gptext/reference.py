@@ -1,0 +1,175 @@
+"""Pure-PyTorch reference of every gptext op.
+
+These functions are the fallback wherever the compiled kernels can't run, and the oracle
+the tests compare the kernels with. They are written to be read: each computes in fp32 (or
+wider, for float64 inputs) and rounds to the input dtype once, at the end, which is the
+numerics the kernels promise. Signatures match `gptext.ops`.
+
+The `*_backward` functions are the gradient formulas the compiled ops' autograd uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "attention_mask",
+    "ffn",
+    "gelu_tanh",
+    "gelu_tanh_grad",
+    "layernorm",
+    "layernorm_backward",
+    "layernorm_residual",
+    "layernorm_stats",
+    "linear",
+    "linear_backward",
+    "softmax",
+    "softmax_backward",
+]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or kept as is when it is already wider (float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU, the tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
+
+
+def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    """d gelu_tanh(x) / dx."""
+    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+
+
+_ACTIVATIONS = {None: lambda v: v, "none": lambda v: v, "gelu": gelu_tanh, "relu": torch.relu}
+
+
+def attention_mask(q_len: int, k_len: int, causal: bool = True, window: int | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean (q_len, k_len) mask, True where query i may attend to key j.
+
+    Queries are aligned to the end of the keys: query i sits at position k_len - q_len + i.
+    Causal: keys at or before that position. window: only the last `window` of those.
+    """
+    if not causal:
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    key = torch.arange(k_len, device=device)[None, :]
+    mask = key <= pos
+    if window:
+        mask &= key > pos - window
+    return mask
+
+
+def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causal: bool = False,
+            window: int | None = None) -> torch.Tensor:
+    """softmax(scale * x) along `dim`; with causal, x holds attention scores (..., q_len, k_len)
+    and masked keys get probability 0. A row with no visible key is all zeros (not NaN)."""
+    scores = _wide(x) * (1.0 if scale is None else scale)
+    if causal:
+        mask = attention_mask(x.shape[-2], x.shape[-1], True, window, x.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim, keepdim=True)
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+    e = torch.exp(scores - row_max)
+    total = e.sum(dim, keepdim=True)
+    # total == 0 only when every key is masked; a NaN total (NaN input) still propagates.
+    probs = torch.where(total == 0, torch.zeros_like(e), e / total)
+    return probs.to(x.dtype)
+
+
+def softmax_backward(grad: torch.Tensor, probs: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
+    """Gradient of softmax(scale * x) w.r.t. x, from the output probabilities."""
+    g, p = _wide(grad), _wide(probs)
+    return (scale * p * (g - (g * p).sum(dim, keepdim=True))).to(probs.dtype)
+
+
+def layernorm_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean and 1/sqrt(biased variance + eps) over the last dimension, in fp32."""
+    v = _wide(x)
+    mean = v.mean(-1)
+    var = ((v - mean[..., None]) ** 2).mean(-1)
+    return mean, torch.rsqrt(var + eps)
+
+
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension with fp32 statistics."""
+    mean, rstd = layernorm_stats(x, eps)
+    out = (_wide(x) - mean[..., None]) * rstd[..., None] * _wide(weight)
+    if bias is not None:
+        out = out + _wide(bias)
+    return out.to(x.dtype)
+
+
+def layernorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layernorm(x + residual), x + residual). The sum is rounded to x's dtype first, so the
+    norm is exactly that of the sum returned."""
+    total = (_wide(x) + _wide(residual)).to(x.dtype)
+    return layernorm(total, weight, bias, eps), total
+
+
+def layernorm_backward(grad: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                       rstd: torch.Tensor, has_bias: bool):
+    """Gradients of layernorm(v) w.r.t. v, weight and bias, from the saved statistics."""
+    g, w = _wide(grad), _wide(weight)
+    xhat = (_wide(v) - mean[..., None]) * rstd[..., None]
+    dxhat = g * w
+    dv = rstd[..., None] * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    rows = g.reshape(-1, g.shape[-1])
+    dweight = (rows * xhat.reshape(rows.shape)).sum(0).to(weight.dtype)
+    dbias = rows.sum(0).to(weight.dtype) if has_bias else None
+    return dv.to(v.dtype), dweight, dbias
+
+
+def _activation(name: str | None):
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"gptext.ops.linear: activation must be None, 'none', 'gelu' or 'relu', got {name!r}")
+    return _ACTIVATIONS[name]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x @ weight.T + bias) + residual, weight stored [out_features, in_features]."""
+    y = _wide(x) @ _wide(weight).T
+    if bias is not None:
+        y = y + _wide(bias)
+    y = _activation(activation)(y)
+    if residual is not None:
+        y = y + _wide(residual)
+    return y.to(x.dtype)
+
+
+def linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    activation: str | None):
+    """Gradients of linear(x, weight, bias, activation, residual) w.r.t. x, weight and bias
+    (the residual's gradient is `grad` itself). Recomputes the pre-activation if needed."""
+    g = _wide(grad)
+    if activation in ("gelu", "relu"):
+        pre = _wide(x) @ _wide(weight).T
+        if bias is not None:
+            pre = pre + _wide(bias)
+        g = g * (gelu_tanh_grad(pre) if activation == "gelu" else (pre > 0).to(g.dtype))
+    rows_g = g.reshape(-1, g.shape[-1])
+    rows_x = _wide(x).reshape(-1, x.shape[-1])
+    dx = (g @ _wide(weight)).to(x.dtype)
+    dweight = (rows_g.T @ rows_x).to(weight.dtype)
+    dbias = rows_g.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias
+
+
+def ffn(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
+        b_proj: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """GPT-2's MLP: linear(gelu(linear(x, w_fc, b_fc)), w_proj, b_proj) (+ residual). The hidden
+    activation is rounded to x's dtype between the two products, as the kernels store it."""
+    hidden = linear(x, w_fc, b_fc, "gelu")
+    return linear(hidden, w_proj, b_proj, residual=residual)

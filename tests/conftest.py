@@ -1,0 +1,70 @@
+"""Shared test set-up: devices, dtype-relative tolerances, and the CUDA marker.
+
+CUDA tests are marked `cuda` and skipped only when this machine has no GPU. Where a GPU is
+present, they run against the compiled kernels (backend "kernels"), so kernels that were
+not built for that GPU fail loudly instead of silently testing the reference.
+"""
+
+import pytest
+import torch
+
+import gptext
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Devices every op test runs on: the CPU always, the GPU when there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+# (rtol, atol) for comparing a kernel with the fp32 reference, by the tensor's dtype. The
+# 16-bit tolerances are a few units in the last place of the storage type (bf16 keeps 8
+# significant bits, fp16 11), since both sides round once (the CPU linear twice).
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (4e-3, 2e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+
+def assert_close(actual, expected, dtype=None, scale=1.0):
+    """Compares with the tolerance of `dtype` (default: actual's), widened by `scale`."""
+    rtol, atol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    info = gptext.build_info()
+    return (f"gptext {gptext.__version__}: extension={'built' if info['extension'] else 'MISSING'}, "
+            f"cuda kernels={info['cuda']} ({info['cuda_arch_list']}), cpu isa={info['cpu_isa']}, "
+            f"GPU present={HAS_CUDA}")
+
+
+@pytest.fixture(autouse=True)
+def _default_backend():
+    """Every test starts on the 'auto' backend and the 'auto' GEMM policy."""
+    gptext.set_backend("auto")
+    gptext.set_gemm_policy("auto")
+    yield
+    gptext.set_backend("auto")
+    gptext.set_gemm_policy("auto")
+
+
+@pytest.fixture
+def kernels():
+    """Runs the test body on the compiled kernels (an error, not a fallback, if unavailable)."""
+    with gptext.backend("kernels"):
+        yield
+
+
+def pytest_sessionstart(session):
+    if not gptext.build_info()["extension"]:
+        raise pytest.UsageError(
+            "gptext._C is not built, so the kernel tests cannot run. Build it first: "
+            "pip install --no-build-isolation -e .  (error: "
+            f"{gptext.build_info()['extension_error']})")

@@ -1,0 +1,97 @@
+"""Backend selection, fallbacks, build information."""
+
+import warnings
+
+import pytest
+import torch
+
+import gptext
+from gptext import ops
+
+
+def test_set_backend_and_context_manager():
+    assert gptext.get_backend() == "auto"
+    with gptext.backend("reference"):
+        assert gptext.get_backend() == "reference"
+        with gptext.backend("kernels"):
+            assert gptext.get_backend() == "kernels"
+        assert gptext.get_backend() == "reference"
+    assert gptext.get_backend() == "auto"
+    gptext.set_backend("reference")
+    assert gptext.get_backend() == "reference"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gptext.set_backend("fast")
+    with pytest.raises(ValueError):
+        with gptext.backend("gpu"):
+            pass
+
+
+def test_context_manager_restores_after_error():
+    with pytest.raises(RuntimeError):
+        with gptext.backend("reference"):
+            raise RuntimeError("boom")
+    assert gptext.get_backend() == "auto"
+
+
+def test_backends_agree():
+    x = torch.randn(4, 33)
+    with gptext.backend("reference"):
+        ref = gptext.ops.softmax(x)
+    with gptext.backend("kernels"):
+        ker = gptext.ops.softmax(x)
+    torch.testing.assert_close(ker, ref)
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(ops, "_warned", set())
+    x = torch.randn(3, 5, dtype=torch.float64)  # the kernels take fp32/bf16/fp16 only
+    with pytest.warns(RuntimeWarning, match="float64"):
+        y = gptext.ops.softmax(x)
+    torch.testing.assert_close(y, torch.softmax(x, -1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reason does not warn twice
+        gptext.ops.softmax(x)
+        gptext.ops.layernorm(x, torch.ones(5, dtype=torch.float64))
+
+
+def test_kernels_backend_refuses_what_it_cannot_serve():
+    with gptext.backend("kernels"), pytest.raises(RuntimeError, match="backend 'kernels'.*float64"):
+        gptext.ops.softmax(torch.randn(3, 5, dtype=torch.float64))
+
+
+def test_missing_extension_is_explained(monkeypatch):
+    monkeypatch.setattr(ops, "_EXTENSION_ERROR", "ImportError: no module gptext._C")
+    monkeypatch.setattr(ops, "_warned", set())
+    assert not gptext.kernels_available("cpu")
+    with gptext.backend("kernels"), pytest.raises(RuntimeError, match="gptext._C is not available"):
+        gptext.ops.softmax(torch.randn(2, 2))
+    with pytest.warns(RuntimeWarning, match="not available"):
+        gptext.ops.softmax(torch.randn(2, 2))
+
+
+def test_kernels_available():
+    assert gptext.kernels_available("cpu")
+    assert gptext.kernels_available(torch.device("cpu"))
+    assert gptext.kernels_available("cuda") == (torch.cuda.is_available() and gptext.build_info()["cuda"])
+    assert not gptext.kernels_available("mps")
+
+
+def test_build_info():
+    info = gptext.build_info()
+    assert info["extension"] and info["extension_error"] is None
+    assert info["torch"] == torch.__version__
+    assert info["cpu_isa"] in ("avx2", "baseline")
+    assert info["devices"][0] == {"device": "cpu", "kernels": True}
+    if info["cuda"]:
+        assert info["cuda_arch_list"] and info["cuda_runtime"] > 0
+    assert gptext.__version__.count(".") == 2
+
+
+def test_gemm_policy_from_environment(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import gptext; print(gptext.gemm_policy())"
+    out = subprocess.run([sys.executable, "-c", code], env={"GPTEXT_GEMM": "cublas", "PATH": ""},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "cublas"

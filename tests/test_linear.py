@@ -1,0 +1,192 @@
+"""gptext.ops.linear (GEMM + fused epilogue) and gptext.ops.ffn against the reference; on
+CUDA under each GEMM policy (gptext's WMMA kernel, cuBLAS, and the measured choice)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptext
+from gptext import reference
+
+from conftest import DEVICES, HAS_CUDA, assert_close
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (M, N, K): one row (decode), tile tails in every dimension, K not a multiple of 8 (no
+# cp.async), K = 0, and GPT-2-like shapes.
+SHAPES = [(1, 1, 1), (1, 64, 768), (7, 13, 29), (33, 65, 17), (64, 64, 64), (130, 257, 96), (5, 3, 0),
+          (200, 768, 768), (129, 2304, 768)]
+POLICIES = ["auto", "wmma", "cublas"]
+
+
+def _operands(m, n, k, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape, s: (torch.randn(*shape, generator=g) * s).to(dtype).to(device)  # noqa: E731
+    return make(m, k, s=1.0), make(n, k, s=max(k, 1) ** -0.5), make(n, s=0.5), make(m, n, s=1.0)
+
+
+def _tolerance_scale(dtype, k):
+    # Accumulation order differs between implementations; the error grows like sqrt(K).
+    return 1.0 if dtype != torch.float32 else max(1.0, k ** 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("activation", [None, "gelu", "relu"])
+def test_matches_reference(kernels, device, dtype, m, n, k, activation):
+    x, w, b, r = _operands(m, n, k, dtype, device)
+    policies = POLICIES if device == "cuda" and dtype != torch.float32 else ["auto"]
+    expected = reference.linear(x, w, b, activation, r).float()
+    for policy in policies:
+        gptext.set_gemm_policy(policy)
+        y = gptext.ops.linear(x, w, b, activation, residual=r)
+        assert y.shape == (m, n) and y.dtype == dtype
+        assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_optional_parts_and_batch_dims(kernels, device, dtype):
+    x, w, b, _ = _operands(12, 40, 24, dtype, device)
+    x3 = x.view(3, 4, 24)
+    assert_close(gptext.ops.linear(x3, w).float(), reference.linear(x3, w).float(), dtype, scale=2)
+    assert_close(gptext.ops.linear(x3, w, None, "gelu").float(), reference.linear(x3, w, None, "gelu").float(),
+                 dtype, scale=2)
+    r3 = torch.randn(3, 4, 40, device=device).to(dtype)
+    assert_close(gptext.ops.linear(x3, w, residual=r3).float(), reference.linear(x3, w, residual=r3).float(), dtype,
+                 scale=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_matches_torch(kernels, device):
+    x, w, b, _ = _operands(31, 45, 67, torch.float32, device)
+    assert_close(gptext.ops.linear(x, w, b), F.linear(x, w, b), scale=10)
+    assert_close(gptext.ops.linear(x, w, b, "gelu"), F.gelu(F.linear(x, w, b), approximate="tanh"), scale=10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_and_misaligned(kernels, device, dtype):
+    x, w, b, _ = _operands(20, 24, 32, dtype, device)
+    wt = w.t().contiguous().t()  # same values, transposed storage
+    xs = torch.randn(20, 64, device=device).to(dtype)[:, ::2]
+    assert not wt.is_contiguous() and not xs.is_contiguous()
+    assert_close(gptext.ops.linear(xs, wt, b).float(), reference.linear(xs, wt, b).float(), dtype, scale=2)
+    base = torch.randn(20 * 32 + 1, device=device).to(dtype)
+    xm = base[1:].view(20, 32)  # contiguous but not 16-byte aligned
+    for policy in (POLICIES if device == "cuda" else ["auto"]):
+        gptext.set_gemm_policy(policy)
+        assert_close(gptext.ops.linear(xm, w, b).float(), reference.linear(xm, w, b).float(), dtype, scale=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty(kernels, device):
+    w = torch.randn(8, 16, device=device)
+    assert gptext.ops.linear(torch.empty(0, 16, device=device), w).shape == (0, 8)
+    assert gptext.ops.linear(torch.empty(2, 0, 16, device=device), w).shape == (2, 0, 8)
+    y = gptext.ops.linear(torch.empty(3, 0, device=device), torch.empty(4, 0, device=device),
+                          torch.ones(4, device=device), "gelu")
+    assert_close(y, reference.gelu_tanh(torch.ones(3, 4, device=device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", [None, "gelu", "relu"])
+def test_gradients(kernels, device, dtype, activation):
+    x, w, b, r = _operands(6, 10, 12, dtype, device)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    g = torch.randn(6, 10, device=device).to(dtype)
+    gptext.ops.linear(*leaves[:3], activation, residual=leaves[3]).backward(g)
+    reference.linear(*ref_leaves[:3], activation, residual=ref_leaves[3]).backward(g)
+    for got, want in zip(leaves, ref_leaves):
+        assert_close(got.grad.float(), want.grad.float(), dtype, scale=4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,width", [(1, 8), (9, 24), (64, 96)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_ffn(kernels, device, dtype, m, width, with_residual):
+    g = torch.Generator().manual_seed(3)
+    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(device)  # noqa: E731
+    x = make(m, width)
+    w_fc, b_fc = make(4 * width, width, scale=width ** -0.5), make(4 * width, scale=0.1)
+    w_proj, b_proj = make(width, 4 * width, scale=(4 * width) ** -0.5), make(width, scale=0.1)
+    r = make(m, width) if with_residual else None
+    y = gptext.ops.ffn(x, w_fc, b_fc, w_proj, b_proj, residual=r)
+    assert_close(y.float(), reference.ffn(x, w_fc, b_fc, w_proj, b_proj, r).float(), dtype,
+                 scale=2 * _tolerance_scale(dtype, 4 * width))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ffn_gradients(kernels, device):
+    x = torch.randn(5, 16, device=device)
+    params = [torch.randn(64, 16, device=device) * 0.25, torch.randn(64, device=device) * 0.1,
+              torch.randn(16, 64, device=device) * 0.125, torch.randn(16, device=device) * 0.1,
+              torch.randn(5, 16, device=device)]
+    leaves = [t.clone().requires_grad_() for t in [x] + params]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    g = torch.randn(5, 16, device=device)
+    gptext.ops.ffn(*leaves[:5], residual=leaves[5]).backward(g)
+    reference.ffn(*ref_leaves[:5], residual=ref_leaves[5]).backward(g)
+    for got, want in zip(leaves, ref_leaves):
+        assert_close(got.grad, want.grad, scale=20)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(x=torch.ones(2, 4, dtype=torch.int64)), TypeError, "floating-point"),
+    (dict(weight=torch.ones(3, 5)), ValueError, "features"),
+    (dict(weight=torch.ones(12)), ValueError, "2-d"),
+    (dict(bias=torch.ones(4)), ValueError, "bias has shape"),
+    (dict(activation="swish"), ValueError, "activation"),
+    (dict(residual=torch.ones(2, 4)), ValueError, "residual has shape"),
+    (dict(weight=torch.ones(3, 4, dtype=torch.float16)), TypeError, "dtype"),
+    (dict(x=torch.ones(2, 4, device="meta")), ValueError, "is on"),
+])
+@pytest.mark.parametrize("backend", ["kernels", "reference"])
+def test_bad_input(backend, bad, error, match):
+    args = dict(x=torch.ones(2, 4), weight=torch.ones(3, 4), bias=torch.ones(3), activation=None, residual=None)
+    args.update(bad)
+    with gptext.backend(backend), pytest.raises(error, match=match):
+        gptext.ops.linear(**args)
+
+
+def test_ffn_bad_shapes():
+    x = torch.ones(2, 4)
+    with pytest.raises(ValueError, match="w_proj has shape"):
+        gptext.ops.ffn(x, torch.ones(16, 4), None, torch.ones(4, 8), None)
+    with pytest.raises(ValueError, match="b_proj has shape"):
+        gptext.ops.ffn(x, torch.ones(16, 4), None, torch.ones(4, 16), torch.ones(16))
+
+
+def test_gemm_policy_api():
+    with pytest.raises(ValueError, match="GEMM policy"):
+        gptext.set_gemm_policy("fastest")
+    gptext.set_gemm_policy("cublas")
+    assert gptext.gemm_policy() == "cublas"
+    gptext.set_gemm_policy("auto")
+    assert gptext.gemm_policy() == "auto"
+    assert gptext.ops.linear_backend(torch.ones(2, 4), torch.ones(3, 4)) == "cpu"
+    with gptext.backend("reference"):
+        assert gptext.ops.linear_backend(torch.ones(2, 4), torch.ones(3, 4)) == "reference"
+
+
+@pytest.mark.cuda
+def test_cuda_policy_reports_choice():
+    x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    gptext.set_gemm_policy("wmma")
+    assert gptext.ops.linear_backend(x, w) == "wmma"
+    gptext.set_gemm_policy("cublas")
+    assert gptext.ops.linear_backend(x, w) == "cublas"
+    gptext.set_gemm_policy("auto")
+    gptext.ops.linear(x, w)  # measures this shape class once
+    assert gptext.ops.linear_backend(x, w) in ("wmma", "cublas")
+    assert gptext.ops.linear_backend(x.float(), w.float()) == "cublas"  # fp32 always
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only answer")
+def test_no_gpu_means_no_cuda_kernels():
+    assert not gptext.kernels_available("cuda")
+    assert gptext.kernels_available("cpu")
