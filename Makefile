@@ -31,7 +31,7 @@ native:
 
 $(VENV)/.gptext-installed: $(SOURCES)
 	@if [ "$(PYTHON)" = "$(VENV)/bin/python" ] && [ ! -x $(VENV)/bin/python ]; then python3 -m venv $(VENV); fi
-	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel ninja numpy
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q --no-build-isolation -e ".[dev]"
 	@mkdir -p $(VENV) && touch $@

@@ -1,12 +1,22 @@
 """gptext's command line: ``python -m gptext <command>`` (or the ``gptext`` script).
 
   info       what was built (CUDA arches, CPU instruction set) and where it can run
+  generate   continue a prompt with a checkpoint (or a preset with random weights)
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
+import time
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+class CommandError(Exception):
+    """A problem with the command's inputs: reported in one line, without a traceback."""
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -33,12 +43,106 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(name: str, device: str, dtype: str):
+    """A GPT from a checkpoint directory, or a preset with random weights."""
+    import os
+
+    import torch
+
+    from gptext import GPT, GPTConfig
+
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    if os.path.isdir(name):
+        return GPT.from_pretrained(name, dtype=torch_dtype, device=device), "checkpoint"
+    if name in GPTConfig.presets():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.preset(name)).to(device=device, dtype=torch_dtype).eval()
+        return model, "random weights"
+    raise CommandError(f"--model {name!r} is neither a checkpoint directory nor a preset "
+                       f"({', '.join(GPTConfig.presets())})")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import gptext
+    from gptext.generate import stream
+
+    gptext.set_backend(args.backend)
+    device = args.device or default_device()
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model, origin = load_model(args.model, device, dtype)
+    if origin == "random weights":
+        print(f"[{args.model} with random weights: expect noise, not text]", file=sys.stderr)
+    tok = gptext.get_tokenizer("gpt2")
+    prompt = tok.encode(args.prompt, allowed_special="all")
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    eos = None if args.ignore_eos or model.config.vocab_size <= tok.eot_token else tok.eot_token
+
+    start = time.perf_counter()
+    steps = stream(model, torch.tensor([prompt], device=device), args.max_new_tokens, args.temperature, args.top_k,
+                   args.top_p, eos, generator)  # checks the arguments before anything is printed
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    first = None
+    count = 0
+    for token in steps:
+        token_id = int(token[0])
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+        if token_id == eos:
+            break
+        sys.stdout.write(text.decode(tok.decode_single_token_bytes(token_id)))
+        sys.stdout.flush()
+    sys.stdout.write(text.decode(b"", final=True) + "\n")
+    elapsed = time.perf_counter() - start
+    decode_rate = (count - 1) / (time.perf_counter() - first) if count > 1 else 0.0
+    print(f"[{count} tokens in {elapsed:.2f} s: {count / elapsed if elapsed else 0:.1f} tokens/s overall, "
+          f"{decode_rate:.1f} tokens/s decoding; prompt {len(prompt)} tokens; {device}, {dtype}]", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptext", description="gptext: a GPT runtime on hand-written CUDA kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="what was built and which devices can run it").set_defaults(run=cmd_info)
+
+    gen = commands.add_parser(
+        "generate", help="continue a prompt, streaming the text as it is produced",
+        description="Continue a prompt with a GPT-2 checkpoint, streaming the continuation to stdout; a summary "
+                    "line (tokens, tokens/s) goes to stderr.")
+    gen.add_argument("--model", required=True,
+                     help="Hugging Face GPT-2 checkpoint directory, or a preset name (random weights)")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default 50)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of probability >= p")
+    gen.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
+    gen.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
+                     help="gptext's compiled kernels or the PyTorch reference (default auto)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    gen.set_defaults(run=cmd_generate)
+
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (CommandError, ValueError, TypeError, OSError) as error:
+        print(f"gptext {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
