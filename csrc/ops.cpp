@@ -110,11 +110,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cp
   return {p.out, p.sum, p.mean, p.rstd};
 }
 
-// The product through ATen's CPU GEMM (MKL / oneDNN / OpenBLAS, with the bias folded in),
-// then gptext's epilogue in place for the activation and the residual.
+// Few rows (decode): gptext's skinny GEMM, which streams the weight once with the whole
+// epilogue fused, split over threads by output column. More rows: ATen's CPU GEMM (MKL /
+// oneDNN / OpenBLAS, with the bias folded in), then gptext's epilogue in place for the
+// activation and the residual.
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const std::string& activation, const std::optional<at::Tensor>& residual) {
   LinearProblem p = linear_problem("linear", x, weight, bias, activation, residual);
+  if (p.args.m <= cpu::kSkinnyMaxRows) {
+    at::Tensor out = at::empty({p.args.m, p.args.n}, p.x2d.options());
+    GemmArgs args = p.args;
+    args.c = out.data_ptr();
+    const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(args.k * args.m, 1));
+    at::parallel_for(0, args.n, grain, [&](int64_t begin, int64_t end) { cpu::skinny_gemm(p.dtype, args, begin, end); });
+    return out.view(p.out_shape);
+  }
   at::Tensor out = p.bias.defined() ? at::addmm(p.bias, p.x2d, p.weight.t()) : at::mm(p.x2d, p.weight.t());
   if (p.args.act != Activation::None || p.residual.defined()) {
     GemmArgs epilogue = p.args;

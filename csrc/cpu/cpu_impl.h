@@ -6,6 +6,7 @@
 // reductions carry `omp simd reduction` clauses (built with -fopenmp-simd: no OpenMP
 // runtime) and the transcendental functions are the branch-free ones of common.cuh.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../kernels/activations.cuh"
@@ -156,16 +157,83 @@ void epilogue_rows_act(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
   }
 }
 
+// Calls fn(std::integral_constant<Activation, act>{}) so the activation is a compile-time
+// constant inside vectorised loops.
+template <typename Fn>
+void dispatch_activation(Activation act, Fn&& fn) {
+  switch (act) {
+    case Activation::Gelu:
+      return fn(std::integral_constant<Activation, Activation::Gelu>{});
+    case Activation::Relu:
+      return fn(std::integral_constant<Activation, Activation::Relu>{});
+    default:
+      return fn(std::integral_constant<Activation, Activation::None>{});
+  }
+}
+
 template <typename Fmt>
 void epilogue_rows_t(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
-  switch (a.act) {
-    case Activation::Gelu:
-      return epilogue_rows_act<Fmt, Activation::Gelu>(a, row_begin, row_end);
-    case Activation::Relu:
-      return epilogue_rows_act<Fmt, Activation::Relu>(a, row_begin, row_end);
-    default:
-      return epilogue_rows_act<Fmt, Activation::None>(a, row_begin, row_end);
+  dispatch_activation(a.act, [&](auto act) { epilogue_rows_act<Fmt, decltype(act)::value>(a, row_begin, row_end); });
+}
+
+// The product for few rows of a (decode: one row per sequence) with the epilogue fused:
+// c[m, n] = act(a[m, :] . b[n, :] + bias[n]) + residual[m, n] for output columns
+// [n_begin, n_end). Memory bound on reading b (the weight), so it streams each weight row
+// once for all m, four rows at a time: four independent accumulators keep the FMA units
+// busy while the loads stream in. a is converted to fp32 once per call.
+template <typename Fmt, Activation ACT>
+void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
+  using T = typename Fmt::storage;
+  const int64_t k = a.k;
+  std::vector<float> x(size_t(a.m * k));
+  for (int64_t m = 0; m < a.m; ++m) {
+    const T* row = static_cast<const T*>(a.a) + m * a.lda;
+#pragma omp simd
+    for (int64_t i = 0; i < k; ++i) x[m * k + i] = Fmt::load(row[i]);
   }
+  const T* w = static_cast<const T*>(a.b);
+  const T* bias = static_cast<const T*>(a.bias);
+  const T* residual = static_cast<const T*>(a.residual);
+  T* c = static_cast<T*>(a.c);
+  auto finish = [&](int64_t m, int64_t n, float acc) {
+    const float b = bias != nullptr ? Fmt::load(bias[n]) : 0.0f;
+    const float r = residual != nullptr ? Fmt::load(residual[m * a.ldc + n]) : 0.0f;
+    c[m * a.ldc + n] = Fmt::store(linear_epilogue(acc, b, ACT, r));
+  };
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) {
+    const T *w0 = w + n * a.ldb, *w1 = w0 + a.ldb, *w2 = w1 + a.ldb, *w3 = w2 + a.ldb;
+    for (int64_t m = 0; m < a.m; ++m) {
+      const float* xm = x.data() + m * k;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t i = 0; i < k; ++i) {
+        s0 += Fmt::load(w0[i]) * xm[i];
+        s1 += Fmt::load(w1[i]) * xm[i];
+        s2 += Fmt::load(w2[i]) * xm[i];
+        s3 += Fmt::load(w3[i]) * xm[i];
+      }
+      finish(m, n, s0);
+      finish(m, n + 1, s1);
+      finish(m, n + 2, s2);
+      finish(m, n + 3, s3);
+    }
+  }
+  for (; n < n_end; ++n) {
+    const T* wn = w + n * a.ldb;
+    for (int64_t m = 0; m < a.m; ++m) {
+      const float* xm = x.data() + m * k;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < k; ++i) s += Fmt::load(wn[i]) * xm[i];
+      finish(m, n, s);
+    }
+  }
+}
+
+template <typename Fmt>
+void skinny_gemm_t(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
+  dispatch_activation(a.act, [&](auto act) { skinny_gemm_act<Fmt, decltype(act)::value>(a, n_begin, n_end); });
 }
 
 }  // namespace
@@ -180,6 +248,10 @@ void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_
 
 void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end) {
   dispatch(dtype, [&](auto tag) { epilogue_rows_t<decltype(tag)>(args, row_begin, row_end); });
+}
+
+void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end) {
+  dispatch(dtype, [&](auto tag) { skinny_gemm_t<decltype(tag)>(args, n_begin, n_end); });
 }
 
 }  // namespace gptext::cpu::GPTEXT_CPU_ISA

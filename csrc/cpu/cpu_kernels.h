@@ -15,9 +15,15 @@ namespace gptext::cpu {
   void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64_t row_end); \
   void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_t row_end);  \
   /* In place: c = act(c + bias) + residual, for the rows given (GemmArgs' epilogue part). */   \
-  void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end);
+  void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end);  \
+  /* The whole linear for few rows (m <= kSkinnyMaxRows), output columns [n_begin, n_end). */  \
+  void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end);
 
 GPTEXT_CPU_KERNELS
+
+// Up to this many rows, `linear` streams the weight once in skinny_gemm (decode steps)
+// instead of calling a general GEMM.
+constexpr int64_t kSkinnyMaxRows = 8;
 
 // The instruction set the entry points above use on this machine: "avx2" or "baseline".
 const char* instruction_set();

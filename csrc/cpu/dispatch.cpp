@@ -33,6 +33,10 @@ void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t
   GPTEXT_CPU_CALL(epilogue_rows, dtype, args, row_begin, row_end);
 }
 
+void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end) {
+  GPTEXT_CPU_CALL(skinny_gemm, dtype, args, n_begin, n_end);
+}
+
 const char* instruction_set() { return use_avx2() ? "avx2" : "baseline"; }
 
 }  // namespace gptext::cpu
