@@ -2,6 +2,8 @@
 
   info       what was built (CUDA arches, CPU instruction set) and where it can run
   generate   continue a prompt with a checkpoint (or a preset with random weights)
+  profile    one forward pass, op by op: implementation, FLOPs, bytes, time, share of limits
+  demo       train a small GPT on a short text with gptext's ops, then generate from it
 """
 
 from __future__ import annotations
@@ -112,6 +114,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    import gptext
+    from gptext import profiling
+
+    gptext.set_backend(args.backend)
+    device = torch.device(args.device or default_device())
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model, origin = load_model(args.model, str(device), dtype)
+    if args.tokens < 1 or args.tokens > model.config.context_length:
+        raise CommandError(f"--tokens must be in [1, {model.config.context_length}], got {args.tokens}")
+    tok = gptext.get_tokenizer("gpt2")
+    ids = (tok.encode("Every effort moves you forward, one token at a time, through the whole model.")
+           * args.tokens)[: args.tokens]
+    idx = torch.tensor([[i % model.config.vocab_size for i in ids]], device=device)
+    limits = profiling.device_limits(device, dtypes=(getattr(torch, DTYPES[dtype]),))
+    records, total = profiling.profile_forward(model, idx)
+    cfg = model.config
+    print(f"{args.model} ({origin}): {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads of "
+          f"{cfg.head_dim}; {args.tokens} tokens, batch 1, {dtype} on {limits.name}")
+    print(f"device limits measured now: copy {limits.copy_gbps:.1f} GB/s, matmul "
+          f"{limits.matmul_tflops[DTYPES[dtype]]:.2f} TFLOP/s ({dtype})")
+    print(profiling.format_profile(records, total, limits, DTYPES[dtype]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gptext import demo
+
+    return demo.run(device=args.device or default_device(), steps=args.steps, seed=args.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptext", description="gptext: a GPT runtime on hand-written CUDA kernels")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +171,28 @@ def main(argv: list[str] | None = None) -> int:
                      help="gptext's compiled kernels or the PyTorch reference (default auto)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     gen.set_defaults(run=cmd_generate)
+
+    prof = commands.add_parser(
+        "profile", help="one forward pass, op by op, against the device's measured limits",
+        description="Run one forward pass and print a table per op: which implementation ran (wmma, cublas, cpu, "
+                    "reference), FLOPs, bytes moved, time, and the share of the device's copy bandwidth or matmul "
+                    "throughput measured in the same run.")
+    prof.add_argument("--model", default="gpt2-124m", help="preset (random weights) or checkpoint directory")
+    prof.add_argument("--tokens", type=int, default=10, help="sequence length of the pass (default 10)")
+    prof.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    prof.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                      help="default: bfloat16 on CUDA, float32 on CPU")
+    prof.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto")
+    prof.set_defaults(run=cmd_profile)
+
+    demo = commands.add_parser(
+        "demo", help="train a small GPT on a short text with gptext's ops, then generate from it",
+        description="Train a small GPT (random start) on the Zen of Python with gptext's ops and autograd, then "
+                    "generate from it with the KV cache, reporting loss and tokens/s. Runs offline.")
+    demo.add_argument("--device", default=None, help="default: cuda if available")
+    demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=cmd_demo)
 
     args = parser.parse_args(argv)
     try:

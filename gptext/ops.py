@@ -37,6 +37,7 @@ __all__ = [
     "ffn",
     "gemm_policy",
     "get_backend",
+    "implementation",
     "kernels_available",
     "layernorm",
     "layernorm_residual",
@@ -54,6 +55,21 @@ ACTIVATIONS = (None, "none", "gelu", "relu")
 
 _backend = "auto"
 _warned: set[str] = set()
+# Set by gptext.profiling while it records: called as _observer(op, fn, args, kwargs) in
+# place of each public op, to time it.
+_observer = None
+
+
+def _observed(op: str):
+    """Hands each call of a public op to the active observer, if any."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if _observer is None:
+                return fn(*args, **kwargs)
+            return _observer(op, fn, args, kwargs)
+        return call
+    return wrap
 
 
 # ---- backend selection -------------------------------------------------------------------
@@ -188,6 +204,17 @@ def linear_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
     return torch.ops.gptext._linear_backend(x, weight)
 
 
+def implementation(op: str, x: torch.Tensor, weight: torch.Tensor | None = None) -> str:
+    """Which implementation a call of `op` on x runs: 'reference', or the compiled kernels'
+    device type ('cpu', 'cuda'), or for the GEMM ops ('linear', 'ffn' with its first
+    weight) the GEMM: 'wmma', 'cublas' or 'cpu'. Never warns."""
+    if _backend == "reference" or _device_gap(x.device) is not None or x.dtype not in KERNEL_DTYPES:
+        return "reference"
+    if weight is not None:
+        return torch.ops.gptext._linear_backend(x, weight)
+    return x.device.type
+
+
 # ---- input checks shared by both backends --------------------------------------------------
 
 def _check_tensor(op: str, name: str, t, like: torch.Tensor | None = None) -> None:
@@ -257,6 +284,7 @@ def _check_ffn(x, w_fc, b_fc, w_proj, b_proj, residual) -> None:
 
 # ---- the ops ----------------------------------------------------------------------------------
 
+@_observed("softmax")
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causal: bool = False,
             window: int | None = None) -> torch.Tensor:
     """softmax(scale * x) along `dim`, computed in fp32.
@@ -286,6 +314,7 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     return reference.softmax(x, dim, scale=scale, causal=causal, window=window)
 
 
+@_observed("layernorm")
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
               eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension (fp32 statistics, biased variance)."""
@@ -295,6 +324,7 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return reference.layernorm(x, weight, bias, eps)
 
 
+@_observed("layernorm_residual")
 def layernorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(layernorm(x + residual), x + residual) in one pass: the pre-LN block's residual add
@@ -308,6 +338,7 @@ def layernorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return reference.layernorm_residual(x, residual, weight, bias, eps)
 
 
+@_observed("linear")
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(x @ weight.T + bias) + residual with the epilogue fused into the GEMM.
@@ -322,6 +353,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return reference.linear(x, weight, bias, activation, residual)
 
 
+@_observed("ffn")
 def ffn(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
         b_proj: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """GPT-2's MLP, linear(gelu(linear(x, w_fc, b_fc)), w_proj, b_proj) (+ residual), as two

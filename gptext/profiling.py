@@ -1,0 +1,252 @@
+"""Measuring gptext where it runs: a timing harness, the device's own limits measured on
+the spot (copy bandwidth, dense matmul throughput), and a per-op profile of a forward pass.
+``python -m gptext profile`` and the bench/ suite are built on these.
+
+Timing rules: warm-up calls first; CUDA work is timed with CUDA events around each call
+(optionally after flushing L2 so memory-bound kernels read from HBM, not cache); CPU work
+with perf_counter; the median of the repeats is the figure, with the 10th-90th percentile
+spread beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+
+__all__ = ["DeviceLimits", "Measurement", "OpRecord", "device_limits", "format_profile", "measure",
+           "profile_forward", "record_ops"]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Measurement:
+    """Seconds per call: the median and the 10th / 90th percentiles of the repeats."""
+
+    median: float
+    p10: float
+    p90: float
+    samples: list[float] = field(repr=False)
+
+    @classmethod
+    def of(cls, samples: list[float]) -> "Measurement":
+        if not samples:
+            raise ValueError("no samples to summarise")
+        ordered = sorted(samples)
+
+        def percentile(q: float) -> float:
+            position = q * (len(ordered) - 1)
+            low, high = math.floor(position), math.ceil(position)
+            return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+        return cls(statistics.median(ordered), percentile(0.1), percentile(0.9), list(samples))
+
+
+class _L2Flush:
+    """Overwrites a buffer larger than the GPU's L2 cache, so the next kernel starts cold."""
+
+    def __init__(self, device: torch.device):
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20) or (64 << 20)
+        self.buffer = torch.empty(2 * l2 // 4, dtype=torch.float32, device=device)
+
+    def __call__(self):
+        self.buffer.fill_(1.0)
+
+
+def measure(fn, device: torch.device | str = "cpu", *, warmup: int = 3, repeats: int = 20, max_seconds: float = 2.0,
+            flush_l2: bool = False) -> Measurement:
+    """Times fn() (at least 3 repeats, at most `repeats`, stopping early once the repeats
+    have taken max_seconds)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples: list[float] = []
+    flush = _L2Flush(device) if flush_l2 and device.type == "cuda" else None
+    budget_end = time.perf_counter() + max_seconds
+    while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() < budget_end):
+        if device.type == "cuda":
+            if flush is not None:
+                flush()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return Measurement.of(samples)
+
+
+@dataclass
+class DeviceLimits:
+    """What this device does at best, measured in the same run as the figures compared to it.
+
+    copy_gbps:     a large device-to-device copy, bytes read + written per second / 1e9
+    matmul_tflops: dense matmul (torch.matmul: cuBLAS on CUDA) per dtype, TFLOP/s
+    """
+
+    device: str
+    name: str
+    copy_gbps: float
+    matmul_tflops: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "name": self.name, "copy_gbps": self.copy_gbps,
+                "matmul_tflops": dict(self.matmul_tflops)}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+def copy_bandwidth(device: torch.device | str, megabytes: int | None = None) -> float:
+    """GB/s of a large copy, counting the bytes read and the bytes written."""
+    device = torch.device(device)
+    megabytes = megabytes or (1024 if device.type == "cuda" else 256)
+    src = torch.ones(megabytes * (1 << 20) // 4, device=device)
+    dst = torch.empty_like(src)
+    m = measure(lambda: dst.copy_(src), device, warmup=2, repeats=10)
+    return 2 * src.numel() * 4 / m.median / 1e9
+
+
+def matmul_throughput(device: torch.device | str, dtype: torch.dtype, n: int | None = None) -> float:
+    """TFLOP/s of an n x n x n torch.matmul (8192 on CUDA, 1024 on CPU by default)."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    m = measure(lambda: a @ b, device, warmup=2, repeats=10)
+    return 2 * n**3 / m.median / 1e12
+
+
+def device_limits(device: torch.device | str, dtypes=(torch.float32,)) -> DeviceLimits:
+    device = torch.device(device)
+    return DeviceLimits(device=str(device), name=device_name(device), copy_gbps=copy_bandwidth(device),
+                        matmul_tflops={str(d).removeprefix("torch."): matmul_throughput(device, d) for d in dtypes})
+
+
+# ---- per-op profile of a forward pass ------------------------------------------------------
+
+@dataclass
+class OpRecord:
+    op: str
+    implementation: str
+    shape: str       # the main operand's shape (for GEMMs: M x N x K)
+    flops: float
+    bytes: float
+    seconds: float
+
+
+def _nbytes(*tensors) -> float:
+    return float(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
+
+
+def _cost(op: str, a: dict, out) -> tuple[str, str, float, float]:
+    """(implementation, shape, FLOPs, bytes moved) of one call, from its bound arguments."""
+    x = a["x"]
+    if op == "linear":
+        w = a["weight"]
+        m, n, k = x.numel() // max(x.shape[-1], 1), w.shape[0], w.shape[1]
+        return (ops.implementation(op, x, w), f"{m}x{n}x{k}", 2.0 * m * n * k,
+                _nbytes(x, w, a.get("bias"), a.get("residual"), out))
+    if op == "ffn":
+        w_fc, w_proj = a["w_fc"], a["w_proj"]
+        m, hidden, width = x.numel() // max(x.shape[-1], 1), w_fc.shape[0], w_fc.shape[1]
+        hidden_bytes = 2.0 * m * hidden * x.element_size()  # written by the first GEMM, read by the second
+        return (ops.implementation(op, x, w_fc), f"{m}x{width}->{hidden}->{width}", 4.0 * m * hidden * width,
+                _nbytes(x, w_fc, a.get("b_fc"), w_proj, a.get("b_proj"), a.get("residual"), out) + hidden_bytes)
+    shape = "x".join(map(str, x.shape))
+    if op == "softmax":
+        return ops.implementation(op, x), shape, 5.0 * x.numel(), _nbytes(x, out)
+    if op == "layernorm_residual":
+        return ops.implementation(op, x), shape, 9.0 * x.numel(), _nbytes(x, a["residual"], *out)
+    return ops.implementation(op, x), shape, 8.0 * x.numel(), _nbytes(x, out)  # layernorm
+
+
+@contextlib.contextmanager
+def record_ops(device: torch.device | str):
+    """Within the block, every gptext op call is timed (synchronised on CUDA) and appended to
+    the yielded list as an OpRecord."""
+    device = torch.device(device)
+    records: list[OpRecord] = []
+
+    def observer(op, fn, args, kwargs):
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        synchronize(device)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        records.append(OpRecord(op, *_cost(op, bound.arguments, out), seconds))
+        return out
+
+    previous, ops._observer = ops._observer, observer
+    try:
+        yield records
+    finally:
+        ops._observer = previous
+
+
+@torch.no_grad()
+def profile_forward(model, idx: torch.Tensor) -> tuple[list[OpRecord], float]:
+    """One forward pass of `model` over idx, op by op: (records, seconds of a whole pass).
+    The whole pass is timed unrecorded (median of a few), after a warm-up that also settles
+    the GEMM policy's choices; the recorded pass synchronises around every op, so each op's
+    time includes its own launch latency."""
+    device = idx.device
+    total = measure(lambda: model(idx), device, warmup=1, repeats=5).median
+    with record_ops(device) as records:
+        model(idx)
+    return records, total
+
+
+def format_profile(records: list[OpRecord], total: float, limits: DeviceLimits | None, dtype: str) -> str:
+    """A table of the op records, one row per call, with the share of the device's limits
+    (the higher of FLOP/s over matmul throughput and bytes/s over copy bandwidth), then the
+    time spent outside gptext's ops and the total."""
+    header = f"{'op':<20}{'implementation':<16}{'shape':<22}{'MFLOP':>10}{'MB':>9}{'time ms':>10}" \
+             f"{'GFLOP/s':>10}{'GB/s':>8}{'% limit':>9}"
+    lines = [header, "-" * len(header)]
+    peak = (limits.matmul_tflops.get(dtype, 0.0) * 1e12) if limits else 0.0
+    for r in records:
+        flops_rate, byte_rate = r.flops / r.seconds, r.bytes / r.seconds
+        if limits:
+            # Roofline: the closer of compute (matmul throughput) and memory (copy bandwidth).
+            fraction = max(flops_rate / peak if peak else 0.0, byte_rate / (limits.copy_gbps * 1e9))
+            share = f"{100 * fraction:8.1f}%"
+        else:
+            share = f"{'-':>9}"
+        lines.append(f"{r.op:<20}{r.implementation:<16}{r.shape:<22}{r.flops / 1e6:>10.2f}{r.bytes / 1e6:>9.2f}"
+                     f"{r.seconds * 1e3:>10.3f}{flops_rate / 1e9:>10.1f}{byte_rate / 1e9:>8.1f}{share}")
+    in_ops = sum(r.seconds for r in records)
+    lines.append("-" * len(header))
+    lines.append(f"{'gptext ops':<58}{sum(r.flops for r in records) / 1e6:>10.2f}"
+                 f"{sum(r.bytes for r in records) / 1e6:>9.2f}{in_ops * 1e3:>10.3f}")
+    lines.append(f"{'other (embeddings, attention matmuls, cache, Python)':<77}{(total - in_ops) * 1e3:>10.3f}")
+    lines.append(f"{'total forward pass':<77}{total * 1e3:>10.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""gptext.profiling (the timing harness, device limits, per-op records) and the profile and
+demo commands."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gptext
+from gptext import GPT, GPTConfig, profiling
+
+
+def test_measurement_summary():
+    m = profiling.Measurement.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert m.median == 3.0 and m.p10 == pytest.approx(1.4) and m.p90 == pytest.approx(4.6)
+    with pytest.raises(ValueError):
+        profiling.Measurement.of([])
+
+
+def test_measure_counts_calls():
+    calls = []
+    m = profiling.measure(lambda: calls.append(1), "cpu", warmup=2, repeats=7, max_seconds=10)
+    assert len(m.samples) == 7 and len(calls) == 9
+    assert 0 <= m.p10 <= m.median <= m.p90
+    few = profiling.measure(lambda: None, "cpu", warmup=0, repeats=100, max_seconds=0.0)
+    assert len(few.samples) == 3  # the time budget stops it, but never below three repeats
+
+
+def test_device_limits_on_cpu():
+    limits = profiling.device_limits("cpu")
+    assert limits.copy_gbps > 0 and limits.matmul_tflops["float32"] > 0
+    assert limits.as_dict()["device"] == "cpu"
+
+
+def test_record_ops_costs():
+    x, w, b = torch.randn(5, 16), torch.randn(24, 16), torch.randn(24)
+    with profiling.record_ops("cpu") as records:
+        gptext.ops.linear(x, w, b, "gelu")
+        gptext.ops.softmax(torch.randn(3, 7))
+        with gptext.backend("reference"):
+            gptext.ops.layernorm_residual(x, x, torch.ones(16), None)
+    assert [r.op for r in records] == ["linear", "softmax", "layernorm_residual"]
+    assert [r.implementation for r in records] == ["cpu", "cpu", "reference"]
+    assert records[0].shape == "5x24x16" and records[0].flops == 2 * 5 * 24 * 16
+    assert records[0].bytes == 4 * (5 * 16 + 24 * 16 + 24 + 5 * 24)
+    assert all(r.seconds > 0 for r in records)
+    assert gptext.ops._observer is None  # restored after the block
+
+
+def test_profile_forward_sees_every_op():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_embd=32, n_head=2, n_layer=3, vocab_size=50, context_length=16)).eval()
+    records, total = profiling.profile_forward(model, torch.randint(0, 50, (1, 10)))
+    ops_seen = [r.op for r in records]
+    per_block = ["linear", "softmax", "linear", "layernorm_residual", "ffn", "layernorm_residual"]
+    assert ops_seen == ["layernorm"] + per_block * 3 + ["linear"]
+    table = profiling.format_profile(records, total, profiling.device_limits("cpu"), "float32")
+    assert "total forward pass" in table and table.count("\n") == len(records) + 5
+
+
+def test_profile_command(tmp_path):
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_embd=32, n_head=2, n_layer=2, context_length=32)).save_pretrained(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "gptext", "profile", "--model", str(tmp_path), "--tokens", "6"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "6 tokens, batch 1, float32" in out.stdout and "ffn" in out.stdout and "% limit" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "gptext", "profile", "--model", str(tmp_path), "--tokens", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--tokens" in bad.stderr
+
+
+def test_demo_learns(capsys):
+    from gptext import demo
+
+    assert demo.run("cpu", steps=60) == 0
+    out = capsys.readouterr().out
+    losses = [float(line.split("loss")[1]) for line in out.splitlines() if "loss" in line]
+    assert losses[-1] < 0.5 * losses[0]
+    assert "Beautiful is" in out
