@@ -144,6 +144,30 @@ at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w_fc, const std::optio
   return linear_cpu(hidden, w_proj, b_proj, "none", residual);
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 bool causal, int64_t window, const std::optional<at::Tensor>& sinks,
+                                                 double scale, const std::optional<at::Tensor>& kv_starts,
+                                                 const std::optional<at::Tensor>& kv_lens) {
+  AttentionProblem p = attention_problem(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens);
+  const AttentionArgs& a = p.args;
+  const int64_t rows = a.batch * a.heads * a.q_len;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(a.k_len * a.head_dim, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { cpu::attention_forward(p.dtype, a, begin, end); });
+  return {p.out, p.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, bool causal, int64_t window, const std::optional<at::Tensor>& sinks, double scale,
+    const std::optional<at::Tensor>& kv_starts, const std::optional<at::Tensor>& kv_lens) {
+  AttentionGradProblem g = attention_grad_problem(grad_out, q, k, v, out, lse, causal, window, sinks, scale, kv_starts,
+                                                  kv_lens);
+  at::parallel_for(0, g.args.fwd.batch * g.args.fwd.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    cpu::attention_backward(g.fwd.dtype, g.args, begin, end);
+  });
+  return {g.grad_q, g.grad_k, g.grad_v, g.grad_sinks};
+}
+
 std::string linear_backend_cpu(const at::Tensor&, const at::Tensor&) { return "cpu"; }
 
 }  // namespace
@@ -158,6 +182,13 @@ TORCH_LIBRARY(gptext, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"none\", Tensor? residual=None) -> Tensor");
   m.def(
       "ffn(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual=None) -> Tensor");
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, bool causal=True, int window=0, Tensor? sinks=None, float scale=1.0, "
+      "Tensor? kv_starts=None, Tensor? kv_lens=None) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+      "int window, Tensor? sinks, float scale, Tensor? kv_starts, Tensor? kv_lens) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
   // Which GEMM implementation `linear` would use for these operands ("wmma", "cublas", "cpu").
   m.def("_linear_backend(Tensor x, Tensor weight) -> str");
   m.def("_build_info() -> str", &gptext::build_info);
@@ -171,6 +202,8 @@ TORCH_LIBRARY_IMPL(gptext, CPU, m) {
   m.impl("layernorm_residual", &gptext::layernorm_residual_cpu);
   m.impl("linear", &gptext::linear_cpu);
   m.impl("ffn", &gptext::ffn_cpu);
+  m.impl("attention", &gptext::attention_cpu);
+  m.impl("attention_backward", &gptext::attention_backward_cpu);
   m.impl("_linear_backend", &gptext::linear_backend_cpu);
 }
 

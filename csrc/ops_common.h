@@ -200,6 +200,134 @@ inline LinearProblem linear_problem(const char* op, const at::Tensor& x, const a
   return p;
 }
 
+// ---- attention -----------------------------------------------------------------------
+struct AttentionProblem {
+  at::Tensor q, k, v;                 // head_dim contiguous (made so if it was not)
+  at::Tensor sinks, kv_starts, kv_lens;  // fp32 / int32, contiguous; undefined when absent
+  at::Tensor out, lse;
+  DType dtype;
+  AttentionArgs args;
+};
+
+inline void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
+  for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
+}
+
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+inline AttentionProblem attention_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                          int64_t window, const std::optional<at::Tensor>& sinks, double scale,
+                                          const std::optional<at::Tensor>& kv_starts,
+                                          const std::optional<at::Tensor>& kv_lens) {
+  const char* op = "attention";
+  AttentionProblem p;
+  p.dtype = kernel_dtype(q, op, "q");
+  check_same(k, q, op, "k", "q");
+  check_same(v, q, op, "v", "q");
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "gptext.ops.attention: q, k and v must be 4-d "
+                    "(batch, heads, positions, head_dim), got ", q.sizes(), ", ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "gptext.ops.attention: k ", k.sizes(), " and v ", v.sizes(),
+                    " must have the same shape");
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(3) == q.size(3), "gptext.ops.attention: k ", k.sizes(),
+                    " must match q ", q.sizes(), " in batch and head_dim");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "gptext.ops.attention: q's ", q.size(1),
+                    " heads must be a multiple of k's ", k.size(1), " (grouped-query attention)");
+  TORCH_CHECK_VALUE(q.size(3) > 0, "gptext.ops.attention: head_dim must be positive");
+  TORCH_CHECK_VALUE(scale > 0.0 && std::isfinite(scale), "gptext.ops.attention: scale must be a positive finite "
+                    "number, got ", scale);
+  TORCH_CHECK_VALUE(window >= 0 && (window == 0 || causal), "gptext.ops.attention: window must be >= 0 and needs "
+                    "causal=True, got window=", window);
+  const int64_t batch = q.size(0), heads = q.size(1);
+  if (sinks.has_value()) {
+    TORCH_CHECK_VALUE(sinks->device() == q.device() && sinks->dim() == 1 && sinks->size(0) == heads,
+                      "gptext.ops.attention: sinks must be a (", heads, ",) tensor on ", q.device(), ", got ",
+                      sinks->sizes(), " on ", sinks->device());
+    p.sinks = sinks->to(at::kFloat).contiguous();
+  }
+  const std::optional<at::Tensor>* lengths[] = {&kv_starts, &kv_lens};
+  at::Tensor* targets[] = {&p.kv_starts, &p.kv_lens};
+  for (int i = 0; i < 2; ++i) {
+    if (!lengths[i]->has_value()) continue;
+    const at::Tensor& t = **lengths[i];
+    TORCH_CHECK_VALUE(t.device() == q.device() && t.dim() == 1 && t.size(0) == batch && !t.is_floating_point(),
+                      "gptext.ops.attention: ", i == 0 ? "kv_starts" : "kv_lens", " must be an integer (", batch,
+                      ",) tensor on ", q.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+    *targets[i] = t.to(at::kInt).contiguous();
+  }
+  p.q = last_dim_contiguous(q);
+  p.k = last_dim_contiguous(k);
+  p.v = last_dim_contiguous(v);
+  p.out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  p.lse = at::empty({batch, heads, q.size(2)}, q.options().dtype(at::kFloat));
+  AttentionArgs& a = p.args;
+  a = AttentionArgs{};
+  a.q = p.q.data_ptr();
+  a.k = p.k.data_ptr();
+  a.v = p.v.data_ptr();
+  a.out = p.out.data_ptr();
+  a.lse = p.lse.data_ptr<float>();
+  a.sinks = p.sinks.defined() ? p.sinks.data_ptr<float>() : nullptr;
+  a.kv_starts = p.kv_starts.defined() ? p.kv_starts.data_ptr<int32_t>() : nullptr;
+  a.kv_lens = p.kv_lens.defined() ? p.kv_lens.data_ptr<int32_t>() : nullptr;
+  a.batch = batch;
+  a.heads = heads;
+  a.kv_heads = k.size(1);
+  a.q_len = q.size(2);
+  a.k_len = k.size(2);
+  a.head_dim = q.size(3);
+  set_strides(a.q_stride, p.q);
+  set_strides(a.k_stride, p.k);
+  set_strides(a.v_stride, p.v);
+  set_strides(a.out_stride, p.out);
+  a.scale = float(scale);
+  a.causal = causal;
+  a.window = window;
+  return p;
+}
+
+// The backward's inputs beyond the forward's, and the parts computed with ATen on either
+// device: delta = rowsum(grad_out * out) and the sinks' gradient,
+// d loss / d sink_h = -sum over (b, t) of exp(sink_h - lse) * delta.
+struct AttentionGradProblem {
+  AttentionProblem fwd;
+  at::Tensor grad_out, delta, grad_q, grad_k, grad_v, grad_sinks;
+  AttentionGradArgs args;
+};
+
+inline AttentionGradProblem attention_grad_problem(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                                   bool causal, int64_t window, const std::optional<at::Tensor>& sinks,
+                                                   double scale, const std::optional<at::Tensor>& kv_starts,
+                                                   const std::optional<at::Tensor>& kv_lens) {
+  AttentionGradProblem g;
+  g.fwd = attention_problem(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens);
+  check_same(grad_out, q, "attention_backward", "grad_out", "q");
+  check_shape(grad_out, q.sizes(), "attention_backward", "grad_out");
+  check_shape(out, q.sizes(), "attention_backward", "out");
+  check_shape(lse, g.fwd.lse.sizes(), "attention_backward", "lse");
+  g.fwd.out = out;
+  g.fwd.lse = lse.to(at::kFloat).contiguous();
+  g.grad_out = last_dim_contiguous(grad_out);
+  g.delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+  g.grad_q = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  g.grad_k = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  g.grad_v = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  g.grad_sinks = g.fwd.sinks.defined()
+                     ? -((g.fwd.sinks.view({1, -1, 1}) - g.fwd.lse).exp() * g.delta).sum({0, 2})
+                     : at::empty({0}, q.options().dtype(at::kFloat));
+  g.args = AttentionGradArgs{};
+  g.args.fwd = g.fwd.args;
+  g.args.fwd.out = nullptr;  // the kernels read delta instead
+  g.args.fwd.lse = g.fwd.lse.data_ptr<float>();
+  g.args.grad_out = g.grad_out.data_ptr();
+  set_strides(g.args.grad_out_stride, g.grad_out);
+  g.args.delta = g.delta.data_ptr<float>();
+  g.args.grad_q = g.grad_q.data_ptr();
+  g.args.grad_k = g.grad_k.data_ptr();
+  g.args.grad_v = g.grad_v.data_ptr();
+  return g;
+}
+
 inline void check_ffn_shapes(const at::Tensor& x, const at::Tensor& w_fc, const at::Tensor& w_proj) {
   TORCH_CHECK_VALUE(w_fc.dim() == 2 && w_proj.dim() == 2, "gptext.ops.ffn: w_fc and w_proj must be 2-d, got ",
                     w_fc.sizes(), " and ", w_proj.sizes());

@@ -121,22 +121,18 @@ class _EagerDecoder:
     """Decode steps run directly, attending over exactly the slots written so far."""
 
     def __init__(self, model: GPT, cache: KVCache, pad: torch.Tensor):
-        self.model, self.cache = model, cache
-        slots = torch.arange(cache.max_len, device=pad.device)
-        self.pad = pad
-        self.key_valid = None if not bool(pad.any()) else slots[None, :] >= pad[:, None]
+        self.model, self.cache, self.pad = model, cache, pad
+        self.kv_starts = pad if bool(pad.any()) else None
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        device = tokens.device
-        mask = None if self.key_valid is None else self.key_valid[:, None, None, : pos + 1]
-        step = Step(positions=(pos - self.pad).clamp(min=0)[:, None], slots=torch.tensor([pos], device=device),
-                    kv_len=pos + 1, mask=mask)
+        step = Step(positions=(pos - self.pad).clamp(min=0)[:, None], slots=torch.tensor([pos], device=tokens.device),
+                    kv_len=pos + 1, kv_starts=self.kv_starts)
         return self.model.run(tokens[:, None], step, self.cache, last_only=True)
 
 
 class _GraphDecoder:
     """The decode step captured once as a CUDA graph and replayed. Shapes are static: the
-    step attends over all max_len slots, with the unwritten ones and padding masked."""
+    step attends over all max_len slots, told by kv_lens how many are written."""
 
     def __init__(self, model: GPT, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.model = model
@@ -144,14 +140,13 @@ class _GraphDecoder:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slots = torch.arange(max_len, device=device)
         self.graph = None
         self.logits = None
 
     def _body(self) -> torch.Tensor:
-        mask = (self.slots[None, :] <= self.pos) & (self.slots[None, :] >= self.pad[:, None])
+        batch = self.tokens.shape[0]
         step = Step(positions=(self.pos - self.pad).clamp(min=0)[:, None], slots=self.pos, kv_len=self.cache.max_len,
-                    mask=mask[:, None, None, :])
+                    kv_starts=self.pad, kv_lens=(self.pos + 1).expand(batch))
         return self.model.run(self.tokens, step, self.cache, last_only=True)
 
     def _capture(self) -> None:
@@ -233,8 +228,8 @@ def _steps(model, tokens, pad, max_new_tokens, temperature, top_k, top_p, eos_to
 
     # Prefill: every prompt token at once, keys and values into slots [0, prompt_len).
     slots = torch.arange(prompt_len, device=tokens.device)
-    mask = (slots[None, :] >= pad[:, None])[:, None, None, :] if bool(pad.any()) else None
-    step = Step(positions=(slots[None, :] - pad[:, None]).clamp(min=0), slots=slots, kv_len=prompt_len, mask=mask)
+    step = Step(positions=(slots[None, :] - pad[:, None]).clamp(min=0), slots=slots, kv_len=prompt_len,
+                kv_starts=pad if bool(pad.any()) else None)
     logits = model.run(tokens, step, decoder.cache, last_only=True)
 
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)

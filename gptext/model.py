@@ -29,20 +29,22 @@ __all__ = ["GPT", "Step"]
 
 @dataclass
 class Step:
-    """Where a forward pass's tokens sit, and which keys they may attend to.
+    """Where a forward pass's tokens sit, and which cached keys they may attend to.
 
     positions: (B, T) position ids of the new tokens.
     slots:     (T,) cache slots the new tokens' keys and values are written to; None when
                there is no KV cache (training, plain scoring).
     kv_len:    how many cache slots the queries attend over (from slot 0).
-    mask:      (B, 1, T or 1, kv_len) bool, False for keys a query must not see on top of
-               causality (left padding, slots not written yet); None when causality suffices.
+    kv_starts: (B,) int, first real key of each sequence (left padding before it), or None.
+    kv_lens:   (B,) int, keys written so far when kv_len covers more (a static-shape decode
+               step over the whole cache), or None.
     """
 
     positions: torch.Tensor
     slots: torch.Tensor | None = None
     kv_len: int = 0
-    mask: torch.Tensor | None = None
+    kv_starts: torch.Tensor | None = None
+    kv_lens: torch.Tensor | None = None
 
 
 class LayerNorm(nn.Module):
@@ -79,18 +81,18 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             cache.write(self.layer, k, v, step.slots)
             k, v = cache.read(self.layer, step.kv_len)
-        y = self._attend(q, k, v, step.mask)
+        if self.training and self.dropout > 0:
+            y = self._attend_with_dropout(q, k, v)
+        else:
+            y = ops.attention(q, k, v, causal=True, kv_starts=step.kv_starts, kv_lens=step.kv_lens)
         return ops.linear(y.transpose(1, 2).reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
 
-    def _attend(self, q, k, v, mask):
-        """softmax(q k^T / sqrt(D)) v, causal with queries aligned to the end of the keys."""
+    def _attend_with_dropout(self, q, k, v):
+        """Attention with dropout on the probabilities, for training: the fused op has no
+        dropout, so the scores are materialised here."""
         scores = q @ k.transpose(-2, -1)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
         probs = ops.softmax(scores, scale=1.0 / math.sqrt(self.head_dim), causal=True)
-        if self.training and self.dropout > 0:
-            probs = F.dropout(probs, self.dropout)
-        return probs @ v
+        return F.dropout(probs, self.dropout) @ v
 
 
 class MLP(nn.Module):

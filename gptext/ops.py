@@ -32,6 +32,7 @@ except ImportError as error:  # not built: everything still runs on the referenc
     _EXTENSION_ERROR = f"{type(error).__name__}: {error}"
 
 __all__ = [
+    "attention",
     "backend",
     "build_info",
     "ffn",
@@ -208,7 +209,8 @@ def implementation(op: str, x: torch.Tensor, weight: torch.Tensor | None = None)
     """Which implementation a call of `op` on x runs: 'reference', or the compiled kernels'
     device type ('cpu', 'cuda'), or for the GEMM ops ('linear', 'ffn' with its first
     weight) the GEMM: 'wmma', 'cublas' or 'cpu'. Never warns."""
-    if _backend == "reference" or _device_gap(x.device) is not None or x.dtype not in KERNEL_DTYPES:
+    if _backend == "reference" or _device_gap(x.device) is not None or x.dtype not in KERNEL_DTYPES or (
+            op == "attention" and _attention_gap(x) is not None):
         return "reference"
     if weight is not None:
         return torch.ops.gptext._linear_backend(x, weight)
@@ -280,6 +282,65 @@ def _check_ffn(x, w_fc, b_fc, w_proj, b_proj, residual) -> None:
     if residual is not None:
         _check_tensor("ffn", "residual", residual, x)
         _check_shape("ffn", "residual", residual, x.shape)
+
+
+def _check_attention(q, k, v, window, sinks, scale, kv_starts, kv_lens) -> None:
+    op = "attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(op, name, t, None if name == "q" else q)
+        if t.dim() != 4:
+            raise ValueError(f"gptext.ops.attention: {name} must be 4-d (batch, heads, positions, head_dim), got "
+                             f"shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"gptext.ops.attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"gptext.ops.attention: k {tuple(k.shape)} must match q {tuple(q.shape)} in batch and "
+                         f"head_dim")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"gptext.ops.attention: q's {q.shape[1]} heads must be a multiple of k's {k.shape[1]} "
+                         f"(grouped-query attention)")
+    if q.shape[3] == 0:
+        raise ValueError("gptext.ops.attention: head_dim must be positive")
+    if not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"gptext.ops.attention: scale must be a positive finite number, got {scale}")
+    if window < 0:
+        raise ValueError(f"gptext.ops.attention: window must be a positive number of keys or None, got {window}")
+    if sinks is not None:
+        _check_tensor(op, "sinks", sinks)
+        if sinks.shape != (q.shape[1],) or sinks.device != q.device:
+            raise ValueError(f"gptext.ops.attention: sinks must be a ({q.shape[1]},) tensor on {q.device}, got "
+                             f"{tuple(sinks.shape)} on {sinks.device}")
+    for name, t in (("kv_starts", kv_starts), ("kv_lens", kv_lens)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.is_floating_point() or t.shape != (q.shape[0],)
+                              or t.device != q.device):
+            raise ValueError(f"gptext.ops.attention: {name} must be an integer ({q.shape[0]},) tensor on {q.device}")
+
+
+# Head sizes the fused CUDA attention kernels are compiled for.
+CUDA_ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def _attention_gap(q: torch.Tensor) -> str | None:
+    """Why the fused CUDA attention can't take q (the CPU kernels take any shape)."""
+    if q.device.type == "cuda" and (q.dtype not in (torch.float16, torch.bfloat16)
+                                    or q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS):
+        return (f"the fused CUDA attention takes bfloat16/float16 with head_dim in {CUDA_ATTENTION_HEAD_DIMS}, not "
+                f"{q.dtype} with head_dim {q.shape[-1]}")
+    return None
+
+
+def _attention_kernels(q: torch.Tensor) -> bool:
+    """Whether the compiled attention serves this call (else the reference does)."""
+    gap = _attention_gap(q) if _backend != "reference" else None
+    if gap is None:
+        return _use_kernels("attention", q)
+    if _backend == "kernels":
+        raise RuntimeError(f"gptext.ops.attention: backend 'kernels' was requested but {gap}")
+    if gap not in _warned:
+        _warned.add(gap)
+        warnings.warn(f"gptext: using the PyTorch reference instead of the compiled kernels: {gap}",
+                      RuntimeWarning, stacklevel=3)
+    return False
 
 
 # ---- the ops ----------------------------------------------------------------------------------
@@ -362,6 +423,36 @@ def ffn(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
     if _use_kernels("ffn", x):
         return torch.ops.gptext.ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
     return reference.ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
+
+
+@_observed("attention")
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int | None = None,
+              sinks: torch.Tensor | None = None, scale: float | None = None, *,
+              kv_starts: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused attention: softmax(scale q k^T) v without materialising the scores.
+
+    q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with H a multiple of Hkv (grouped-query
+    attention: query head h reads key/value head h // (H / Hkv)). Returns (B, H, Tq, D).
+    causal:    queries aligned to the end of the keys (query i at position Tk - Tq + i), so
+               decode (Tq = 1) and chunked prefill are the same call.
+    window:    each query sees at most the last `window` keys up to itself.
+    sinks:     per-head logits (H,) that join each softmax denominator only (gpt-oss).
+    scale:     default 1/sqrt(D).
+    kv_starts, kv_lens: optional (B,) integer tensors: for batch b only keys
+               [kv_starts[b], kv_lens[b]) exist (left padding; a preallocated cache filled
+               to kv_lens[b]), and the queries align to kv_lens[b]. Values are clamped to
+               [0, Tk].
+    Strided inputs are read in place when head_dim is contiguous. A query with no visible
+    key (and no sink) gets zeros.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    window = 0 if window is None else int(window)
+    _check_attention(q, k, v, window, sinks, scale, kv_starts, kv_lens)
+    if window and not causal:
+        raise ValueError("gptext.ops.attention: a window needs causal=True")
+    if _attention_kernels(q):
+        return torch.ops.gptext.attention(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens)[0]
+    return reference.attention(q, k, v, causal, window, sinks, scale, kv_starts=kv_starts, kv_lens=kv_lens)
 
 
 # ---- autograd formulas and fake implementations of the compiled ops ------------------------
@@ -457,6 +548,30 @@ def _register_compiled_ops() -> None:
         return dx, dw_fc, db_fc, dw_proj, db_proj, grad if ctx.has_residual else None
 
     torch.library.register_autograd(lib + "ffn", _ffn_backward, setup_context=_ffn_setup)
+
+    @torch.library.register_fake(lib + "attention")
+    def _attention_fake(q, k, v, causal=True, window=0, sinks=None, scale=1.0, kv_starts=None, kv_lens=None):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    def _attention_setup(ctx, inputs, output):
+        q, k, v, causal, window, sinks, scale, kv_starts, kv_lens = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks, kv_starts, kv_lens)
+        ctx.causal, ctx.window, ctx.scale = causal, window, scale
+
+    def _attention_backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, sinks, kv_starts, kv_lens = ctx.saved_tensors
+        dq, dk, dv, dsinks = torch.ops.gptext.attention_backward(
+            grad_out, q, k, v, out, lse, ctx.causal, ctx.window, sinks, ctx.scale, kv_starts, kv_lens)
+        return dq, dk, dv, None, None, (dsinks.to(sinks.dtype) if sinks is not None else None), None, None, None
+
+    torch.library.register_autograd(lib + "attention", _attention_backward, setup_context=_attention_setup)
+
+    @torch.library.register_fake(lib + "attention_backward")
+    def _attention_backward_fake(grad_out, q, k, v, out, lse, causal, window, sinks, scale, kv_starts, kv_lens):
+        sinks_grad = q.new_empty((q.shape[1],) if sinks is not None else (0,), dtype=torch.float32)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), sinks_grad
 
 
 if _extension_loaded():

@@ -167,6 +167,15 @@ def _nbytes(*tensors) -> float:
 
 def _cost(op: str, a: dict, out) -> tuple[str, str, float, float]:
     """(implementation, shape, FLOPs, bytes moved) of one call, from its bound arguments."""
+    if op == "attention":
+        q, k = a["q"], a["k"]
+        (batch, heads, q_len, dim), k_len = q.shape, k.shape[2]
+        # score/value pairs computed: causal rows see the keys up to their position
+        pairs = q_len * k_len
+        if a["causal"]:
+            pairs = sum(max(0, min(k_len, k_len - q_len + i + 1)) for i in range(q_len))
+        return (ops.implementation(op, q), f"{batch}x{heads}x{q_len}x{dim}/{k.shape[1]}x{k_len}",
+                4.0 * batch * heads * pairs * dim, _nbytes(q, k, a["v"], out))
     x = a["x"]
     if op == "linear":
         w = a["weight"]
@@ -247,6 +256,6 @@ def format_profile(records: list[OpRecord], total: float, limits: DeviceLimits |
     lines.append("-" * len(header))
     lines.append(f"{'gptext ops':<58}{sum(r.flops for r in records) / 1e6:>10.2f}"
                  f"{sum(r.bytes for r in records) / 1e6:>9.2f}{in_ops * 1e3:>10.3f}")
-    lines.append(f"{'other (embeddings, attention matmuls, cache, Python)':<77}{(total - in_ops) * 1e3:>10.3f}")
+    lines.append(f"{'other (embeddings, KV cache, Python)':<77}{(total - in_ops) * 1e3:>10.3f}")
     lines.append(f"{'total forward pass':<77}{total * 1e3:>10.3f}")
     return "\n".join(lines)

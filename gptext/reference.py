@@ -15,6 +15,7 @@ import math
 import torch
 
 __all__ = [
+    "attention",
     "attention_mask",
     "ffn",
     "gelu_tanh",
@@ -67,6 +68,45 @@ def attention_mask(q_len: int, k_len: int, causal: bool = True, window: int | No
     if window:
         mask &= key > pos - window
     return mask
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int | None = None,
+              sinks: torch.Tensor | None = None, scale: float | None = None, *,
+              kv_starts: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v with every score materialised.
+
+    q (B, H, Tq, D); k, v (B, Hkv, Tk, D), query head h reading key/value head
+    h // (H / Hkv). For batch b, keys [kv_starts[b], kv_lens[b]) exist (default: all Tk);
+    queries are aligned to the end of them (query i sits at position kv_lens[b] - Tq + i).
+    `sinks` (H,) are logits that join each row's softmax denominator and carry no value.
+    A row with nothing to attend to (and no sink) is zero.
+    """
+    B, H, Tq, D = q.shape
+    Tk, group = k.shape[2], H // k.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    keys = _wide(k).repeat_interleave(group, dim=1)
+    values = _wide(v).repeat_interleave(group, dim=1)
+    scores = (_wide(q) @ keys.transpose(-2, -1)) * scale
+    starts = torch.zeros(B, dtype=torch.long, device=q.device) if kv_starts is None else kv_starts.long()
+    lens = torch.full((B,), Tk, dtype=torch.long, device=q.device) if kv_lens is None else kv_lens.long()
+    lens = lens.clamp(0, Tk)
+    starts = torch.minimum(starts.clamp(min=0), lens)
+    key = torch.arange(Tk, device=q.device)[None, None, :]
+    pos = (lens[:, None] - Tq + torch.arange(Tq, device=q.device)[None, :])[:, :, None]  # (B, Tq, 1)
+    visible = ((key >= starts[:, None, None]) & (key < lens[:, None, None])).expand(B, Tq, Tk)
+    if causal:
+        visible = visible & (key <= pos)
+        if window:
+            visible = visible & (key > pos - window)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, _wide(sinks).view(1, H, 1, 1).expand(B, H, Tq, 1)], dim=-1)
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+    e = torch.exp(scores - row_max)
+    total = e.sum(-1, keepdim=True)
+    probs = torch.where(total == 0, torch.zeros_like(e), e / total)
+    return (probs[..., :Tk] @ values).to(q.dtype)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causal: bool = False,

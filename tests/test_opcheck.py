@@ -13,7 +13,7 @@ def _samples(device):
     def t(*shape, grad=False, dtype=torch.float32):
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
 
-    return [
+    samples = [
         (OPS.softmax, (t(4, 7, grad=True),), {}),
         (OPS.softmax, (t(2, 3, 5, 9, grad=True), -1, 0.125, True, 3), {}),
         (OPS.softmax, (t(6, 5, grad=True), 0, 2.0, False, 0), {}),
@@ -31,6 +31,20 @@ def _samples(device):
                    t(5, 8, grad=True)), {}),
         (OPS.ffn, (t(2, 3, 8), t(32, 8), None, t(8, 32), None), {}),
     ]
+    # Attention needs the CUDA kernels' dtypes and head sizes there (fp32 CUDA runs the reference).
+    adtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = t(2, 4, 5, 64, grad=True, dtype=adtype), t(2, 2, 7, 64, grad=True, dtype=adtype), \
+        t(2, 2, 7, 64, grad=True, dtype=adtype)
+    lens = torch.tensor([7, 4], device=device)
+    samples += [
+        (OPS.attention, (q, k, v, True, 0, None, 0.125), {}),
+        (OPS.attention, (q, k, v, True, 3, t(4, grad=True), 0.125, torch.tensor([1, 0], device=device), lens), {}),
+        (OPS.attention, (q, k, v, False, 0, None, 0.2), {}),
+    ]
+    out, lse = OPS.attention(q.detach(), k.detach(), v.detach(), True, 0, None, 0.125)
+    samples.append((OPS.attention_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, True,
+                                             0, None, 0.125, None, None), {}))
+    return samples
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -53,7 +53,7 @@ def test_profile_forward_sees_every_op():
     model = GPT(GPTConfig(n_embd=32, n_head=2, n_layer=3, vocab_size=50, context_length=16)).eval()
     records, total = profiling.profile_forward(model, torch.randint(0, 50, (1, 10)))
     ops_seen = [r.op for r in records]
-    per_block = ["linear", "softmax", "linear", "layernorm_residual", "ffn", "layernorm_residual"]
+    per_block = ["linear", "attention", "linear", "layernorm_residual", "ffn", "layernorm_residual"]
     assert ops_seen == ["layernorm"] + per_block * 3 + ["linear"]
     table = profiling.format_profile(records, total, profiling.device_limits("cpu"), "float32")
     assert "total forward pass" in table and table.count("\n") == len(records) + 5

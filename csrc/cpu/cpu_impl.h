@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../kernels/activations.cuh"
+#include "../kernels/attention_math.cuh"
 #include "../kernels/norm_math.cuh"
 #include "../kernels/softmax_math.cuh"
 #include "cpu_kernels.h"
@@ -236,6 +237,128 @@ void skinny_gemm_t(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   dispatch_activation(a.act, [&](auto act) { skinny_gemm_act<Fmt, decltype(act)::value>(a, n_begin, n_end); });
 }
 
+// Row t of head h of batch b of a (batch, head, position, dim) tensor with these strides.
+template <typename T>
+inline T* row_of(T* base, const int64_t* stride, int64_t b, int64_t h, int64_t t) {
+  return base + b * stride[0] + h * stride[1] + t * stride[2];
+}
+
+template <typename Fmt>
+inline void load_row(const typename Fmt::storage* src, float* dst, int64_t n, float scale = 1.0f) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = Fmt::load(src[i]) * scale;
+}
+
+template <typename Fmt>
+inline float dot_row(const float* x, const typename Fmt::storage* y, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i] * Fmt::load(y[i]);
+  return s;
+}
+
+// One query row per task (task = (b * heads + h) * q_len + t): a flash-style pass over the
+// row's keys in blocks, keeping the running max and sum (exp2 domain, scale folded into q)
+// and rescaling the output accumulator when the max grows. A sink starts the row as a
+// virtual key with no value: max = sink, sum = 1.
+template <typename Fmt>
+void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t task_end) {
+  using T = typename Fmt::storage;
+  constexpr int64_t kBlock = 64;
+  const int64_t dim = a.head_dim, group = a.heads / a.kv_heads;
+  std::vector<float> q(static_cast<size_t>(dim)), acc(static_cast<size_t>(dim)), scores(kBlock);
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t t = task % a.q_len, h = (task / a.q_len) % a.heads, b = task / (a.q_len * a.heads);
+    load_row<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, h, t), q.data(), dim, a.scale * kLog2e);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    float m = a.sinks != nullptr ? a.sinks[h] * kLog2e : -INFINITY;
+    float l = a.sinks != nullptr ? 1.0f : 0.0f;
+    const KeyRange keys = attention_row_keys(a, b, t);
+    for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, keys.end - j0);
+      float block_max = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        scores[j] = dot_row<Fmt>(q.data(), row_of(static_cast<const T*>(a.k), a.k_stride, b, h / group, j0 + j), dim);
+        block_max = max_of(block_max, scores[j]);
+      }
+      if (block_max > m) {
+        const float correction = softmax_exp(m, block_max, 1.0f);
+        l *= correction;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) acc[d] *= correction;
+        m = block_max;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float p = softmax_exp(scores[j], m, 1.0f);
+        const T* v = row_of(static_cast<const T*>(a.v), a.v_stride, b, h / group, j0 + j);
+        l += p;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) acc[d] += p * Fmt::load(v[d]);
+      }
+    }
+    const float inv = softmax_inv_sum(l);
+    T* out = row_of(static_cast<T*>(a.out), a.out_stride, b, h, t);
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) out[d] = Fmt::store(acc[d] * inv);
+    if (a.lse != nullptr) a.lse[task] = l > 0.0f ? (m + std::log2(l)) / kLog2e : -INFINITY;
+  }
+}
+
+// One (batch, kv head) per task, so that the key and value gradients, which every query
+// head of the group adds to, have a single writer. Probabilities are recomputed from the
+// saved log-sum-exp: p = exp(scale q.k - lse); ds = p (grad_out.v - delta).
+template <typename Fmt>
+void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_t task_end) {
+  using T = typename Fmt::storage;
+  const AttentionArgs& a = g.fwd;
+  const int64_t dim = a.head_dim, group = a.heads / a.kv_heads;
+  const int64_t grad_q_stride[3] = {a.heads * a.q_len * dim, a.q_len * dim, dim};
+  const int64_t grad_kv_stride[3] = {a.kv_heads * a.k_len * dim, a.k_len * dim, dim};
+  std::vector<float> q(static_cast<size_t>(dim)), dout(static_cast<size_t>(dim)), dq(static_cast<size_t>(dim));
+  std::vector<float> dk(static_cast<size_t>(a.k_len * dim)), dv(static_cast<size_t>(a.k_len * dim));
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t b = task / a.kv_heads, kv = task % a.kv_heads;
+    std::fill(dk.begin(), dk.end(), 0.0f);
+    std::fill(dv.begin(), dv.end(), 0.0f);
+    for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+      for (int64_t t = 0; t < a.q_len; ++t) {
+        const int64_t row = (b * a.heads + h) * a.q_len + t;
+        load_row<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, h, t), q.data(), dim);
+        load_row<Fmt>(row_of(static_cast<const T*>(g.grad_out), g.grad_out_stride, b, h, t), dout.data(), dim);
+        std::fill(dq.begin(), dq.end(), 0.0f);
+        const float lse = a.lse[row] * kLog2e, delta = g.delta[row];
+        const KeyRange keys = attention_row_keys(a, b, t);
+        for (int64_t j = keys.begin; j < keys.end; ++j) {
+          const T* k = row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j);
+          const T* v = row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, j);
+          const float p = softmax_exp(dot_row<Fmt>(q.data(), k, dim) * a.scale * kLog2e, lse, 1.0f);
+          const float ds = p * (dot_row<Fmt>(dout.data(), v, dim) - delta);
+          float* dk_j = dk.data() + j * dim;
+          float* dv_j = dv.data() + j * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) {
+            dq[d] += ds * Fmt::load(k[d]);
+            dk_j[d] += ds * q[d];
+            dv_j[d] += p * dout[d];
+          }
+        }
+        T* grad_q = row_of(static_cast<T*>(g.grad_q), grad_q_stride, b, h, t);
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) grad_q[d] = Fmt::store(dq[d] * a.scale);
+      }
+    }
+    for (int64_t j = 0; j < a.k_len; ++j) {
+      T* grad_k = row_of(static_cast<T*>(g.grad_k), grad_kv_stride, b, kv, j);
+      T* grad_v = row_of(static_cast<T*>(g.grad_v), grad_kv_stride, b, kv, j);
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) {
+        grad_k[d] = Fmt::store(dk[j * dim + d] * a.scale);
+        grad_v[d] = Fmt::store(dv[j * dim + d]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64_t row_end) {
@@ -252,6 +375,14 @@ void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t
 
 void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end) {
   dispatch(dtype, [&](auto tag) { skinny_gemm_t<decltype(tag)>(args, n_begin, n_end); });
+}
+
+void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end) {
+  dispatch(dtype, [&](auto tag) { attention_forward_t<decltype(tag)>(args, task_begin, task_end); });
+}
+
+void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end) {
+  dispatch(dtype, [&](auto tag) { attention_backward_t<decltype(tag)>(args, task_begin, task_end); });
 }
 
 }  // namespace gptext::cpu::GPTEXT_CPU_ISA

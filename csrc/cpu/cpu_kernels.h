@@ -17,7 +17,11 @@ namespace gptext::cpu {
   /* In place: c = act(c + bias) + residual, for the rows given (GemmArgs' epilogue part). */   \
   void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end);  \
   /* The whole linear for few rows (m <= kSkinnyMaxRows), output columns [n_begin, n_end). */  \
-  void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end);
+  void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end);         \
+  /* Query rows [task_begin, task_end) of (batch, heads, q_len), flattened. */                  \
+  void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end); \
+  /* (batch, kv head) pairs [task_begin, task_end), flattened. */                               \
+  void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end);
 
 GPTEXT_CPU_KERNELS
 

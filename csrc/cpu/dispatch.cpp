@@ -37,6 +37,14 @@ void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_e
   GPTEXT_CPU_CALL(skinny_gemm, dtype, args, n_begin, n_end);
 }
 
+void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end) {
+  GPTEXT_CPU_CALL(attention_forward, dtype, args, task_begin, task_end);
+}
+
+void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end) {
+  GPTEXT_CPU_CALL(attention_backward, dtype, args, task_begin, task_end);
+}
+
 const char* instruction_set() { return use_avx2() ? "avx2" : "baseline"; }
 
 }  // namespace gptext::cpu

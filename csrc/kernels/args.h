@@ -62,3 +62,40 @@ struct GemmArgs {
 };
 
 }  // namespace gptext
+
+namespace gptext {
+
+// Fused attention: out[b, h, t] = softmax_j(scale * q[b, h, t] . k[b, g, j]) v[b, g, j]
+// with g = h / (heads / kv_heads) (grouped-query attention), over the keys j that
+// attention_row_keys() allows. Tensors are 4-d (batch, head, position, head_dim) with
+// head_dim contiguous and the other three strides given (in elements).
+struct AttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;                // (batch, heads, q_len): log-sum-exp of the scaled scores (and sink); may be null
+  const float* sinks;        // (heads,): a logit per head that joins every softmax denominator; may be null
+  const int32_t* kv_starts;  // (batch,): keys before it are padding, never attended; may be null (0)
+  const int32_t* kv_lens;    // (batch,): keys from it on don't exist yet; queries align to it; may be null (k_len)
+  int64_t batch, heads, kv_heads, q_len, k_len, head_dim;
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  // batch, head, position
+  float scale;
+  bool causal;
+  int64_t window;  // 0: no window
+};
+
+// The backward pass of AttentionArgs' attention, recomputing the probabilities from the
+// forward's log-sum-exp. Gradients are written contiguous: (batch, heads, q_len, head_dim)
+// for q, (batch, kv_heads, k_len, head_dim) for k and v.
+struct AttentionGradArgs {
+  AttentionArgs fwd;  // q, k, v, out and lse of the forward pass
+  const void* grad_out;
+  int64_t grad_out_stride[3];
+  const float* delta;  // (batch, heads, q_len): sum over head_dim of grad_out * out
+  void* grad_q;
+  void* grad_k;
+  void* grad_v;
+};
+
+}  // namespace gptext

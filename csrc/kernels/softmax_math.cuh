@@ -19,14 +19,18 @@ struct KeyRange {
 // Queries are aligned to the end of the keys: query i sits at position k_len - q_len + i,
 // so decode (q_len == 1) and chunked prefill share one rule. With causal, a query sees the
 // keys at or before its position; a window > 0 further limits it to the last `window` of
-// those (the query itself included).
-GPTEXT_HD KeyRange attention_key_range(int64_t query, int64_t q_len, int64_t k_len, bool causal, int64_t window) {
-  if (!causal) return {0, k_len};
-  const int64_t pos = k_len - q_len + query;
-  int64_t end = pos + 1;
-  end = end < 0 ? 0 : (end > k_len ? k_len : end);
-  int64_t begin = window > 0 ? pos - window + 1 : 0;
-  begin = begin < 0 ? 0 : (begin > end ? end : begin);
+// those (the query itself included). Keys before k_start (left padding) are never seen.
+GPTEXT_HD KeyRange attention_key_range(int64_t query, int64_t q_len, int64_t k_len, bool causal, int64_t window,
+                                       int64_t k_start = 0) {
+  int64_t begin = k_start, end = k_len;
+  if (causal) {
+    const int64_t pos = k_len - q_len + query;
+    end = pos + 1 < k_len ? pos + 1 : k_len;
+    if (window > 0 && pos - window + 1 > begin) begin = pos - window + 1;
+  }
+  if (end < 0) end = 0;
+  if (begin < 0) begin = 0;
+  if (begin > end) begin = end;
   return {begin, end};
 }
 
