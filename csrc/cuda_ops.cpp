@@ -199,6 +199,73 @@ std::string linear_backend_cuda(const at::Tensor& x, const at::Tensor& weight) {
   return impl_name(choose_impl(p, x, nullptr));
 }
 
+// ---- attention ---------------------------------------------------------------------------
+
+// The tensor-core tiles are filled with 16-byte copies: a row must start 16-byte aligned.
+bool rows_aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+         t.stride(2) % 8 == 0;
+}
+
+void align_rows(at::Tensor& t, const void*& ptr, int64_t (&stride)[3]) {
+  if (rows_aligned(t)) return;
+  t = t.contiguous();
+  ptr = t.data_ptr();
+  set_strides(stride, t);
+}
+
+void check_fused(const AttentionArgs& args, DType dtype) {
+  TORCH_CHECK_VALUE(kernels::attention_supported(args, dtype), "gptext.ops.attention: the fused CUDA kernels take "
+                    "bfloat16 or float16 with head_dim 64 or 128, got head_dim ", args.head_dim,
+                    dtype == DType::F32 ? " in float32" : "");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  bool causal, int64_t window, const std::optional<at::Tensor>& sinks,
+                                                  double scale, const std::optional<at::Tensor>& kv_starts,
+                                                  const std::optional<at::Tensor>& kv_lens) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  AttentionProblem p = attention_problem(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens);
+  AttentionArgs& a = p.args;
+  check_fused(a, p.dtype);
+  align_rows(p.q, a.q, a.q_stride);
+  align_rows(p.k, a.k, a.k_stride);
+  align_rows(p.v, a.v, a.v_stride);
+  const int splits = kernels::attention_forward_splits(a, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  at::Tensor partial_out, partial_lse;
+  if (splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    partial_out = at::empty({splits, a.batch, a.heads, a.q_len, a.head_dim}, f32);
+    partial_lse = at::empty({splits, a.batch, a.heads, a.q_len}, f32);
+  }
+  const kernels::AttentionWorkspace workspace{
+      splits, partial_out.defined() ? partial_out.data_ptr<float>() : nullptr,
+      partial_lse.defined() ? partial_lse.data_ptr<float>() : nullptr};
+  check_cuda(kernels::attention_forward(a, p.dtype, workspace, current_stream()), "attention");
+  return {p.out, p.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, bool causal, int64_t window, const std::optional<at::Tensor>& sinks, double scale,
+    const std::optional<at::Tensor>& kv_starts, const std::optional<at::Tensor>& kv_lens) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  AttentionGradProblem g = attention_grad_problem(grad_out, q, k, v, out, lse, causal, window, sinks, scale, kv_starts,
+                                                  kv_lens);
+  AttentionArgs& a = g.args.fwd;
+  check_fused(a, g.fwd.dtype);
+  align_rows(g.fwd.q, a.q, a.q_stride);
+  align_rows(g.fwd.k, a.k, a.k_stride);
+  align_rows(g.fwd.v, a.v, a.v_stride);
+  align_rows(g.grad_out, g.args.grad_out, g.args.grad_out_stride);
+  if (a.q_len == 0 || a.batch == 0) {  // nothing attends: the kernels write no key gradient
+    g.grad_k.zero_();
+    g.grad_v.zero_();
+  }
+  check_cuda(kernels::attention_backward(g.args, g.fwd.dtype, current_stream()), "attention_backward");
+  return {g.grad_q, g.grad_k, g.grad_v, g.grad_sinks};
+}
+
 int64_t cuda_binary_arch(int64_t device) { return kernels::kernels_binary_arch(int(device)); }
 
 }  // namespace
@@ -215,5 +282,7 @@ TORCH_LIBRARY_IMPL(gptext, CUDA, m) {
   m.impl("layernorm_residual", &gptext::layernorm_residual_cuda);
   m.impl("linear", &gptext::linear_cuda);
   m.impl("ffn", &gptext::ffn_cuda);
+  m.impl("attention", &gptext::attention_cuda);
+  m.impl("attention_backward", &gptext::attention_backward_cuda);
   m.impl("_linear_backend", &gptext::linear_backend_cuda);
 }

@@ -48,6 +48,21 @@ GPTEXT_HD bool attention_tile_unmasked(const AttentionArgs& a, int64_t b, int64_
   return k0 >= hi.begin && k1 <= lo.end;
 }
 
+// Queries (of batch b) that may attend to any of keys [k0, k1): a superset, possibly empty.
+GPTEXT_HD KeyRange attention_query_span(const AttentionArgs& a, int64_t b, int64_t k0, int64_t k1) {
+  const KeyRange valid = attention_batch_keys(a, b);
+  if (k1 <= valid.begin || k0 >= valid.end) return {0, 0};
+  int64_t begin = 0, end = a.q_len;
+  if (a.causal) {
+    const int64_t offset = valid.end - a.q_len;  // query t sits at position offset + t
+    if (k0 - offset > begin) begin = k0 - offset;
+    if (a.window > 0 && k1 + a.window - 1 - offset < end) end = k1 + a.window - 1 - offset;
+  }
+  if (end < 0) end = 0;
+  if (begin > end) begin = end;
+  return {begin, end};
+}
+
 // log(e^x + e^y), with -inf as the identity.
 GPTEXT_HD float log_add_exp(float x, float y) {
   const float m = x > y ? x : y;

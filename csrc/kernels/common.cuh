@@ -151,6 +151,7 @@ GPTEXT_HD float tanh_act(float x) {
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <type_traits>
 
 namespace gptext::dev {
@@ -263,6 +264,23 @@ __device__ __forceinline__ float row_max(float v, float* scratch) {
 __host__ __forceinline__ unsigned capped_grid(int64_t blocks) {
   constexpr int64_t kMaxGridBlocks = int64_t(1) << 20;
   return unsigned(blocks < kMaxGridBlocks ? blocks : kMaxGridBlocks);
+}
+
+// Opts `Kernel` in to `bytes` of dynamic shared memory (needed above 48 KiB) on the current
+// device, once per device.
+template <auto Kernel>
+__host__ cudaError_t allow_dynamic_smem(size_t bytes) {
+  static std::atomic<uint64_t> done_devices{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = uint64_t(1) << (device % 64);
+  if ((done_devices.load() & bit) == 0) {
+    err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (err != cudaSuccess) return err;
+    done_devices.fetch_or(bit);
+  }
+  return cudaSuccess;
 }
 
 // Calls fn(std::integral_constant<int, P>{}) for the smallest power of two P in

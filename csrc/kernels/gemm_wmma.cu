@@ -27,15 +27,17 @@
 // Unverified on a GPU until bench/gpu_suite.sh has run it: compiled here for sm_80/sm_90.
 #include <mma.h>
 
-#include <atomic>
-
 #include "gemm_tiles.cuh"
 #include "launch.h"
+#include "mma.cuh"
 
 namespace gptext::kernels {
 namespace {
 
 using namespace nvcuda;
+using dev::cp_async_16;
+using dev::cp_async_commit;
+using dev::cp_async_wait;
 
 constexpr int kGroupM = 8;
 
@@ -56,16 +58,6 @@ struct TileConfig {
 };
 using LargeTile = TileConfig<128, 128, 32, 64, 32, 4, 2>;
 using SmallTile = TileConfig<64, 64, 32, 32, 32, 4, 4>;
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 // Copies rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a K-contiguous matrix into
 // shared memory, zero-filling outside the matrix.
@@ -194,18 +186,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
 
 template <typename T, typename Cfg, bool kAsync>
 cudaError_t launch_tile(const GemmArgs& a, cudaStream_t stream) {
-  auto kernel = gemm_wmma_kernel<T, Cfg, kAsync>;
-  // Opting in to more than 48 KiB of dynamic shared memory is per device; remember it.
-  static std::atomic<uint64_t> opted_in_devices{0};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  constexpr auto kernel = gemm_wmma_kernel<T, Cfg, kAsync>;
+  const cudaError_t err = dev::allow_dynamic_smem<kernel>(Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const uint64_t bit = uint64_t(1) << (device % 64);
-  if ((opted_in_devices.load() & bit) == 0) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::kSmemBytes));
-    if (err != cudaSuccess) return err;
-    opted_in_devices.fetch_or(bit);
-  }
   const int64_t tiles_m = ceil_div(a.m, Cfg::BM), tiles_n = ceil_div(a.n, Cfg::BN);
   kernel<<<unsigned(tiles_m * tiles_n), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a, tiles_m, tiles_n);
   return cudaGetLastError();

@@ -34,6 +34,26 @@ cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, int sm_count, cudaStrea
 // c = act(c + bias) + residual.
 cudaError_t gemm_epilogue(const GemmArgs& args, DType dtype, cudaStream_t stream);
 
+// ---- fused attention (attention_fwd.cu, attention_bwd.cu) -----------------------------
+// Tensor-core kernels for bf16/fp16 with head_dim 64 or 128 (anything else returns
+// cudaErrorInvalidValue); q, k, v, grad_out rows must start 16-byte aligned (strides
+// multiples of 8 elements, aligned base pointers).
+bool attention_supported(const AttentionArgs& args, DType dtype);
+
+// Split-KV ("flash decoding"): when the query tiles alone can't fill the GPU, each tile's
+// keys are split over `splits` thread blocks whose partial results (fp32, normalised, with
+// their log-sum-exp) a combine step merges. The caller allocates that workspace:
+// out: splits x batch x heads x q_len x head_dim floats, lse: splits x batch x heads x q_len.
+struct AttentionWorkspace {
+  int splits;
+  float* out;
+  float* lse;
+};
+int attention_forward_splits(const AttentionArgs& args, int sm_count);
+cudaError_t attention_forward(const AttentionArgs& args, DType dtype, const AttentionWorkspace& workspace,
+                              cudaStream_t stream);
+cudaError_t attention_backward(const AttentionGradArgs& args, DType dtype, cudaStream_t stream);
+
 // ---- build information (info.cu) ------------------------------------------------------
 // The compute capability the kernels' best binary for `device` targets (e.g. 90 for
 // sm_90), or 0 when none of the compiled arches can run there.

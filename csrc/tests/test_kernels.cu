@@ -227,6 +227,118 @@ static void test_gemm(std::mt19937& gen, int sm_count) {
   }
 }
 
+static void test_attention(std::mt19937& gen, int sm_count) {
+  struct Case {
+    int64_t batch, heads, kv_heads, q_len, k_len, dim;
+    bool causal;
+    int64_t window;
+    bool sinks, ranges;
+  };
+  const Case shapes[] = {{2, 4, 4, 37, 37, 64, true, 0, false, false},   {1, 8, 2, 64, 64, 128, true, 16, true, false},
+                         {2, 8, 1, 1, 3000, 64, true, 0, true, false},   {1, 64, 8, 1, 8192, 64, true, 128, true, false},
+                         {1, 4, 1, 17, 130, 128, false, 0, false, false}, {3, 4, 2, 2, 90, 64, true, 0, false, true},
+                         {1, 2, 2, 150, 150, 128, true, 0, true, false}};
+  for (DType t : {DType::BF16, DType::F16}) {
+    for (const Case& c : shapes) {
+      const int64_t q_size = c.batch * c.heads * c.q_len * c.dim, kv_size = c.batch * c.kv_heads * c.k_len * c.dim;
+      const HostArray q = random_array(t, q_size, gen), k = random_array(t, kv_size, gen),
+                      v = random_array(t, kv_size, gen), grad_out = random_array(t, q_size, gen);
+      std::vector<float> sinks(c.heads);
+      for (float& s : sinks) s = std::normal_distribution<float>(0.0f, 1.0f)(gen);
+      std::vector<int32_t> starts(c.batch), lens(c.batch);
+      for (int64_t b = 0; b < c.batch; ++b) {
+        lens[b] = int32_t(c.k_len - 7 * b);
+        starts[b] = int32_t(3 * b);
+      }
+      AttentionArgs a{};
+      a.batch = c.batch;
+      a.heads = c.heads;
+      a.kv_heads = c.kv_heads;
+      a.q_len = c.q_len;
+      a.k_len = c.k_len;
+      a.head_dim = c.dim;
+      const int64_t q_stride[3] = {c.heads * c.q_len * c.dim, c.q_len * c.dim, c.dim};
+      const int64_t kv_stride[3] = {c.kv_heads * c.k_len * c.dim, c.k_len * c.dim, c.dim};
+      for (int i = 0; i < 3; ++i) {
+        a.q_stride[i] = a.out_stride[i] = q_stride[i];
+        a.k_stride[i] = a.v_stride[i] = kv_stride[i];
+      }
+      a.scale = 1.0f / std::sqrt(float(c.dim));
+      a.causal = c.causal;
+      a.window = c.window;
+
+      // CPU: forward, then backward from the CPU's own output and log-sum-exp.
+      HostArray out(t, q_size), lse(DType::F32, c.batch * c.heads * c.q_len);
+      AttentionArgs host = a;
+      host.q = q.bytes.data();
+      host.k = k.bytes.data();
+      host.v = v.bytes.data();
+      host.out = out.data();
+      host.lse = static_cast<float*>(lse.data());
+      host.sinks = c.sinks ? sinks.data() : nullptr;
+      host.kv_starts = c.ranges ? starts.data() : nullptr;
+      host.kv_lens = c.ranges ? lens.data() : nullptr;
+      cpu::attention_forward(t, host, 0, c.batch * c.heads * c.q_len);
+      HostArray delta(DType::F32, c.batch * c.heads * c.q_len);
+      for (int64_t row = 0; row < c.batch * c.heads * c.q_len; ++row) {
+        float d = 0.0f;
+        for (int64_t e = 0; e < c.dim; ++e) d += grad_out.get(row * c.dim + e) * out.get(row * c.dim + e);
+        delta.set(row, d);
+      }
+      HostArray grad_q(t, q_size), grad_k(t, kv_size), grad_v(t, kv_size);
+      AttentionGradArgs host_grad{host, grad_out.bytes.data(), {}, static_cast<const float*>(delta.data()),
+                                  grad_q.data(), grad_k.data(), grad_v.data()};
+      for (int i = 0; i < 3; ++i) host_grad.grad_out_stride[i] = q_stride[i];
+      cpu::attention_backward(t, host_grad, 0, c.batch * c.kv_heads);
+
+      // GPU: the same from device copies (the int32 ranges travel as 4-byte "F32" arrays).
+      HostArray sink_array(DType::F32, c.heads), start_array(DType::F32, c.batch), len_array(DType::F32, c.batch);
+      std::memcpy(sink_array.data(), sinks.data(), 4 * c.heads);
+      std::memcpy(start_array.data(), starts.data(), 4 * c.batch);
+      std::memcpy(len_array.data(), lens.data(), 4 * c.batch);
+      DeviceArray dq(q), dk(k), dv(v), dout(HostArray(t, q_size)), dlse(lse), dsinks(sink_array), dstarts(start_array),
+          dlens(len_array);
+      AttentionArgs dev_args = a;
+      dev_args.q = dq.ptr;
+      dev_args.k = dk.ptr;
+      dev_args.v = dv.ptr;
+      dev_args.out = dout.ptr;
+      dev_args.lse = static_cast<float*>(dlse.ptr);
+      dev_args.sinks = c.sinks ? static_cast<const float*>(dsinks.ptr) : nullptr;
+      dev_args.kv_starts = c.ranges ? static_cast<const int32_t*>(dstarts.ptr) : nullptr;
+      dev_args.kv_lens = c.ranges ? static_cast<const int32_t*>(dlens.ptr) : nullptr;
+      const int splits = kernels::attention_forward_splits(dev_args, sm_count);
+      DeviceArray part_out(HostArray(DType::F32, splits * q_size)),
+          part_lse(HostArray(DType::F32, splits * c.batch * c.heads * c.q_len));
+      const kernels::AttentionWorkspace workspace{splits, static_cast<float*>(part_out.ptr),
+                                                  static_cast<float*>(part_lse.ptr)};
+      CUDA_OK(kernels::attention_forward(dev_args, t, workspace, nullptr));
+      CUDA_OK(cudaDeviceSynchronize());
+      const std::string name = "attention " + std::string(name_of(t)) + " " + std::to_string(c.batch) + "x" +
+                               std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + "x" +
+                               std::to_string(c.q_len) + "x" + std::to_string(c.k_len) + "x" + std::to_string(c.dim) +
+                               (c.causal ? " causal" : "") + (c.window ? " window" : "") + (c.sinks ? " sinks" : "") +
+                               (c.ranges ? " ranges" : "") + " (" + std::to_string(splits) + " splits)";
+      compare(name, dout.download(t), out, 1e-2f, 2 * rtol(t));
+      compare(name + " (lse)", dlse.download(DType::F32), lse, 2e-2f, 1e-3f);
+
+      // Backward from the CPU's forward results, so both sides see identical inputs.
+      DeviceArray cpu_out(out), cpu_lse(lse), ddelta(delta), dgrad_out(grad_out), dgq(HostArray(t, q_size)),
+          dgk(HostArray(t, kv_size)), dgv(HostArray(t, kv_size));
+      AttentionGradArgs dev_grad{dev_args, dgrad_out.ptr, {}, static_cast<const float*>(ddelta.ptr), dgq.ptr,
+                                 dgk.ptr, dgv.ptr};
+      dev_grad.fwd.out = cpu_out.ptr;
+      dev_grad.fwd.lse = static_cast<float*>(cpu_lse.ptr);
+      for (int i = 0; i < 3; ++i) dev_grad.grad_out_stride[i] = q_stride[i];
+      CUDA_OK(kernels::attention_backward(dev_grad, t, nullptr));
+      CUDA_OK(cudaDeviceSynchronize());
+      compare(name + " (grad q)", dgq.download(t), grad_q, 2e-2f, 4 * rtol(t));
+      compare(name + " (grad k)", dgk.download(t), grad_k, 2e-2f, 4 * rtol(t));
+      compare(name + " (grad v)", dgv.download(t), grad_v, 2e-2f, 4 * rtol(t));
+    }
+  }
+}
+
 int main() {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -244,8 +356,12 @@ int main() {
   std::mt19937 gen(1234);
   test_softmax(gen);
   test_layernorm(gen);
-  if (prop.major >= 8) test_gemm(gen, prop.multiProcessorCount);
-  else std::printf("skipping the WMMA GEMM: it needs sm_80+\n");
+  if (prop.major >= 8) {
+    test_gemm(gen, prop.multiProcessorCount);
+    test_attention(gen, prop.multiProcessorCount);
+  } else {
+    std::printf("skipping the tensor-core kernels (GEMM, attention): they need sm_80+\n");
+  }
   std::printf("%d cases, %d failed\n", cases, failures);
   return failures ? 1 : 0;
 }

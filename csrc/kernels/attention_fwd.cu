@@ -1,0 +1,317 @@
+// Fused attention, forward: out = softmax(scale q k^T) v without writing the scores out.
+//
+// One thread block owns a tile of BM = 16 x WARPS "rows" of one (batch, kv head): a row is
+// a (query head of the group, query) pair, so grouped-query heads that share keys and values
+// are served by one stream of them, and a decode step (q_len = 1) packs the group's heads
+// into one tile. Each warp owns 16 rows. Per 64-key tile:
+//   - K and V tiles stream through shared memory, double-buffered with cp.async; rows of
+//     head_dim b16 elements are stored with an XOR swizzle of their 16-byte chunks
+//     (swizzle_chunk) so the ldmatrix reads below are free of bank conflicts;
+//   - S = Q K^T on tensor cores (mma.sync m16n8k16, fp32 accumulate), Q's fragments held in
+//     registers for the whole block;
+//   - the online softmax runs on S in registers: each thread holds two rows' elements, the
+//     row max is reduced over the four threads of a quad with two shuffles, the running sum
+//     is kept per thread and reduced once at the end; tiles wholly inside every row's key
+//     range skip the masking, tiles wholly outside are never loaded (causal / window skip);
+//   - P is rounded to b16 straight from the accumulator registers into the A fragments of
+//     P V (the C and A layouts of m16n8k16 line up, see mma.cuh), and V's fragments come
+//     from ldmatrix.trans.
+// mma.sync rather than nvcuda::wmma because the softmax must touch every accumulator in
+// registers, which wmma's unspecified fragment layout forbids (it would cost a shared-memory
+// round trip per tile, as gemm_wmma.cu's epilogue pays once); this is the reasoning, to be
+// confirmed by measurement on a GPU.
+//
+// A sink (gpt-oss) starts each row's softmax as a virtual key with no value: max = sink,
+// sum = 1. When the query tiles cannot fill the GPU (decode), each tile's keys are split
+// over several blocks (split-KV); those write normalised fp32 partial outputs with their
+// log-sum-exp and attention_combine_kernel merges them, adding the sink there.
+//
+// Unverified on a GPU until bench/gpu_suite.sh has run it: compiled here for sm_80/sm_90.
+#include "attention_tiles.cuh"
+#include "launch.h"
+
+namespace gptext::kernels {
+namespace {
+
+using namespace dev;
+
+constexpr int kBlockKeys = 64;
+constexpr int kMaxSplits = 32;
+
+template <int D, int WARPS>
+struct FwdTile {
+  static constexpr int BM = 16 * WARPS, BN = kBlockKeys;
+  static constexpr size_t kSmemBytes = size_t(BM + 4 * BN) * D * 2;  // Q, then K and V x 2 stages
+};
+
+template <typename T, int D, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const AttentionArgs a, const AttentionWorkspace w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Tile = FwdTile<D, WARPS>;
+  constexpr int BM = Tile::BM, BN = Tile::BN, THREADS = WARPS * 32;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sk = sq + BM * D;
+  T* sv = sk + 2 * BN * D;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int64_t group = a.heads / a.kv_heads, rows = group * a.q_len;
+  const int64_t row_tiles = ceil_div(rows, BM);
+  const int64_t r0 = (blockIdx.x % row_tiles) * BM;
+  const int split = int(blockIdx.x / row_tiles);
+  const int64_t kv = blockIdx.y, b = blockIdx.z;
+
+  // The queries this tile spans, and the key tiles this split streams.
+  const int64_t r_last = (r0 + BM < rows ? r0 + BM : rows) - 1;
+  const bool one_head = r0 / a.q_len == r_last / a.q_len;
+  const int64_t t_lo = one_head ? r0 % a.q_len : 0, t_hi = one_head ? r_last % a.q_len : a.q_len - 1;
+  const KeyRange span = attention_span_keys(a, b, t_lo, t_hi);
+  const int64_t first_tile = span.begin / BN, end_tile = ceil_div(span.end, BN);
+  const int64_t per_split = ceil_div(end_tile - first_tile, w.splits);
+  const int64_t tile_begin = first_tile + split * per_split;
+  const int64_t tile_end = tile_begin + per_split < end_tile ? tile_begin + per_split : end_tile;
+
+  // This thread's two rows: warp rows g and g + 8.
+  int64_t head[2], query[2];
+  KeyRange keys[2];
+  bool valid[2];
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = r0 + warp * 16 + g + 8 * i;
+    valid[i] = r < rows;
+    head[i] = kv * group + (valid[i] ? r / a.q_len : 0);
+    query[i] = valid[i] ? r % a.q_len : 0;
+    keys[i] = valid[i] ? attention_row_keys(a, b, query[i]) : KeyRange{0, 0};
+  }
+
+  load_tile<D, THREADS>(sq, BM, a.q, [&](int row) -> const T* {
+    const int64_t r = r0 + row;
+    return r < rows ? row_ptr<T>(a.q, a.q_stride, b, kv * group + r / a.q_len, r % a.q_len) : nullptr;
+  });
+  cp_async_commit();
+  auto load_kv = [&](int stage, int64_t tile) {
+    auto key_row = [&](const void* base, const int64_t(&stride)[3]) {
+      return [&, base](int row) -> const T* {
+        const int64_t key = tile * BN + row;
+        return key < a.k_len ? row_ptr<T>(base, stride, b, kv, key) : nullptr;
+      };
+    };
+    load_tile<D, THREADS>(sk + stage * BN * D, BN, a.k, key_row(a.k, a.k_stride));
+    load_tile<D, THREADS>(sv + stage * BN * D, BN, a.v, key_row(a.v, a.v_stride));
+  };
+  if (tile_begin < tile_end) load_kv(0, tile_begin);
+  cp_async_commit();
+  cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
+  __syncthreads();
+
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+    ldmatrix_x4(qf[ks], tile_at<D>(sq, row, ks * 2 + lane / 16));
+  }
+
+  const bool finalize = w.splits == 1;  // else the combine step adds the sink and normalises
+  float o[D / 8][4] = {};
+  float m[2], l[2];
+  for (int i = 0; i < 2; ++i) {
+    const bool sink = finalize && a.sinks != nullptr && valid[i];
+    m[i] = sink ? a.sinks[head[i]] * kLog2e : -INFINITY;
+    l[i] = sink && c == 0 ? 1.0f : 0.0f;  // the quad's partial sums are added at the end
+  }
+  const float k2 = a.scale * kLog2e;
+
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int stage = int(tile - tile_begin) & 1;
+    if (tile + 1 < tile_end) load_kv(stage ^ 1, tile + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* ks_tile = sk + stage * BN * D;
+    const T* vs_tile = sv + stage * BN * D;
+
+    float s[BN / 8][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t kf[4];
+        const int row = np * 16 + (lane % 8) + (lane / 16) * 8;
+        ldmatrix_x4(kf, tile_at<D>(ks_tile, row, ks * 2 + (lane / 8) % 2));
+        mma_16816<T>(s[2 * np], qf[ks], kf[0], kf[1]);
+        mma_16816<T>(s[2 * np + 1], qf[ks], kf[2], kf[3]);
+      }
+
+    const int64_t k0 = tile * BN;
+    const bool unmasked = attention_tile_unmasked(a, b, t_lo, t_hi, k0, k0 + BN);
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = k0 + nb * 8 + c * 2 + (e & 1);
+        const KeyRange& r = keys[e / 2];
+        s[nb][e] = (unmasked || (key >= r.begin && key < r.end)) ? s[nb][e] * k2 : -INFINITY;
+      }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb) tile_max = fmaxf(tile_max, fmaxf(s[nb][2 * i], s[nb][2 * i + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float m_new = fmaxf(m[i], tile_max);
+      const float correction = softmax_exp(m[i], m_new, 1.0f);
+      m[i] = m_new;
+      l[i] *= correction;
+#pragma unroll
+      for (int db = 0; db < D / 8; ++db) {
+        o[db][2 * i] *= correction;
+        o[db][2 * i + 1] *= correction;
+      }
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+        for (int e = 2 * i; e < 2 * i + 2; ++e) {
+          s[nb][e] = softmax_exp(s[nb][e], m_new, 1.0f);
+          l[i] += s[nb][e];
+        }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t pa[4];
+      c_pair_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t vf[4];
+        const int row = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+        ldmatrix_x4_trans(vf, tile_at<D>(vs_tile, row, dp * 2 + lane / 16));
+        mma_16816<T>(o[2 * dp], pa, vf[0], vf[1]);
+        mma_16816<T>(o[2 * dp + 1], pa, vf[2], vf[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (!valid[i]) continue;
+    const float inv = softmax_inv_sum(l[i]);
+    const float lse = l[i] > 0.0f ? (m[i] + log2f(l[i])) / kLog2e : -INFINITY;
+    const int64_t row = (b * a.heads + head[i]) * a.q_len + query[i];
+    if (finalize) {
+      T* out = static_cast<T*>(a.out) + b * a.out_stride[0] + head[i] * a.out_stride[1] + query[i] * a.out_stride[2];
+#pragma unroll
+      for (int db = 0; db < D / 8; ++db)
+        *reinterpret_cast<uint32_t*>(out + db * 8 + c * 2) = pack2<T>(o[db][2 * i] * inv, o[db][2 * i + 1] * inv);
+      if (c == 0 && a.lse != nullptr) a.lse[row] = lse;
+    } else {
+      const int64_t part_row = int64_t(split) * a.batch * a.heads * a.q_len + row;
+      float* out = w.out + part_row * D;
+#pragma unroll
+      for (int db = 0; db < D / 8; ++db)
+        *reinterpret_cast<float2*>(out + db * 8 + c * 2) = make_float2(o[db][2 * i] * inv, o[db][2 * i + 1] * inv);
+      if (c == 0) w.lse[part_row] = lse;
+    }
+  }
+#else
+  __trap();  // mma.sync bf16/fp16 and cp.async need sm_80+; the host never launches this
+#endif
+}
+
+// Merges the split-KV partial results of one (batch, head, query) row per warp:
+// lse = log(sum_s e^lse_s + e^sink), out = sum_s e^(lse_s - lse) out_s.
+template <typename T, int D>
+__global__ void attention_combine_kernel(const AttentionArgs a, const AttentionWorkspace w) {
+  constexpr int PER_LANE = D / 32;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t rows = a.batch * a.heads * a.q_len;
+  if (row >= rows) return;
+  const int64_t t = row % a.q_len, h = (row / a.q_len) % a.heads, b = row / (a.q_len * a.heads);
+  const float sink = a.sinks != nullptr ? a.sinks[h] : -INFINITY;
+  float m = sink;
+  for (int s = 0; s < w.splits; ++s) m = fmaxf(m, w.lse[s * rows + row]);
+  float total = softmax_exp(sink, m, kLog2e);  // log-sum-exps are natural logs
+  float acc[PER_LANE] = {};
+  for (int s = 0; s < w.splits; ++s) {
+    const float weight = softmax_exp(w.lse[s * rows + row], m, kLog2e);
+    total += weight;
+    const float* part = w.out + (s * rows + row) * D;
+#pragma unroll
+    for (int e = 0; e < PER_LANE; ++e) acc[e] += weight * part[lane + 32 * e];
+  }
+  const float inv = softmax_inv_sum(total);
+  T* out = static_cast<T*>(a.out) + b * a.out_stride[0] + h * a.out_stride[1] + t * a.out_stride[2];
+#pragma unroll
+  for (int e = 0; e < PER_LANE; ++e) out[lane + 32 * e] = from_float<T>(acc[e] * inv);
+  if (lane == 0 && a.lse != nullptr) a.lse[row] = total > 0.0f ? m + logf(total) : -INFINITY;
+}
+
+// Warps per block: few rows (decode) get one warp, so that split-KV has more blocks to
+// spread the keys over; prefill gets four.
+int warps_for(const AttentionArgs& a) {
+  const int64_t rows = a.heads / a.kv_heads * a.q_len;
+  return rows <= 16 ? 1 : (rows <= 32 ? 2 : 4);
+}
+
+int64_t row_tiles_for(const AttentionArgs& a, int warps) { return ceil_div(a.heads / a.kv_heads * a.q_len, 16 * warps); }
+
+template <typename T, int D, int WARPS>
+cudaError_t launch_fwd(const AttentionArgs& a, const AttentionWorkspace& w, cudaStream_t stream) {
+  using Tile = FwdTile<D, WARPS>;
+  constexpr auto kernel = attention_fwd_kernel<T, D, WARPS>;
+  cudaError_t err = allow_dynamic_smem<kernel>(Tile::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(row_tiles_for(a, WARPS) * w.splits), unsigned(a.kv_heads), unsigned(a.batch));
+  kernel<<<grid, WARPS * 32, Tile::kSmemBytes, stream>>>(a, w);
+  if ((err = cudaGetLastError()) != cudaSuccess || w.splits == 1) return err;
+  constexpr int kRowsPerBlock = 4;
+  const int64_t rows = a.batch * a.heads * a.q_len;
+  attention_combine_kernel<T, D><<<unsigned(ceil_div(rows, kRowsPerBlock)), 32 * kRowsPerBlock, 0, stream>>>(a, w);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_fwd_dim(const AttentionArgs& a, const AttentionWorkspace& w, cudaStream_t stream) {
+  switch (warps_for(a)) {
+    case 1:
+      return launch_fwd<T, D, 1>(a, w, stream);
+    case 2:
+      return launch_fwd<T, D, 2>(a, w, stream);
+    default:
+      return launch_fwd<T, D, 4>(a, w, stream);
+  }
+}
+
+template <typename T>
+cudaError_t launch_fwd_type(const AttentionArgs& a, const AttentionWorkspace& w, cudaStream_t stream) {
+  return a.head_dim == 64 ? launch_fwd_dim<T, 64>(a, w, stream) : launch_fwd_dim<T, 128>(a, w, stream);
+}
+
+}  // namespace
+
+bool attention_supported(const AttentionArgs& a, DType dtype) {
+  return dtype != DType::F32 && (a.head_dim == 64 || a.head_dim == 128);
+}
+
+int attention_forward_splits(const AttentionArgs& a, int sm_count) {
+  if (a.batch == 0 || a.q_len == 0 || a.heads == 0) return 1;
+  const int warps = warps_for(a);
+  const int64_t blocks = row_tiles_for(a, warps) * a.kv_heads * a.batch;
+  return attention_num_splits(blocks, ceil_div(a.k_len, kBlockKeys), sm_count, kMaxSplits);
+}
+
+cudaError_t attention_forward(const AttentionArgs& args, DType dtype, const AttentionWorkspace& workspace,
+                              cudaStream_t stream) {
+  if (!attention_supported(args, dtype) || args.batch > 65535 || args.kv_heads > 65535) return cudaErrorInvalidValue;
+  if (args.batch == 0 || args.q_len == 0 || args.heads == 0) return cudaSuccess;
+  return dtype == DType::F16 ? launch_fwd_type<__half>(args, workspace, stream)
+                             : launch_fwd_type<__nv_bfloat16>(args, workspace, stream);
+}
+
+}  // namespace gptext::kernels
