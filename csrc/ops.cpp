@@ -113,7 +113,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cp
 // Few rows (decode): gptext's skinny GEMM, which streams the weight once with the whole
 // epilogue fused, split over threads by output column. More rows: ATen's CPU GEMM (MKL /
 // oneDNN / OpenBLAS, with the bias folded in), then gptext's epilogue in place for the
-// activation and the residual.
+// activation and the residual. That GEMM runs in fp32 whatever the storage type (ATen's
+// 16-bit CPU GEMM is far slower where the CPU has no 16-bit matrix instructions), and the
+// result is rounded once, at the end.
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const std::string& activation, const std::optional<at::Tensor>& residual) {
   LinearProblem p = linear_problem("linear", x, weight, bias, activation, residual);
@@ -125,15 +127,18 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
     at::parallel_for(0, args.n, grain, [&](int64_t begin, int64_t end) { cpu::skinny_gemm(p.dtype, args, begin, end); });
     return out.view(p.out_shape);
   }
-  at::Tensor out = p.bias.defined() ? at::addmm(p.bias, p.x2d, p.weight.t()) : at::mm(p.x2d, p.weight.t());
-  if (p.args.act != Activation::None || p.residual.defined()) {
+  auto fp32 = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
+  const at::Tensor x32 = fp32(p.x2d), weight32 = fp32(p.weight), bias32 = fp32(p.bias), residual32 = fp32(p.residual);
+  at::Tensor out = bias32.defined() ? at::addmm(bias32, x32, weight32.t()) : at::mm(x32, weight32.t());
+  if (p.args.act != Activation::None || residual32.defined()) {
     GemmArgs epilogue = p.args;
     epilogue.c = out.data_ptr();
     epilogue.bias = nullptr;  // already added by addmm
+    epilogue.residual = residual32.defined() ? residual32.data_ptr() : nullptr;
     parallel_rows(epilogue.m, epilogue.n,
-                  [&](int64_t begin, int64_t end) { cpu::epilogue_rows(p.dtype, epilogue, begin, end); });
+                  [&](int64_t begin, int64_t end) { cpu::epilogue_rows(DType::F32, epilogue, begin, end); });
   }
-  return out.view(p.out_shape);
+  return out.to(x.scalar_type()).view(p.out_shape);
 }
 
 at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w_fc, const std::optional<at::Tensor>& b_fc,
