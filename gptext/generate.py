@@ -176,8 +176,9 @@ class _GraphDecoder:
 
 
 def _graph_decoder(model: GPT, batch: int, max_len: int, dtype, device) -> _GraphDecoder:
-    """The model's captured decoder for this shape, reused across calls (one is kept)."""
-    key = (batch, max_len, dtype, device)
+    """The model's captured decoder for this shape, reused across calls (one is kept). The
+    backend and GEMM policy are part of the key: a graph replays the kernels it captured."""
+    key = (batch, max_len, dtype, device, ops.get_backend(), ops.gemm_policy())
     held = getattr(model, "_gptext_graph_decoder", None)
     if held is None or held[0] != key:
         model._gptext_graph_decoder = None  # free the old cache before allocating a new one
