@@ -67,10 +67,13 @@ class _L2Flush:
 def measure(fn, device: torch.device | str = "cpu", *, warmup: int = 3, repeats: int = 20, max_seconds: float = 2.0,
             flush_l2: bool = False) -> Measurement:
     """Times fn() (at least 3 repeats, at most `repeats`, stopping early once the repeats
-    have taken max_seconds)."""
+    have taken max_seconds; the warm-up also stops once it has taken max_seconds)."""
     device = torch.device(device)
-    for _ in range(warmup):
+    warmup_end = time.perf_counter() + max_seconds
+    for _ in range(warmup):  # a slow function (seconds a call) warms up once, not `warmup` times
         fn()
+        if time.perf_counter() > warmup_end:
+            break
     synchronize(device)
     samples: list[float] = []
     flush = _L2Flush(device) if flush_l2 and device.type == "cuda" else None
