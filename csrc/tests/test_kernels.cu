@@ -15,6 +15,9 @@ using namespace gptext;
 
 static int failures = 0;
 static int cases = 0;
+// --small (for compute-sanitizer, which slows kernels down a hundredfold): only the cases
+// whose inputs have at most this many elements.
+static int64_t max_elements = INT64_MAX;
 
 #define CUDA_OK(expr)                                                                          \
   do {                                                                                         \
@@ -117,6 +120,7 @@ static void test_softmax(std::mt19937& gen) {
                          {4, 3000, true, 128, 2},  {6, 20000, true, 0, 3},  {8, 5, true, 0, 8}};
   for (DType t : {DType::F32, DType::BF16, DType::F16}) {
     for (const Case& c : cases_) {
+      if (c.rows * c.cols > max_elements) continue;
       for (int offset : {0, 1}) {
         const HostArray x = random_array(t, c.rows * c.cols, gen, 3.0f);
         HostArray want(t, x.size());
@@ -141,6 +145,7 @@ static void test_layernorm(std::mt19937& gen) {
       for (bool residual : {true, false}) {
         for (int offset : {0, 1}) {
           const int64_t rows = cols > 4096 ? 3 : 9;
+          if (rows * cols > max_elements) continue;
           const HostArray x = random_array(t, rows * cols, gen, 2.0f), r = random_array(t, rows * cols, gen);
           const HostArray w = random_array(t, cols, gen), b = random_array(t, cols, gen, 0.1f);
           HostArray out(t, rows * cols), sum(t, rows * cols);
@@ -198,6 +203,7 @@ static void test_gemm(std::mt19937& gen, int sm_count) {
                          {256, 2304, 64}, {2048, 1024, 72}};
   for (DType t : {DType::BF16, DType::F16}) {
     for (const Case& s : shapes) {
+      if (s.m * s.n + (s.m + s.n) * s.k > max_elements) continue;
       for (Activation act : {Activation::None, Activation::Gelu}) {
         for (bool extras : {false, true}) {
           const HostArray a = random_array(t, s.m * s.k, gen), b = random_array(t, s.n * s.k, gen, 0.2f);
@@ -241,6 +247,7 @@ static void test_attention(std::mt19937& gen, int sm_count) {
   for (DType t : {DType::BF16, DType::F16}) {
     for (const Case& c : shapes) {
       const int64_t q_size = c.batch * c.heads * c.q_len * c.dim, kv_size = c.batch * c.kv_heads * c.k_len * c.dim;
+      if (q_size + 2 * kv_size > max_elements) continue;
       const HostArray q = random_array(t, q_size, gen), k = random_array(t, kv_size, gen),
                       v = random_array(t, kv_size, gen), grad_out = random_array(t, q_size, gen);
       std::vector<float> sinks(c.heads);
@@ -339,7 +346,15 @@ static void test_attention(std::mt19937& gen, int sm_count) {
   }
 }
 
-int main() {
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--small") {
+      max_elements = 1 << 20;
+    } else {
+      std::printf("usage: %s [--small]\n", argv[0]);
+      return 2;
+    }
+  }
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("skipped: no CUDA device\n");

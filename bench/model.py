@@ -1,0 +1,216 @@
+"""The model section: GPT-2 prefill and decode tokens/s for gptext on its kernels, gptext
+on its reference, and Hugging Face transformers, all on the same random weights.
+
+gptext builds the model (seeded), saves it as a Hugging Face GPT-2 checkpoint, and
+transformers loads that directory, so the three compute with identical weights. Before
+any timing, the logits of one batch are compared: gptext's kernels against its reference
+and against transformers (relative RMS error within the dtype's tolerance); a mismatch
+makes every row WRONG, with no speed-up claimed.
+
+The reference runs on its own copy of the model: gptext keeps its captured CUDA decode
+graph on the model object, keyed by shape but not by backend, so one model shared by two
+backends would replay the first one's graph for the second.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import gptext
+from gptext import GPT, GPTConfig
+
+from . import metrics, results
+from .plan import ModelCase, ModelPlan
+
+# Relative RMS error of gptext's logits against the reference's and transformers'. Measured
+# on gpt2-124m with random weights: ~1e-6 in fp32, ~1.5e-3 in fp16, ~1.3e-2 in bf16.
+LOGITS_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+CHECK_SHAPE = (2, 32)
+
+METHODS = {
+    "prefill": "tokens/s = batch x tokens / median seconds of one forward pass over them, logits at every "
+               "position (transformers with use_cache=False)",
+    "decode": "tokens/s = (new_tokens - 1) x batch / (median seconds of generate(new_tokens) - median seconds of "
+              "generate(1)): both calls run the same prefill and sample one token from its logits, so the "
+              "difference is new_tokens - 1 decode steps. Greedy; each library's default decode path (gptext: a "
+              "CUDA graph on CUDA; transformers: generate with its own KV cache)",
+}
+
+
+@dataclass
+class ModelCompetitor:
+    name: str
+    forward: Callable          # idx -> logits (B, T, vocab)
+    generate: Callable         # (idx, new_tokens) -> tokens (B, T + new_tokens)
+    reason: str = ""           # why it can't run, when it can't
+
+
+def _on_backend(name: str, fn: Callable) -> Callable:
+    def call(*args):
+        with gptext.backend(name):
+            return fn(*args)
+    return call
+
+
+def _gptext_competitor(name: str, backend: str, model: GPT) -> ModelCompetitor:
+    return ModelCompetitor(name, _on_backend(backend, model),
+                           _on_backend(backend, lambda idx, n: model.generate(idx, max_new_tokens=n, temperature=0)))
+
+
+def _hf_competitor(checkpoint: str, device: torch.device, dtype: torch.dtype) -> ModelCompetitor:
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        hf = transformers.GPT2LMHeadModel.from_pretrained(checkpoint).to(device=device, dtype=dtype).eval()
+    except Exception as error:  # noqa: BLE001 - transformers missing or failing: its rows say why
+        return ModelCompetitor("hf", None, None, f"transformers unavailable: {results.reason(error)}")
+
+    def generate(idx, n):
+        return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+
+    return ModelCompetitor("hf", lambda idx: hf(idx, use_cache=False).logits, generate)
+
+
+def build(plan: ModelPlan, device: torch.device) -> tuple[dict, list[ModelCompetitor]]:
+    """(setup record, competitors: gptext, reference, hf)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset(plan.preset, **plan.config_overrides)
+    model = GPT(cfg).eval()
+    dtype = metrics.DTYPES[plan.dtype]
+    with tempfile.TemporaryDirectory(prefix="gptext-bench-") as checkpoint:
+        model.save_pretrained(checkpoint)
+        hf = _hf_competitor(checkpoint, device, dtype)
+    model = model.to(device=device, dtype=dtype)
+    field = [_gptext_competitor("gptext", "kernels", model),
+             _gptext_competitor("reference", "reference", copy.deepcopy(model)), hf]
+    setup = {"preset": plan.preset, "config": dataclasses.asdict(cfg), "parameters": model.num_parameters(),
+             "dtype": plan.dtype, "weights": "random (seed 0), saved by gptext as a Hugging Face GPT-2 checkpoint "
+             "that transformers loaded: identical in every competitor", "methods": METHODS,
+             "timing": {"prefill": vars(plan.timing), "decode": vars(plan.decode_timing)}}
+    return setup, field
+
+
+def _tokens(batch: int, length: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator).to(device)
+
+
+@torch.no_grad()
+def check(field: list[ModelCompetitor], plan: ModelPlan, vocab: int, device: torch.device) -> dict:
+    """Logits of one batch: gptext against the reference and against transformers."""
+    idx = _tokens(*CHECK_SHAPE, vocab, device, seed=1)
+    tolerance = LOGITS_TOLERANCE[plan.dtype]
+    record = {"input": "x".join(map(str, CHECK_SHAPE)), "tolerance": tolerance, "metric": "relative RMS error"}
+    try:
+        logits = field[0].forward(idx)
+    except Exception as error:  # noqa: BLE001 - reported as the section's failure
+        return {**record, "status": "error", "reason": results.reason(error)}
+    worst = 0.0
+    for other in field[1:]:
+        if other.forward is None:
+            continue
+        try:
+            error = metrics.relative_rms_error(logits, other.forward(idx))
+        except Exception as failure:  # noqa: BLE001 - the competitor's own rows will fail the same way
+            record[f"{other.name}_error"] = results.reason(failure)
+            continue
+        record[f"vs_{other.name}"] = error
+        worst = max(worst, error)
+    record["status"] = "ok" if worst <= tolerance else "WRONG"
+    return record
+
+
+def _prefill(competitor: ModelCompetitor, case: ModelCase, idx, device, plan: ModelPlan) -> dict:
+    time = plan.timing.measure(lambda: competitor.forward(idx), device)
+    return {"time": time, "tokens_per_s": case.batch * case.tokens / time["median"]}
+
+
+def _decode(competitor: ModelCompetitor, case: ModelCase, idx, device, plan: ModelPlan) -> dict:
+    """generate(new_tokens) timed first, then generate(1): on CUDA gptext keeps one decode
+    graph per length, so interleaving the two would time a graph capture. A generate(2)
+    first runs the decode step once at this batch size, so that first-use work (lazy
+    initialisation, allocations, GEMM policy measurements) stays out of both."""
+    last = {}
+
+    def generate(n):
+        last[n] = competitor.generate(idx, n)
+
+    generate(2)
+    time_n = plan.decode_timing.measure(lambda: generate(case.new_tokens), device)
+    time_1 = plan.decode_timing.measure(lambda: generate(1), device)
+    want = case.tokens + case.new_tokens
+    if last[case.new_tokens].shape[1] != want:
+        raise RuntimeError(f"generate returned {last[case.new_tokens].shape[1]} tokens per row, not {want}")
+    rate = metrics.decode_rate(case.new_tokens, case.batch, time_n["median"], time_1["median"])
+    return {"time": time_n, "time_1": time_1, "tokens_per_s": rate,
+            "generated": last[case.new_tokens][:, case.tokens:]}
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Leading generated tokens on which two greedy decodes agree in every row. Random
+    weights give near-ties, so rounding alone can part them: information, not a gate."""
+    same = (a.cpu() == b.cpu()).all(0).tolist()
+    return same.index(False) if False in same else len(same)
+
+
+@torch.no_grad()
+def run_case(case: ModelCase, field: list[ModelCompetitor], plan: ModelPlan, vocab: int, device: torch.device,
+             gate: dict, on_entry: Callable[[dict, dict], None] = lambda record, entry: None) -> dict:
+    record = {"phase": case.phase, "label": case.label, "batch": case.batch, "tokens": case.tokens,
+              "new_tokens": case.new_tokens, "dtype": plan.dtype, "method": METHODS[case.phase], "results": []}
+    idx = _tokens(case.batch, case.tokens, vocab, device, seed=2)
+    measure = _decode if case.phase == "decode" else _prefill
+    generated = {}
+    for competitor in field:
+        entry = {"competitor": competitor.name, "status": "ok"}
+        if competitor.forward is None:
+            entry.update(status="unavailable", reason=competitor.reason)
+        else:
+            try:
+                entry.update(measure(competitor, case, idx, device, plan))
+                if "generated" in entry:
+                    generated[competitor.name] = entry.pop("generated")
+            except Exception as error:  # noqa: BLE001 - reported in the row; gptext's failure fails the run
+                entry.update(status="error" if competitor.name == "gptext" else "unavailable",
+                             reason=results.reason(error))
+        record["results"].append(entry)
+        on_entry(record, entry)
+    if "gptext" in generated:
+        record["agrees_with"] = {name: _agreement(generated["gptext"], tokens)
+                                 for name, tokens in generated.items() if name != "gptext"}
+    _finish(record, gate)
+    return record
+
+
+def _finish(record: dict, gate: dict) -> None:
+    headline = record["results"][0]
+    if gate["status"] != "ok":
+        record["status"] = gate["status"]
+    else:
+        record["status"] = "ok" if headline["status"] == "ok" else "error"
+    entries = record["results"] if record["status"] == "ok" else []
+    speedups = {r["competitor"]: metrics.speedup_over(entries, r, "tokens_per_s") for r in entries}
+    record["speedup"] = {name: x for name, x in speedups.items() if x is not None}
+
+
+def run(plan: ModelPlan, device: torch.device, on_entry: Callable[[dict, dict], None] = lambda record, entry: None,
+        on_update: Callable[[dict], None] = lambda section: None) -> dict:
+    """The whole section, {"setup", "check", "rows"}; on_update(section) after the check and
+    after each row, on_entry(row record, entry) as each competitor finishes."""
+    setup, field = build(plan, device)
+    vocab = setup["config"]["vocab_size"]
+    section = {"setup": setup, "check": check(field, plan, vocab, device), "rows": []}
+    on_update(section)
+    for case in plan.cases:
+        section["rows"].append(run_case(case, field, plan, vocab, device, section["check"], on_entry))
+        on_update(section)
+    return section

@@ -1,0 +1,228 @@
+"""What the suite runs: the kernel cases and model cases for each device type and mode,
+and how long it times each.
+
+quick is what ``make bench`` runs (a few minutes on a 2-core CPU); full is the thorough
+run, for a GPU within about four minutes. Families marked first_dtype_only (the row sweeps)
+run in the first dtype of the run only: they chart a trend, not a dtype comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gptext import profiling
+
+OPS = ("softmax", "layernorm_residual", "linear", "ffn", "attention", "attention_bwd")
+MODES = ("quick", "full")
+
+# Linear epilogues as GPT-2 uses them: c_attn (bias), c_fc (bias + GELU), the projections
+# into the residual stream (bias + residual), and the tied head (none).
+EPILOGUES = {"": (False, None, False), "+b": (True, None, False), "+b+gelu": (True, "gelu", False),
+             "+b+res": (True, None, True)}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Arguments of gptext.profiling.measure for one competitor."""
+
+    warmup: int
+    repeats: int
+    max_seconds: float
+
+    def measure(self, fn, device, flush_l2: bool = False) -> dict:
+        """profiling.measure(fn) under this timing, as the results file stores it (seconds)."""
+        m = profiling.measure(fn, device, warmup=self.warmup, repeats=self.repeats, max_seconds=self.max_seconds,
+                              flush_l2=flush_l2)
+        return {"median": m.median, "p10": m.p10, "p90": m.p90, "samples": m.samples}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one shape and dtype.
+
+    shape: softmax, layernorm_residual: (rows, cols); linear: (M, K, N), weight [N, K];
+    ffn: (M, width), hidden 4 x width; attention(_bwd): (batch, heads, kv_heads, q_len,
+    k_len, head_dim), with epilogue "causal" or "".
+    """
+
+    op: str
+    family: str
+    shape: tuple[int, ...]
+    dtype: str
+    epilogue: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.op == "linear":
+            m, k, n = self.shape
+            return f"{m}x{k}->{n}" + (f" {self.epilogue}" if self.epilogue else "")
+        if self.op.startswith("attention"):
+            batch, heads, kv_heads, q_len, k_len, dim = self.shape
+            return f"{batch}x{heads}/{kv_heads}x{q_len}x{k_len}x{dim}" + (f" {self.epilogue}" if self.epilogue else "")
+        return "x".join(map(str, self.shape))
+
+
+@dataclass(frozen=True)
+class Family:
+    op: str
+    name: str
+    shapes: tuple
+    first_dtype_only: bool = False
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """prefill: a forward pass over batch x tokens; decode: generate new_tokens after a
+    prompt of `tokens`, for `batch` sequences."""
+
+    phase: str
+    batch: int
+    tokens: int
+    new_tokens: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.phase == "decode":
+            return f"{self.batch}x({self.tokens}+{self.new_tokens})"
+        return f"{self.batch}x{self.tokens}"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    preset: str
+    dtype: str
+    cases: tuple[ModelCase, ...]
+    timing: Timing
+    decode_timing: Timing
+    config_overrides: dict = field(default_factory=dict)
+
+
+def _linear(ms, shapes):
+    """GPT-2's linear layers at each M: (M, K, N, epilogue)."""
+    return tuple((m, k, n, epilogue) for m in ms for k, n, epilogue in shapes)
+
+
+_GPT2_LINEARS = ((768, 2304, "+b"), (768, 3072, "+b+gelu"), (3072, 768, "+b+res"))
+
+
+def _attention(shapes, causal=True):
+    """Attention cases: (batch, heads, kv_heads, q_len, k_len, head_dim, "causal" | "")."""
+    return tuple((*shape, "causal" if causal else "") for shape in shapes)
+
+
+# Prefill: T = 1024 to 8192 at head_dim 64 and 128; decode: one query over an 8192-key cache,
+# GPT-2-style (12 heads) and gpt-oss-style grouped (64 query heads on 8 KV heads).
+_GPU_PREFILL = tuple((1, 16, 16, t, t, d) for d in (64, 128) for t in (1024, 4096, 8192))
+_GPU_DECODE = ((1, 12, 12, 1, 8192, 64), (8, 12, 12, 1, 8192, 64), (1, 64, 8, 1, 8192, 64),
+               (1, 32, 8, 1, 8192, 128))
+
+FAMILIES = {
+    ("cpu", "quick"): (
+        Family("softmax", "rows", ((4096, 1024), (256, 50257), (16384, 128))),
+        Family("layernorm_residual", "rows", ((4096, 768), (1024, 2880), (8, 768))),
+        Family("linear", "decode", ((1, 768, 2304, "+b"), (8, 768, 3072, "+b+gelu"), (1, 768, 50257, ""))),
+        Family("linear", "prefill", ((512, 768, 2304, "+b"),)),
+        Family("ffn", "gpt2", ((1, 768), (256, 768))),
+        Family("attention", "prefill", _attention(((1, 12, 12, 128, 128, 64),))),
+        Family("attention", "decode", _attention(((1, 12, 12, 1, 1024, 64),))),
+        Family("attention_bwd", "prefill", _attention(((1, 4, 4, 128, 128, 64),))),
+    ),
+    ("cpu", "full"): (
+        Family("softmax", "rows", ((4096, 1024), (256, 50257), (16384, 128))),
+        Family("softmax", "sweep", ((1, 1024), (16, 1024), (256, 1024)), first_dtype_only=True),
+        Family("layernorm_residual", "rows", ((4096, 768), (1024, 2880), (8, 768))),
+        Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS + ((768, 50257, ""),))),
+        Family("linear", "prefill", _linear((512,), _GPT2_LINEARS)),
+        Family("ffn", "gpt2", ((1, 768), (8, 768), (256, 768))),
+        Family("attention", "prefill", _attention(((1, 12, 12, 128, 128, 64), (1, 12, 12, 512, 512, 64)))),
+        Family("attention", "decode", _attention(((1, 12, 12, 1, 1024, 64), (1, 16, 2, 1, 2048, 64)))),
+        Family("attention_bwd", "prefill", _attention(((1, 4, 4, 128, 128, 64),))),
+    ),
+    ("cuda", "quick"): (
+        Family("softmax", "rows", ((16384, 1024), (8192, 50257))),
+        Family("layernorm_residual", "rows", ((16384, 768), (16384, 2880))),
+        Family("linear", "square", ((4096, 4096, 4096, ""),)),
+        Family("linear", "prefill", ((8192, 768, 2304, "+b"),)),
+        Family("linear", "decode", ((1, 768, 2304, "+b"),)),
+        Family("ffn", "gpt2", ((8192, 768),)),
+        Family("attention", "prefill", _attention(((1, 16, 16, 1024, 1024, 64), (1, 16, 16, 4096, 4096, 64)))),
+        Family("attention", "decode", _attention(((1, 64, 8, 1, 8192, 64),))),
+        Family("attention_bwd", "prefill", _attention(((1, 16, 16, 1024, 1024, 64),))),
+    ),
+    ("cuda", "full"): (
+        Family("softmax", "rows", ((16384, 1024), (8192, 50257))),
+        Family("softmax", "sweep", tuple((rows, 1024) for rows in (1, 4, 16, 64, 256, 1024, 4096)),
+               first_dtype_only=True),
+        Family("layernorm_residual", "rows", ((16384, 768), (16384, 1600), (16384, 2880))),
+        Family("linear", "square", ((4096, 4096, 4096, ""),)),
+        Family("linear", "prefill", _linear((8192,), _GPT2_LINEARS)),
+        Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS)),
+        Family("ffn", "gpt2", ((8192, 768),)),
+        Family("attention", "prefill", _attention(_GPU_PREFILL), first_dtype_only=True),
+        Family("attention", "decode", _attention(_GPU_DECODE), first_dtype_only=True),
+        Family("attention_bwd", "prefill", _attention(((1, 16, 16, 4096, 4096, 64), (1, 16, 16, 4096, 4096, 128))),
+               first_dtype_only=True),
+    ),
+}
+
+DTYPES = {
+    ("cpu", "quick"): ("float32", "bfloat16"),
+    ("cpu", "full"): ("float32", "bfloat16", "float16"),
+    ("cuda", "quick"): ("bfloat16", "float32"),
+    ("cuda", "full"): ("bfloat16", "float16", "float32"),
+}
+
+KERNEL_TIMING = {
+    ("cpu", "quick"): Timing(warmup=3, repeats=25, max_seconds=0.5),
+    ("cpu", "full"): Timing(warmup=3, repeats=30, max_seconds=1.5),
+    ("cuda", "quick"): Timing(warmup=5, repeats=50, max_seconds=0.3),
+    ("cuda", "full"): Timing(warmup=10, repeats=100, max_seconds=0.5),
+}
+
+# Decode timings are whole generate calls (seconds each on a CPU), so few repeats (with
+# max_seconds 0, exactly 3: measure's minimum). Every decode measurement follows one
+# generate(2) that exercises the decode step; on CUDA one full call more warms up, as it
+# captures gptext's decode graph for that length.
+MODEL_PLANS = {
+    ("cpu", "quick"): ModelPlan("gpt2-124m", "float32",
+                                (ModelCase("prefill", 1, 128), ModelCase("prefill", 4, 128),
+                                 ModelCase("decode", 1, 128, 128)),
+                                Timing(1, 5, 2.0), Timing(0, 3, 0.0)),
+    ("cpu", "full"): ModelPlan("gpt2-124m", "float32",
+                               (ModelCase("prefill", 1, 128), ModelCase("prefill", 4, 128),
+                                ModelCase("prefill", 8, 256), ModelCase("decode", 1, 128, 128),
+                                ModelCase("decode", 8, 128, 128)),
+                               Timing(1, 10, 5.0), Timing(0, 5, 60.0)),
+    ("cuda", "quick"): ModelPlan("gpt2-124m", "bfloat16",
+                                 (ModelCase("prefill", 1, 128), ModelCase("prefill", 8, 1024),
+                                  ModelCase("decode", 1, 128, 128)),
+                                 Timing(3, 20, 1.0), Timing(1, 3, 0.0)),
+    ("cuda", "full"): ModelPlan("gpt2-124m", "bfloat16",
+                                (ModelCase("prefill", 1, 128), ModelCase("prefill", 1, 1024),
+                                 ModelCase("prefill", 8, 1024), ModelCase("decode", 1, 128, 128),
+                                 ModelCase("decode", 8, 128, 128)),
+                                Timing(3, 30, 1.0), Timing(1, 5, 20.0)),
+}
+
+
+def kernel_cases(device_type: str, mode: str, ops=OPS, dtypes=None, shape_filters=()) -> list[Case]:
+    """The cases of a run, op by op in OPS order, each shape in every dtype (the first one
+    only for first_dtype_only families); shape_filters keep the cases whose label contains
+    one of them."""
+    dtypes = tuple(dtypes or DTYPES[device_type, mode])
+    cases = []
+    for op in OPS:
+        if op not in ops:
+            continue
+        for family in FAMILIES[device_type, mode]:
+            if family.op != op:
+                continue
+            for shape in family.shapes:
+                dims, epilogue = (tuple(shape[:-1]), shape[-1]) if isinstance(shape[-1], str) else (tuple(shape), "")
+                for dtype in dtypes[:1] if family.first_dtype_only else dtypes:
+                    if op.startswith("attention") and device_type == "cuda" and dtype == "float32":
+                        continue  # the fused CUDA attention takes bf16/fp16; fp32 runs the reference
+                    cases.append(Case(op, family.name, dims, dtype, epilogue))
+    if shape_filters:
+        cases = [c for c in cases if any(f in c.label for f in shape_filters)]
+    return cases
