@@ -149,14 +149,18 @@ def _use_kernels(op: str, x: torch.Tensor) -> bool:
     gap = _device_gap(x.device)
     if gap is None and x.dtype not in KERNEL_DTYPES:
         gap = f"the kernels take float32, float16 or bfloat16, not {x.dtype}"
-    if gap is None:
-        return True
+    return gap is None or _fall_back(op, gap)
+
+
+def _fall_back(op: str, gap: str) -> bool:
+    """The compiled kernels can't serve this call because of `gap`: an error on the
+    'kernels' backend, else one warning per reason. Returns False (use the reference)."""
     if _backend == "kernels":
         raise RuntimeError(f"gptext.ops.{op}: backend 'kernels' was requested but {gap}")
     if gap not in _warned:
         _warned.add(gap)
         warnings.warn(f"gptext: using the PyTorch reference instead of the compiled kernels: {gap}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
     return False
 
 
@@ -332,15 +336,7 @@ def _attention_gap(q: torch.Tensor) -> str | None:
 def _attention_kernels(q: torch.Tensor) -> bool:
     """Whether the compiled attention serves this call (else the reference does)."""
     gap = _attention_gap(q) if _backend != "reference" else None
-    if gap is None:
-        return _use_kernels("attention", q)
-    if _backend == "kernels":
-        raise RuntimeError(f"gptext.ops.attention: backend 'kernels' was requested but {gap}")
-    if gap not in _warned:
-        _warned.add(gap)
-        warnings.warn(f"gptext: using the PyTorch reference instead of the compiled kernels: {gap}",
-                      RuntimeWarning, stacklevel=3)
-    return False
+    return _use_kernels("attention", q) if gap is None else _fall_back("attention", gap)
 
 
 # ---- the ops ----------------------------------------------------------------------------------

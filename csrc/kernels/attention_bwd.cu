@@ -40,47 +40,6 @@ __device__ __forceinline__ bool visible(const AttentionArgs& a, int64_t b, int64
   return key >= r.begin && key < r.end;
 }
 
-// S (16 rows x 8 * NB columns of this warp) = A-rows x B-rows^T over D: A's fragments come
-// from `a_tile` rows [a_row0, a_row0 + 16), B's from `b_tile` rows [0, 8 * NB).
-template <typename T, int D, int NB>
-__device__ __forceinline__ void rows_times_rows_t(float (&s)[NB][4], const T* a_tile, int a_row0, const T* b_tile) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
-#pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) {
-    uint32_t af[4];
-    ldmatrix_x4(af, tile_at<D>(a_tile, a_row0 + (lane % 8) + ((lane / 8) % 2) * 8, ks * 2 + lane / 16));
-#pragma unroll
-    for (int np = 0; np < NB / 2; ++np) {
-      uint32_t bf[4];
-      ldmatrix_x4(bf, tile_at<D>(b_tile, np * 16 + (lane % 8) + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
-      mma_16816<T>(s[2 * np], af, bf[0], bf[1]);
-      mma_16816<T>(s[2 * np + 1], af, bf[2], bf[3]);
-    }
-  }
-}
-
-// acc (16 rows x D) += P (16 x 8 * NB, accumulator layout) x B, B's rows [0, 8 * NB) of D
-// columns read from `b_tile` with ldmatrix.trans.
-template <typename T, int D, int NB>
-__device__ __forceinline__ void accumulate_times_rows(float (&acc)[D / 8][4], const float (&p)[NB][4],
-                                                      const T* b_tile) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int kk = 0; kk < NB / 2; ++kk) {
-    uint32_t pa[4];
-    c_pair_to_a<T>(pa, p[2 * kk], p[2 * kk + 1]);
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      uint32_t bf[4];
-      ldmatrix_x4_trans(bf, tile_at<D>(b_tile, kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
-      mma_16816<T>(acc[2 * dp], pa, bf[0], bf[1]);
-      mma_16816<T>(acc[2 * dp + 1], pa, bf[2], bf[3]);
-    }
-  }
-}
-
 // Writes a warp's 16 x D accumulator rows (scaled) to a contiguous (rows, D) gradient.
 template <typename T, int D>
 __device__ __forceinline__ void store_rows(T* out, int64_t row0, int64_t rows, const float (&acc)[D / 8][4],

@@ -177,19 +177,7 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Attenti
         }
     }
 
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t pa[4];
-      c_pair_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t vf[4];
-        const int row = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-        ldmatrix_x4_trans(vf, tile_at<D>(vs_tile, row, dp * 2 + lane / 16));
-        mma_16816<T>(o[2 * dp], pa, vf[0], vf[1]);
-        mma_16816<T>(o[2 * dp + 1], pa, vf[2], vf[3]);
-      }
-    }
+    accumulate_times_rows<T, D>(o, s, vs_tile);  // O += P V
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
   cp_async_wait<0>();

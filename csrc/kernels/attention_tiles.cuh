@@ -1,6 +1,7 @@
-// Shared-memory tiles of the fused attention kernels (attention_fwd.cu, attention_bwd.cu):
-// rows of D b16 elements, their 16-byte chunks XOR-swizzled (swizzle_chunk) so that the
-// eight rows an ldmatrix phase reads sit in eight different bank groups.
+// Shared-memory tiles of the fused attention kernels (attention_fwd.cu, attention_bwd.cu),
+// and the two warp-level tile products they are built from. Tiles are rows of D b16
+// elements, their 16-byte chunks XOR-swizzled (swizzle_chunk) so that the eight rows an
+// ldmatrix phase reads sit in eight different bank groups.
 #pragma once
 
 #include "attention_math.cuh"
@@ -32,6 +33,47 @@ template <typename T>
 __device__ __forceinline__ const T* row_ptr(const void* base, const int64_t (&stride)[3], int64_t b, int64_t h,
                                             int64_t t) {
   return static_cast<const T*>(base) + b * stride[0] + h * stride[1] + t * stride[2];
+}
+
+// S (16 rows x 8 * NB columns of this warp) = A-rows x B-rows^T over D: A's fragments come
+// from `a_tile` rows [a_row0, a_row0 + 16), B's from `b_tile` rows [0, 8 * NB).
+template <typename T, int D, int NB>
+__device__ __forceinline__ void rows_times_rows_t(float (&s)[NB][4], const T* a_tile, int a_row0, const T* b_tile) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t af[4];
+    dev::ldmatrix_x4(af, tile_at<D>(a_tile, a_row0 + (lane % 8) + ((lane / 8) % 2) * 8, ks * 2 + lane / 16));
+#pragma unroll
+    for (int np = 0; np < NB / 2; ++np) {
+      uint32_t bf[4];
+      dev::ldmatrix_x4(bf, tile_at<D>(b_tile, np * 16 + (lane % 8) + (lane / 16) * 8, ks * 2 + (lane / 8) % 2));
+      dev::mma_16816<T>(s[2 * np], af, bf[0], bf[1]);
+      dev::mma_16816<T>(s[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (16 rows x D) += P (16 x 8 * NB, accumulator layout) x B, B's rows [0, 8 * NB) of D
+// columns read from `b_tile` with ldmatrix.trans.
+template <typename T, int D, int NB>
+__device__ __forceinline__ void accumulate_times_rows(float (&acc)[D / 8][4], const float (&p)[NB][4],
+                                                      const T* b_tile) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < NB / 2; ++kk) {
+    uint32_t pa[4];
+    dev::c_pair_to_a<T>(pa, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t bf[4];
+      dev::ldmatrix_x4_trans(bf, tile_at<D>(b_tile, kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
+      dev::mma_16816<T>(acc[2 * dp], pa, bf[0], bf[1]);
+      dev::mma_16816<T>(acc[2 * dp + 1], pa, bf[2], bf[3]);
+    }
+  }
 }
 
 }  // namespace gptext::kernels

@@ -295,6 +295,28 @@ __host__ __forceinline__ auto dispatch_pow2(int64_t needed, Fn&& fn) {
   }
 }
 
+// Launches a "row in registers" kernel (softmax.cu, layernorm.cu) over rows of `cols`
+// elements moved VEC at a time: up to kWarpMaxCols a warp per row, four rows per block, the
+// per-thread register tile (ITERS packs) the smallest power of two that covers the row;
+// beyond, a block per row with 16 elements per thread. launch(iters, warp_per_row, grid,
+// threads) gets ITERS and warp_per_row as std::integral_constant / std::bool_constant.
+template <int VEC, int64_t kWarpMaxCols, typename Launch>
+__host__ cudaError_t launch_row_kernel(int64_t rows, int64_t cols, Launch&& launch) {
+  const int64_t packs = ceil_div(cols, VEC);
+  if (cols <= kWarpMaxCols) {
+    constexpr int kRowsPerBlock = 4;
+    const dim3 grid(capped_grid(ceil_div(rows, kRowsPerBlock)));
+    return dispatch_pow2<1, int(kWarpMaxCols / 32 / VEC)>(ceil_div(packs, 32), [&](auto iters) {
+      launch(iters, std::true_type{}, grid, 32 * kRowsPerBlock);
+      return cudaGetLastError();
+    });
+  }
+  constexpr int kIters = 16 / VEC;
+  launch(std::integral_constant<int, kIters>{}, std::false_type{}, dim3(capped_grid(rows)),
+         int(ceil_div(ceil_div(packs, kIters), 32) * 32));
+  return cudaGetLastError();
+}
+
 }  // namespace gptext::dev
 
 // Maps a DType to the CUDA storage type and calls `body` with a value of that type (the

@@ -98,9 +98,8 @@ __global__ void layernorm_regs_kernel(const NormArgs a) {
   }
 }
 
-// Block-wide Welford merge; every thread gets the merged state. `scratch` holds 96 floats.
-__device__ WelfordState block_welford(WelfordState s, float* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+// Welford merge across a warp; every lane gets the merged state.
+__device__ __forceinline__ WelfordState warp_welford(WelfordState s) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     const WelfordState other = {__shfl_xor_sync(0xffffffffu, s.mean, offset),
@@ -108,20 +107,21 @@ __device__ WelfordState block_welford(WelfordState s, float* scratch) {
                                 __shfl_xor_sync(0xffffffffu, s.count, offset)};
     s = welford_merge(s, other);
   }
+  return s;
+}
+
+// Block-wide Welford merge; every thread gets the merged state. `scratch` holds 96 floats.
+__device__ WelfordState block_welford(WelfordState s, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  s = warp_welford(s);
   if (lane == 0) {
     scratch[warp] = s.mean;
     scratch[32 + warp] = s.m2;
     scratch[64 + warp] = s.count;
   }
   __syncthreads();
-  s = lane < warps ? WelfordState{scratch[lane], scratch[32 + lane], scratch[64 + lane]} : welford_empty();
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const WelfordState other = {__shfl_xor_sync(0xffffffffu, s.mean, offset),
-                                __shfl_xor_sync(0xffffffffu, s.m2, offset),
-                                __shfl_xor_sync(0xffffffffu, s.count, offset)};
-    s = welford_merge(s, other);
-  }
+  s = warp_welford(lane < warps ? WelfordState{scratch[lane], scratch[32 + lane], scratch[64 + lane]}
+                                : welford_empty());
   __syncthreads();
   return s;
 }
@@ -166,19 +166,11 @@ __global__ void layernorm_stream_kernel(const NormArgs a) {
 
 template <typename T, int VEC>
 cudaError_t launch_regs(const NormArgs& a, cudaStream_t stream) {
-  const int64_t packs = ceil_div(a.cols, VEC);
-  if (a.cols <= kNormWarpMaxCols) {
-    constexpr int kRowsPerBlock = 4;
-    const unsigned grid = dev::capped_grid(ceil_div(a.rows, kRowsPerBlock));
-    return dev::dispatch_pow2<1, kNormWarpMaxCols / 32 / VEC>(ceil_div(packs, 32), [&](auto iters) {
-      layernorm_regs_kernel<T, VEC, decltype(iters)::value, true><<<grid, 32 * kRowsPerBlock, 0, stream>>>(a);
-      return cudaGetLastError();
-    });
-  }
-  constexpr int kIters = 16 / VEC;
-  const int threads = int(ceil_div(ceil_div(packs, kIters), 32) * 32);
-  layernorm_regs_kernel<T, VEC, kIters, false><<<dev::capped_grid(a.rows), threads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return dev::launch_row_kernel<VEC, kNormWarpMaxCols>(a.rows, a.cols, [&](auto iters, auto warp_per_row, dim3 grid,
+                                                                            int threads) {
+    layernorm_regs_kernel<T, VEC, decltype(iters)::value, decltype(warp_per_row)::value>
+        <<<grid, threads, 0, stream>>>(a);
+  });
 }
 
 template <typename T>

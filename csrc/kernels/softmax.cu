@@ -162,20 +162,11 @@ __global__ void softmax_online_kernel(const SoftmaxArgs a) {
 
 template <typename T, int VEC>
 cudaError_t launch_regs(const SoftmaxArgs& a, cudaStream_t stream) {
-  const int64_t packs = ceil_div(a.cols, VEC);
-  if (a.cols <= kSoftmaxWarpMaxCols) {
-    constexpr int kRowsPerBlock = 4;
-    const unsigned grid = dev::capped_grid(ceil_div(a.rows, kRowsPerBlock));
-    return dev::dispatch_pow2<1, kSoftmaxWarpMaxCols / 32 / VEC>(ceil_div(packs, 32), [&](auto iters) {
-      softmax_regs_kernel<T, VEC, decltype(iters)::value, true><<<grid, 32 * kRowsPerBlock, 0, stream>>>(a);
-      return cudaGetLastError();
-    });
-  }
-  // Block per row: each thread holds 16 elements, so up to 1024 threads cover 16384.
-  constexpr int kIters = 16 / VEC;
-  const int threads = int(ceil_div(ceil_div(packs, kIters), 32) * 32);
-  softmax_regs_kernel<T, VEC, kIters, false><<<dev::capped_grid(a.rows), threads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return dev::launch_row_kernel<VEC, kSoftmaxWarpMaxCols>(a.rows, a.cols, [&](auto iters, auto warp_per_row,
+                                                                               dim3 grid, int threads) {
+    softmax_regs_kernel<T, VEC, decltype(iters)::value, decltype(warp_per_row)::value>
+        <<<grid, threads, 0, stream>>>(a);
+  });
 }
 
 template <typename T>
