@@ -10,7 +10,7 @@ Competitors (all fed the same inputs):
   eager          the same computation in eager PyTorch
   compile        torch.compile of that eager function (fresh per case, static shapes)
   gptext-unfused attention only: gptext's path before fused attention (scores = q k^T,
-                 gptext's causal softmax, then @ v), checked like the fused one
+                 gptext's causal softmax, then @ v); timed but not gated
   reference      gptext's pure-PyTorch reference (gptext.reference)
 
 For attention the eager competitor is F.scaled_dot_product_attention (on CUDA its flash
@@ -262,8 +262,10 @@ def competitors(case: Case, device: torch.device, with_compile: bool) -> list[Co
                   for p in ("wmma", "cublas")]
         field.append(Competitor("torch.matmul", lambda x, w, b, r: torch.matmul(x, w.t()), False))
     if case.op == "attention":
+        # Timed, not gated: its 16-bit scores lose precision that the fused kernel keeps (the
+        # scores stay fp32 there), so it can miss the fused kernel's tolerance.
         causal = case.epilogue == "causal"
-        field.append(Competitor("gptext-unfused", lambda q, k, v: _unfused_attention(q, k, v, causal), True,
+        field.append(Competitor("gptext-unfused", lambda q, k, v: _unfused_attention(q, k, v, causal), False,
                                 lambda: _on_kernels(None)))
     field.append(Competitor("eager", eager_fn, False))
     if with_compile and not case.op.startswith("attention"):  # SDPA is already one fused op
