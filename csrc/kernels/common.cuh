@@ -66,33 +66,36 @@ GPTEXT_HD uint16_t float_to_bf16_bits(float f) {
   return uint16_t((u + rounding_bias) >> 16);
 }
 
+// The fp16 conversions compute every case and select, without branches, so that the CPU
+// loops using them vectorise.
 GPTEXT_HD float f16_bits_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t mant = h & 0x3ffu;
-  if (exp == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
-  if (exp != 0) return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  const float normal = bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  const float special = bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
   // Subnormal (or zero): the value is mant * 2^-24, exact in fp32.
   const float magnitude = float(mant) * 5.9604644775390625e-08f;
-  return sign ? -magnitude : magnitude;
+  const float tiny = sign ? -magnitude : magnitude;
+  return exp == 0x1fu ? special : (exp != 0 ? normal : tiny);
 }
 
 GPTEXT_HD uint16_t float_to_f16_bits(float f) {
   const uint32_t u = float_to_bits(f);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs_bits = u & 0x7fffffffu;
-  if (abs_bits > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN
-  if (abs_bits >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to +-inf
-  if (abs_bits < 0x38800000u) {
-    // Result is subnormal in fp16: scale so the integer part is the mantissa, and let the
-    // fp32 adder round to nearest-even.
-    const float scaled = bits_to_float(abs_bits) * 16777216.0f;  // * 2^24
-    const float rounded = scaled + 8388608.0f - 8388608.0f;      // round to integer (RNE)
-    return uint16_t(sign | uint16_t(rounded));
-  }
-  const uint32_t rounding_bias = 0xfffu + ((abs_bits >> 13) & 1u);
-  const uint32_t r = abs_bits + rounding_bias;
-  return uint16_t(sign | (((r >> 23) - 112u) << 10) | ((r >> 13) & 0x3ffu));
+  // Normal results: round the mantissa to nearest-even, rebias the exponent.
+  const uint32_t r = abs_bits + 0xfffu + ((abs_bits >> 13) & 1u);
+  const uint32_t normal = (((r >> 23) - 112u) << 10) | ((r >> 13) & 0x3ffu);
+  // Subnormal results: scale so the integer part is the mantissa and let the fp32 adder
+  // round to nearest-even.
+  const float scaled = bits_to_float(abs_bits < 0x38800000u ? abs_bits : 0u) * 16777216.0f;  // * 2^24
+  const uint32_t subnormal = uint32_t(scaled + 8388608.0f - 8388608.0f);
+  const uint32_t magnitude = abs_bits > 0x7f800000u    ? 0x7e00u  // NaN
+                             : abs_bits >= 0x477ff000u ? 0x7c00u  // rounds to +-inf
+                             : abs_bits < 0x38800000u  ? subnormal
+                                                       : normal;
+  return uint16_t(sign | magnitude);
 }
 
 // ---- Transcendentals shared by softmax, GELU and the CPU kernels --------------------------
