@@ -7,9 +7,13 @@ any timing, the logits of one batch are compared: gptext's kernels against its r
 and against transformers (relative RMS error within the dtype's tolerance); a mismatch
 makes every row WRONG, with no speed-up claimed.
 
-The reference runs on its own copy of the model: gptext keeps its captured CUDA decode
-graph on the model object, keyed by shape but not by backend, so one model shared by two
-backends would replay the first one's graph for the second.
+The reference runs on its own copy of the model: gptext keeps one captured CUDA decode
+graph per model, so two backends sharing a model would recapture it on every switch.
+
+Decode is timed in rounds that visit every competitor in turn (each round: generate(N),
+then generate(1), per competitor), so that the machine's slow drifts (other tenants of a
+virtual machine, clocks) fall on every competitor alike instead of on whichever ran
+during them.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 import gptext
-from gptext import GPT, GPTConfig
+from gptext import GPT, GPTConfig, profiling
 
 from . import metrics, results
 from .plan import ModelCase, ModelPlan
@@ -39,7 +44,8 @@ METHODS = {
     "decode": "tokens/s = (new_tokens - 1) x batch / (median seconds of generate(new_tokens) - median seconds of "
               "generate(1)): both calls run the same prefill and sample one token from its logits, so the "
               "difference is new_tokens - 1 decode steps. Greedy; each library's default decode path (gptext: a "
-              "CUDA graph on CUDA; transformers: generate with its own KV cache)",
+              "CUDA graph on CUDA; transformers: generate with its own KV cache). Repeats run in rounds over the "
+              "competitors, interleaved",
 }
 
 
@@ -134,25 +140,55 @@ def _prefill(competitor: ModelCompetitor, case: ModelCase, idx, device, plan: Mo
     return {"time": time, "tokens_per_s": case.batch * case.tokens / time["median"]}
 
 
-def _decode(competitor: ModelCompetitor, case: ModelCase, idx, device, plan: ModelPlan) -> dict:
-    """generate(new_tokens) timed first, then generate(1): on CUDA gptext keeps one decode
-    graph per length, so interleaving the two would time a graph capture. A generate(2)
-    first runs the decode step once at this batch size, so that first-use work (lazy
-    initialisation, allocations, GEMM policy measurements) stays out of both."""
-    last = {}
+def _timed(fn, device) -> float:
+    profiling.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    profiling.synchronize(device)
+    return time.perf_counter() - start
 
-    def generate(n):
-        last[n] = competitor.generate(idx, n)
 
-    generate(2)
-    time_n = plan.decode_timing.measure(lambda: generate(case.new_tokens), device)
-    time_1 = plan.decode_timing.measure(lambda: generate(1), device)
+def _decode_rounds(field: list[ModelCompetitor], case: ModelCase, idx, device, plan: ModelPlan) -> dict:
+    """{competitor name: decode entry, or the exception it raised}. A generate(2) per
+    competitor first runs the decode step once at this batch size, so that first-use work
+    (lazy initialisation, allocations, the GEMM policy's measurements, gptext's CUDA graph
+    capture) stays out of the rounds."""
+    timing = plan.decode_timing
+    live, outcome, samples, last = [], {}, {}, {}
+    for competitor in field:
+        if competitor.forward is None:
+            continue
+        try:
+            competitor.generate(idx, 2)
+            for _ in range(timing.warmup):
+                competitor.generate(idx, case.new_tokens)
+            live.append(competitor)
+            samples[competitor.name] = ([], [])
+        except Exception as error:  # noqa: BLE001 - reported in the competitor's row
+            outcome[competitor.name] = error
+    for _ in range(max(3, timing.repeats)):
+        for competitor in list(live):
+            try:
+                times_n, times_1 = samples[competitor.name]
+                times_n.append(_timed(lambda: last.__setitem__(competitor.name, competitor.generate(
+                    idx, case.new_tokens)), device))
+                times_1.append(_timed(lambda: competitor.generate(idx, 1), device))
+            except Exception as error:  # noqa: BLE001 - reported in the competitor's row
+                outcome[competitor.name] = error
+                live.remove(competitor)
     want = case.tokens + case.new_tokens
-    if last[case.new_tokens].shape[1] != want:
-        raise RuntimeError(f"generate returned {last[case.new_tokens].shape[1]} tokens per row, not {want}")
-    rate = metrics.decode_rate(case.new_tokens, case.batch, time_n["median"], time_1["median"])
-    return {"time": time_n, "time_1": time_1, "tokens_per_s": rate,
-            "generated": last[case.new_tokens][:, case.tokens:]}
+    for competitor in live:
+        if last[competitor.name].shape[1] != want:
+            outcome[competitor.name] = RuntimeError(
+                f"generate returned {last[competitor.name].shape[1]} tokens per row, not {want}")
+            continue
+        time_n, time_1 = (profiling.Measurement.of(s) for s in samples[competitor.name])
+        as_dict = lambda m: {"median": m.median, "p10": m.p10, "p90": m.p90, "samples": m.samples}  # noqa: E731
+        outcome[competitor.name] = {
+            "time": as_dict(time_n), "time_1": as_dict(time_1),
+            "tokens_per_s": metrics.decode_rate(case.new_tokens, case.batch, time_n.median, time_1.median),
+            "generated": last[competitor.name][:, case.tokens:]}
+    return outcome
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -168,7 +204,7 @@ def run_case(case: ModelCase, field: list[ModelCompetitor], plan: ModelPlan, voc
     record = {"phase": case.phase, "label": case.label, "batch": case.batch, "tokens": case.tokens,
               "new_tokens": case.new_tokens, "dtype": plan.dtype, "method": METHODS[case.phase], "results": []}
     idx = _tokens(case.batch, case.tokens, vocab, device, seed=2)
-    measure = _decode if case.phase == "decode" else _prefill
+    decoded = _decode_rounds(field, case, idx, device, plan) if case.phase == "decode" else {}
     generated = {}
     for competitor in field:
         entry = {"competitor": competitor.name, "status": "ok"}
@@ -176,7 +212,10 @@ def run_case(case: ModelCase, field: list[ModelCompetitor], plan: ModelPlan, voc
             entry.update(status="unavailable", reason=competitor.reason)
         else:
             try:
-                entry.update(measure(competitor, case, idx, device, plan))
+                outcome = decoded[competitor.name] if decoded else _prefill(competitor, case, idx, device, plan)
+                if isinstance(outcome, Exception):
+                    raise outcome
+                entry.update(outcome)
                 if "generated" in entry:
                     generated[competitor.name] = entry.pop("generated")
             except Exception as error:  # noqa: BLE001 - reported in the row; gptext's failure fails the run

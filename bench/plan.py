@@ -179,10 +179,10 @@ KERNEL_TIMING = {
     ("cuda", "full"): Timing(warmup=10, repeats=100, max_seconds=0.5),
 }
 
-# Decode timings are whole generate calls (seconds each on a CPU), so few repeats (with
-# max_seconds 0, exactly 3: measure's minimum). Every decode measurement follows one
-# generate(2) that exercises the decode step; on CUDA one full call more warms up, as it
-# captures gptext's decode graph for that length.
+# Decode timings are whole generate calls (seconds each on a CPU), taken in rounds over the
+# competitors (bench.model): `repeats` rounds (at least 3), after a generate(2) per
+# competitor and `warmup` full calls more (on CUDA one, as it captures gptext's decode
+# graph for that length); max_seconds is not used.
 MODEL_PLANS = {
     ("cpu", "quick"): ModelPlan("gpt2-124m", "float32",
                                 (ModelCase("prefill", 1, 128), ModelCase("prefill", 4, 128),

@@ -221,7 +221,9 @@ def _steps(model, tokens, pad, max_new_tokens, temperature, top_k, top_p, eos_to
     total = prompt_len + max_new_tokens
     if cuda_graph is None:
         cuda_graph = weight.is_cuda
-    if cuda_graph:
+    if max_new_tokens == 1:
+        decoder = None  # the prefill alone gives the one token: no cache, and the held graph stays
+    elif cuda_graph:
         decoder = _graph_decoder(model, batch, total, weight.dtype, weight.device)
         decoder.reset(pad)
     else:
@@ -231,7 +233,7 @@ def _steps(model, tokens, pad, max_new_tokens, temperature, top_k, top_p, eos_to
     slots = torch.arange(prompt_len, device=tokens.device)
     step = Step(positions=(slots[None, :] - pad[:, None]).clamp(min=0), slots=slots, kv_len=prompt_len,
                 kv_starts=pad if bool(pad.any()) else None)
-    logits = model.run(tokens, step, decoder.cache, last_only=True)
+    logits = model.run(tokens, step, decoder.cache if decoder is not None else None, last_only=True)
 
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     for i in range(max_new_tokens):

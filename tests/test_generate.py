@@ -33,6 +33,9 @@ def test_cached_decoding_equals_recomputing(backend):
     with gptext.backend(backend):
         assert torch.equal(model.generate(prompt, max_new_tokens=30, temperature=0),
                            greedy_by_recomputing(model, prompt, 30))
+        # one new token comes from the prefill alone, without a cache
+        assert torch.equal(model.generate(prompt, max_new_tokens=1, temperature=0),
+                           greedy_by_recomputing(model, prompt, 1))
 
 
 def test_ragged_batch_equals_each_prompt_alone():
