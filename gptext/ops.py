@@ -160,7 +160,7 @@ def _fall_back(op: str, gap: str) -> bool:
     if gap not in _warned:
         _warned.add(gap)
         warnings.warn(f"gptext: using the PyTorch reference instead of the compiled kernels: {gap}",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=5)  # the caller of the public op
     return False
 
 
