@@ -49,23 +49,28 @@ void dispatch(DType dtype, Fn&& fn) {
   }
 }
 
-// Reduction of f(v[i]) over a row with 32 independent partial results (four AVX2
-// registers), so the loop runs at load throughput instead of waiting on one accumulator's
-// add latency. `combine` must be associative and commutative.
-template <typename F, typename Combine>
-inline float reduce_row(const float* v, int64_t n, float identity, F f, Combine combine) {
-  constexpr int kLanes = 32;
-  float partial[kLanes];
+// Reduction of f(v[i]) over a row with LANES independent partial results: 32 (four AVX2
+// registers) run at load throughput instead of waiting on one accumulator's add latency;
+// short rows use 8, since combining the partials at the end costs a step per partial.
+// `combine` must be associative and commutative.
+template <int LANES, typename F, typename Combine>
+inline float reduce_lanes(const float* v, int64_t n, float identity, F f, Combine combine) {
+  float partial[LANES];
   for (float& p : partial) p = identity;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  for (; i + LANES <= n; i += LANES) {
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) partial[j] = combine(partial[j], f(v[i + j]));
+    for (int j = 0; j < LANES; ++j) partial[j] = combine(partial[j], f(v[i + j]));
   }
   for (; i < n; ++i) partial[0] = combine(partial[0], f(v[i]));
   float total = identity;
   for (float p : partial) total = combine(total, p);
   return total;
+}
+
+template <typename F, typename Combine>
+inline float reduce_row(const float* v, int64_t n, float identity, F f, Combine combine) {
+  return n < 512 ? reduce_lanes<8>(v, n, identity, f, combine) : reduce_lanes<32>(v, n, identity, f, combine);
 }
 
 inline float add(float a, float b) { return a + b; }
