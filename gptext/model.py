@@ -195,7 +195,9 @@ class GPT(nn.Module):
         if idx.shape[1] > self.config.context_length:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than the model's context_length "
                              f"({self.config.context_length})")
-        if idx.numel():
+        # The range check reads the ids back from the device, which torch.compile cannot
+        # trace; compiled, an id out of range fails in the embedding lookup instead.
+        if idx.numel() and not torch.compiler.is_compiling():
             low, high = int(idx.min()), int(idx.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high

@@ -181,3 +181,18 @@ def test_dropout_only_in_training():
     assert not torch.equal(model(idx), model(idx))
     model.eval()
     assert torch.equal(model(idx), model(idx))
+
+
+def test_model_compiles_whole():
+    """torch.compile traces the model in one graph (fake implementations of every op),
+    forward and training step, with the eager result."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_embd=64, n_head=4, n_layer=2, vocab_size=100, context_length=32)).eval()
+    idx = torch.randint(0, 100, (2, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx), model(idx))
+    model.train()
+    _, loss = compiled(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None and torch.isfinite(loss)
