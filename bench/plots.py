@@ -83,31 +83,36 @@ def _roofline(case: dict, name: str) -> float | None:
     return 100 * fraction["roofline"] if fraction and fraction["roofline"] is not None else None
 
 
-def speedup_plot(document: dict, path: Path) -> None:
-    fig, panels = _figure(document, "gptext speed-up over each competitor (> 1: gptext faster)")
+def _plot(document: dict, path: Path, title: str, draw) -> None:
+    """One panel per op, draw(ax, cases) filling each; saved as a PNG."""
+    fig, panels = _figure(document, title)
     for ax, (op, cases) in panels:
+        draw(ax, cases)
+        ax.set_title(op, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def speedup_plot(document: dict, path: Path) -> None:
+    def draw(ax, cases):
         _bars(ax, cases, COMPARED, _speedup)
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel("speed-up (x)")
-        ax.set_title(op, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    _plot(document, path, "gptext speed-up over each competitor (> 1: gptext faster)", draw)
 
 
 def roofline_plot(document: dict, path: Path) -> None:
-    fig, panels = _figure(document, "share of the device's limit reached (copy bandwidth or matmul peak, "
-                                    "whichever binds)")
-    for ax, (op, cases) in panels:
+    def draw(ax, cases):
         _bars(ax, cases, ROOFLINE, _roofline, top=ROOFLINE_TOP)
         ax.set_ylim(0, ROOFLINE_TOP * 1.15)
         ax.axhline(100.0, color="black", linewidth=0.8)
         ax.set_ylabel("% of limit")
-        ax.set_title(op, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    _plot(document, path, "share of the device's limit reached (copy bandwidth or matmul peak, whichever binds)",
+          draw)
 
 
 def write(document: dict, directory: Path) -> list[Path]:
