@@ -313,7 +313,7 @@ inline AttentionGradProblem attention_grad_problem(const at::Tensor& grad_out, c
   g.grad_k = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
   g.grad_v = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   g.grad_sinks = g.fwd.sinks.defined()
-                     ? -((g.fwd.sinks.view({1, -1, 1}) - g.fwd.lse).exp() * g.delta).sum({0, 2})
+                     ? -((g.fwd.sinks.view({1, -1, 1}) - g.fwd.lse).exp() * g.delta).sum(at::IntArrayRef{0, 2})
                      : at::empty({0}, q.options().dtype(at::kFloat));
   g.args = AttentionGradArgs{};
   g.args.fwd = g.fwd.args;

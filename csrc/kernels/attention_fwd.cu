@@ -211,10 +211,12 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Attenti
 #endif
 }
 
+constexpr int kRowsPerBlock = 4;  // rows (warps) per block of the combine kernel
+
 // Merges the split-KV partial results of one (batch, head, query) row per warp:
 // lse = log(sum_s e^lse_s + e^sink), out = sum_s e^(lse_s - lse) out_s.
 template <typename T, int D>
-__global__ void attention_combine_kernel(const AttentionArgs a, const AttentionWorkspace w) {
+__global__ void __launch_bounds__(32 * kRowsPerBlock) attention_combine_kernel(const AttentionArgs a, const AttentionWorkspace w) {
   constexpr int PER_LANE = D / 32;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -258,7 +260,6 @@ cudaError_t launch_fwd(const AttentionArgs& a, const AttentionWorkspace& w, cuda
   const dim3 grid(unsigned(row_tiles_for(a, WARPS) * w.splits), unsigned(a.kv_heads), unsigned(a.batch));
   kernel<<<grid, WARPS * 32, Tile::kSmemBytes, stream>>>(a, w);
   if ((err = cudaGetLastError()) != cudaSuccess || w.splits == 1) return err;
-  constexpr int kRowsPerBlock = 4;
   const int64_t rows = a.batch * a.heads * a.q_len;
   attention_combine_kernel<T, D><<<unsigned(ceil_div(rows, kRowsPerBlock)), 32 * kRowsPerBlock, 0, stream>>>(a, w);
   return cudaGetLastError();

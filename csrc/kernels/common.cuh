@@ -303,14 +303,22 @@ __host__ __forceinline__ auto dispatch_pow2(int64_t needed, Fn&& fn) {
 // per-thread register tile (ITERS packs) the smallest power of two that covers the row;
 // beyond, a block per row with 16 elements per thread. launch(iters, warp_per_row, grid,
 // threads) gets ITERS and warp_per_row as std::integral_constant / std::bool_constant.
+constexpr int kRowKernelRowsPerBlock = 4;     // rows per block, warp-per-row variant
+constexpr int kRowKernelMaxThreads = 1024;     // threads per block, block-per-row variant
+
+// The __launch_bounds__ of a kernel that launch_row_kernel launches: without it the
+// compiler may spend more registers per thread than a 1024-thread block can have.
+__host__ __device__ constexpr int row_kernel_threads(bool warp_per_row) {
+  return warp_per_row ? 32 * kRowKernelRowsPerBlock : kRowKernelMaxThreads;
+}
+
 template <int VEC, int64_t kWarpMaxCols, typename Launch>
 __host__ cudaError_t launch_row_kernel(int64_t rows, int64_t cols, Launch&& launch) {
   const int64_t packs = ceil_div(cols, VEC);
   if (cols <= kWarpMaxCols) {
-    constexpr int kRowsPerBlock = 4;
-    const dim3 grid(capped_grid(ceil_div(rows, kRowsPerBlock)));
+    const dim3 grid(capped_grid(ceil_div(rows, kRowKernelRowsPerBlock)));
     return dispatch_pow2<1, int(kWarpMaxCols / 32 / VEC)>(ceil_div(packs, 32), [&](auto iters) {
-      launch(iters, std::true_type{}, grid, 32 * kRowsPerBlock);
+      launch(iters, std::true_type{}, grid, row_kernel_threads(true));
       return cudaGetLastError();
     });
   }

@@ -7,8 +7,10 @@
 namespace gptext::kernels {
 namespace {
 
+constexpr int kThreads = 256;
+
 template <typename T, int VEC>
-__global__ void epilogue_kernel(const GemmArgs a) {
+__global__ void __launch_bounds__(kThreads) epilogue_kernel(const GemmArgs a) {
   T* c = static_cast<T*>(a.c);
   const T* bias = static_cast<const T*>(a.bias);
   const T* residual = static_cast<const T*>(a.residual);
@@ -45,9 +47,9 @@ cudaError_t launch_epilogue(const GemmArgs& a, cudaStream_t stream) {
   const int64_t packs = a.m * (vectorize ? a.n / kVec : a.n);
   const unsigned grid = dev::capped_grid(ceil_div(packs, 256));
   if (vectorize) {
-    epilogue_kernel<T, kVec><<<grid, 256, 0, stream>>>(a);
+    epilogue_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    epilogue_kernel<T, 1><<<grid, 256, 0, stream>>>(a);
+    epilogue_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a);
   }
   return cudaGetLastError();
 }

@@ -18,6 +18,8 @@
 namespace gptext::kernels {
 namespace {
 
+constexpr int kStreamThreads = 512;  // threads of the streaming (variant 3) kernel
+
 using dev::from_float;
 using dev::to_float;
 
@@ -41,7 +43,7 @@ __device__ __forceinline__ void store_row_chunk(T* p, int64_t col0, const float 
 
 // Variants 1 and 2; element (it * row_threads + t) * VEC + e of the row, as in softmax.cu.
 template <typename T, int VEC, int ITERS, bool kWarpPerRow>
-__global__ void layernorm_regs_kernel(const NormArgs a) {
+__global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow)) layernorm_regs_kernel(const NormArgs a) {
   __shared__ float scratch[32];
   const int row_threads = kWarpPerRow ? 32 : blockDim.x;
   const int rows_per_block = blockDim.x / row_threads;
@@ -129,7 +131,7 @@ __device__ WelfordState block_welford(WelfordState s, float* scratch) {
 // Variant 3. Each thread re-reads in the second sweep only the elements it wrote in the
 // first, so `sum` needs no barrier between the sweeps.
 template <typename T>
-__global__ void layernorm_stream_kernel(const NormArgs a) {
+__global__ void __launch_bounds__(kStreamThreads) layernorm_stream_kernel(const NormArgs a) {
   __shared__ float scratch[96];
   const T* weight = static_cast<const T*>(a.weight);
   const T* bias = static_cast<const T*>(a.bias);
@@ -176,7 +178,7 @@ cudaError_t launch_regs(const NormArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_layernorm(const NormArgs& a, cudaStream_t stream) {
   if (a.cols > kNormRegsMaxCols) {
-    layernorm_stream_kernel<T><<<dev::capped_grid(a.rows), 512, 0, stream>>>(a);
+    layernorm_stream_kernel<T><<<dev::capped_grid(a.rows), kStreamThreads, 0, stream>>>(a);
     return cudaGetLastError();
   }
   constexpr int kVec = 16 / sizeof(T);

@@ -17,6 +17,8 @@
 namespace gptext::kernels {
 namespace {
 
+constexpr int kOnlineThreads = 1024;  // threads of the online (variant 3) kernel
+
 using dev::from_float;
 using dev::to_float;
 
@@ -32,7 +34,7 @@ __device__ __forceinline__ bool visible(const KeyRange& keys, int64_t col) {
 // ITERS steps of VEC contiguous elements each: element (it * row_threads + t) * VEC + v.
 // With VEC > 1 the row length is a multiple of VEC, so a pack is either whole or absent.
 template <typename T, int VEC, int ITERS, bool kWarpPerRow>
-__global__ void softmax_regs_kernel(const SoftmaxArgs a) {
+__global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow)) softmax_regs_kernel(const SoftmaxArgs a) {
   __shared__ float scratch[32];
   const int row_threads = kWarpPerRow ? 32 : blockDim.x;
   const int rows_per_block = blockDim.x / row_threads;
@@ -120,7 +122,7 @@ __device__ __forceinline__ void for_each_chunk(const T* x, int64_t cols, bool ve
 
 // Variant 3: the online softmax, one block per row.
 template <typename T>
-__global__ void softmax_online_kernel(const SoftmaxArgs a) {
+__global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const SoftmaxArgs a) {
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float scratch[32];
   const float k = a.scale * kLog2e;
@@ -172,7 +174,7 @@ cudaError_t launch_regs(const SoftmaxArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_softmax(const SoftmaxArgs& a, cudaStream_t stream) {
   if (a.cols > kSoftmaxBlockMaxCols) {
-    softmax_online_kernel<T><<<dev::capped_grid(a.rows), 1024, 0, stream>>>(a);
+    softmax_online_kernel<T><<<dev::capped_grid(a.rows), kOnlineThreads, 0, stream>>>(a);
     return cudaGetLastError();
   }
   constexpr int kVec = 16 / sizeof(T);
