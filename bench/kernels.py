@@ -50,7 +50,8 @@ class OpSpec:
     functions(case) -> (gptext, eager, reference), each called with those inputs;
     cost(case) -> (FLOPs, bytes): the bytes the op must move at least, each input read
     once and each output written once; gemm_k(case): K of its GEMMs (None: not a GEMM);
-    widen: a factor on the dtype's tolerance, for ops whose result compounds roundings.
+    widen: a factor on the dtype's tolerance, for ops whose result compounds roundings;
+    row_rms: atol scales with each output row's RMS (see metrics.error_ratio).
     """
 
     bound: Callable
@@ -59,6 +60,7 @@ class OpSpec:
     cost: Callable
     gemm_k: Callable = lambda case: None
     widen: float = 1.0
+    row_rms: bool = False
 
     def tolerance(self, case) -> tuple[float, float]:
         rtol, atol = metrics.tolerance(case.dtype, self.gemm_k(case))
@@ -230,11 +232,11 @@ OP_SPECS = {
     "linear": OpSpec(lambda case: "compute", _linear_inputs, _linear_functions, _linear_cost,
                      lambda case: case.shape[1]),
     "ffn": OpSpec(lambda case: "compute", _ffn_inputs, _ffn_functions, _ffn_cost, lambda case: 4 * case.shape[1]),
-    "attention": OpSpec(_attention_bound, _attention_inputs, _attention_functions, _attention_cost),
+    "attention": OpSpec(_attention_bound, _attention_inputs, _attention_functions, _attention_cost, row_rms=True),
     # Gradients compound roundings the forward's do not: delta = rowsum(dO * O) uses the
     # 16-bit output, and every dQ / dK element sums k_len of them (the tests allow 4x too).
     "attention_bwd": OpSpec(lambda case: "compute", _attention_bwd_inputs, _attention_bwd_functions,
-                            _attention_bwd_cost, lambda case: case.shape[4], widen=4.0),
+                            _attention_bwd_cost, lambda case: case.shape[4], widen=4.0, row_rms=True),
 }
 
 
@@ -338,7 +340,7 @@ def _run_competitor(competitor: Competitor, case: Case, inputs, expected, device
                 fn, entry["compile_seconds"] = _compile(competitor, inputs, device, budget)
             if competitor.checked:
                 rtol, atol = spec.tolerance(case)
-                ratio = metrics.error_ratio(fn(*inputs), expected, rtol, atol)
+                ratio = metrics.error_ratio(fn(*inputs), expected, rtol, atol, spec.row_rms)
                 entry["error_ratio"] = ratio
                 if not ratio <= 1.0:
                     return {**entry, "status": "WRONG",

@@ -42,12 +42,16 @@ def _as_tuple(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def error_ratio(actual, expected, rtol: float, atol: float) -> float:
+def error_ratio(actual, expected, rtol: float, atol: float, row_rms: bool = False) -> float:
     """The worst |actual - expected| / (atol * rms(expected) + rtol * |expected|) over every
     element of every output: <= 1 passes. Scaling atol by the output's RMS keeps the test
     meaningful for outputs far from 1 (softmax over 50257 columns is ~2e-5 everywhere, so
-    a fixed atol would pass zeros). A shape mismatch or a NaN where the other has none is
-    infinitely wrong."""
+    a fixed atol would pass zeros). row_rms: the RMS of each last-dimension row instead of
+    the whole output's, for outputs whose rows differ in scale by design (causal attention:
+    row t averages t + 1 values, so late rows of a long sequence are ~1/sqrt(t) the size of
+    early ones, and a whole-output RMS would hold early rows to a tolerance that shrinks with
+    the sequence's length). A shape mismatch or a NaN where the other has none is infinitely
+    wrong."""
     actual, expected = _as_tuple(actual), _as_tuple(expected)
     if len(actual) != len(expected):
         return math.inf
@@ -62,8 +66,12 @@ def error_ratio(actual, expected, rtol: float, atol: float) -> float:
         if e.numel() == 0:
             continue
         a, e = a.masked_fill(nan_a, 0.0), e.masked_fill(nan_e, 0.0)
-        rms = float(e.pow(2).mean().sqrt())
-        allowance = atol * (rms if rms > 0 else 1.0) + rtol * e.abs()
+        if row_rms and e.dim() > 0:
+            rms = e.pow(2).mean(-1, keepdim=True).sqrt()
+            rms = torch.where(rms > 0, rms, torch.ones_like(rms))
+        else:
+            rms = float(e.pow(2).mean().sqrt()) or 1.0
+        allowance = atol * rms + rtol * e.abs()
         worst = max(worst, float(((a - e).abs() / allowance).max()))
     return worst
 

@@ -63,16 +63,17 @@ def _run(*command: str, cwd: Path | None = None) -> str | None:
 
 
 def commit(root: Path = REPO) -> dict:
-    """The commit measured: git's HEAD when root is itself a git work tree (not merely inside
-    one), else $GPTEXT_COMMIT (GPU hosts get a copy without .git), else unknown."""
+    """The commit measured: $GPTEXT_COMMIT when set (bench/gpu_suite.sh sets it: a GPU host's
+    copy of the tree may have no .git, or one that is not the tree's), else git's HEAD when
+    root is itself a git work tree (not merely inside one), else unknown."""
+    if os.environ.get("GPTEXT_COMMIT"):
+        return {"sha": os.environ["GPTEXT_COMMIT"], "source": "GPTEXT_COMMIT", "dirty": None}
     toplevel = _run("git", "rev-parse", "--show-toplevel", cwd=root)
     if toplevel and Path(toplevel).resolve() == root.resolve():
         sha = _run("git", "rev-parse", "HEAD", cwd=root)
         if sha:
             status = _run("git", "status", "--porcelain", "--untracked-files=no", cwd=root)
             return {"sha": sha, "source": "git", "dirty": bool(status) if status is not None else None}
-    if os.environ.get("GPTEXT_COMMIT"):
-        return {"sha": os.environ["GPTEXT_COMMIT"], "source": "GPTEXT_COMMIT", "dirty": None}
     return {"sha": "unknown", "source": "unknown", "dirty": None}
 
 

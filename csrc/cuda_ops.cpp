@@ -180,6 +180,13 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std:
                        const std::string& activation, const std::optional<at::Tensor>& residual) {
   const c10::cuda::CUDAGuard guard(x.device());
   LinearProblem p = linear_problem("linear", x, weight, bias, activation, residual);
+  if (p.args.k == 0) {  // an empty sum: the product is zeros, and the epilogue still applies
+    at::Tensor out = at::zeros({p.args.m, p.args.n}, p.x2d.options());
+    GemmArgs args = p.args;
+    args.c = out.data_ptr();
+    check_cuda(kernels::gemm_epilogue(args, p.dtype, current_stream()), "linear");
+    return out.view(p.out_shape);
+  }
   at::Tensor out = at::empty({p.args.m, p.args.n}, p.x2d.options());
   run_impl(choose_impl(p, x, &out), p, out);
   return out.view(p.out_shape);

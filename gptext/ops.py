@@ -115,8 +115,10 @@ def _cuda_kernel_arch(index: int) -> int:
     return int(torch.ops.gptext._cuda_binary_arch(index))
 
 
+@torch.compiler.assume_constant_result
 def _device_gap(device: torch.device) -> str | None:
-    """Why the compiled kernels can't run on `device`, or None if they can."""
+    """Why the compiled kernels can't run on `device`, or None if they can. A constant to
+    torch.compile, which runs it while tracing instead of tracing the extension's queries."""
     if not _extension_loaded():
         return f"the compiled extension gptext._C is not available ({_EXTENSION_ERROR})"
     if device.type in ("cpu", "meta"):

@@ -49,6 +49,16 @@ def test_error_ratio():
     assert metrics.error_ratio(nan, nan.clone(), 1e-9, 1e-9) == 0.0
 
 
+def test_error_ratio_row_rms():
+    # One large row and one small one: a whole-output RMS holds the small row to the large
+    # row's scale; row_rms holds each row to its own.
+    expected = torch.tensor([[100.0, -100.0], [0.01, -0.01]])
+    off = expected + torch.tensor([[0.0, 0.0], [0.02, 0.0]])
+    assert metrics.error_ratio(off, expected, 0.0, 1e-3) < 1
+    assert metrics.error_ratio(off, expected, 0.0, 1e-3, row_rms=True) == pytest.approx(2000, rel=1e-4)
+    assert metrics.error_ratio(expected.clone(), expected, 0.0, 1e-3, row_rms=True) == 0.0
+
+
 def test_op_costs():
     def cost(op, shape, dtype, epilogue=""):
         return kernels.OP_SPECS[op].cost(Case(op, "t", shape, dtype, epilogue))

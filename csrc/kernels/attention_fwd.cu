@@ -36,7 +36,7 @@ namespace {
 using namespace dev;
 
 constexpr int kBlockKeys = 64;
-constexpr int kMaxSplits = 32;
+constexpr int kMaxSplits = 64;
 
 template <int D, int WARPS>
 struct FwdTile {
@@ -292,7 +292,10 @@ int attention_forward_splits(const AttentionArgs& a, int sm_count) {
   if (a.batch == 0 || a.q_len == 0 || a.heads == 0) return 1;
   const int warps = warps_for(a);
   const int64_t blocks = row_tiles_for(a, warps) * a.kv_heads * a.batch;
-  return attention_num_splits(blocks, ceil_div(a.k_len, kBlockKeys), sm_count, kMaxSplits);
+  // Eight warps per SM: a one-warp decode block streams one key tile while it works on
+  // the other, and one such warp per SM is far from keeping HBM busy.
+  const int64_t target_blocks = int64_t(sm_count) * 8 / warps;
+  return attention_num_splits(blocks, ceil_div(a.k_len, kBlockKeys), target_blocks, kMaxSplits);
 }
 
 cudaError_t attention_forward(const AttentionArgs& args, DType dtype, const AttentionWorkspace& workspace,

@@ -71,11 +71,11 @@ GPTEXT_HD float log_add_exp(float x, float y) {
 }
 
 // How many thread blocks share one row tile's keys (split-KV, "flash decoding"): enough
-// to give every SM two blocks when the row tiles alone can't, while each split keeps at
+// for `target_blocks` blocks when the row tiles alone are fewer, while each split keeps at
 // least two key tiles to stream.
-GPTEXT_HD int attention_num_splits(int64_t blocks, int64_t key_tiles, int sm_count, int max_splits) {
-  if (blocks >= sm_count || key_tiles < 4) return 1;
-  int64_t splits = ceil_div(2 * int64_t(sm_count), blocks);
+GPTEXT_HD int attention_num_splits(int64_t blocks, int64_t key_tiles, int64_t target_blocks, int max_splits) {
+  if (blocks >= target_blocks || key_tiles < 4) return 1;
+  int64_t splits = ceil_div(target_blocks, blocks);
   if (splits > key_tiles / 2) splits = key_tiles / 2;
   if (splits > max_splits) splits = max_splits;
   return splits < 1 ? 1 : int(splits);

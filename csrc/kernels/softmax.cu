@@ -94,7 +94,9 @@ __global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow)) softmax_
 
 // Visits every column of a row once, split over the block's threads: a scalar head up to
 // the first 16-byte boundary, 16-byte packs, a scalar tail. `fn(col, values, count)` gets
-// `count` consecutive elements starting at `col` (count is VEC or 1).
+// `count` consecutive elements starting at `col`; count is std::integral_constant<int, VEC>
+// or <int, 1>, so that fn's loops over the values unroll and the values stay in registers
+// (a runtime count indexes them dynamically, which puts them in local memory).
 template <typename T, int VEC, typename Fn>
 __device__ __forceinline__ void for_each_chunk(const T* x, int64_t cols, bool vectorize, Fn&& fn) {
   int64_t head = cols;
@@ -104,19 +106,18 @@ __device__ __forceinline__ void for_each_chunk(const T* x, int64_t cols, bool ve
   }
   const int64_t packs = (cols - head) / VEC;
   for (int64_t c = threadIdx.x; c < head; c += blockDim.x) {
-    float one[VEC];
-    one[0] = to_float(x[c]);
-    fn(c, one, 1);
+    const float one[1] = {to_float(x[c])};
+    fn(c, one, std::integral_constant<int, 1>{});
   }
+#pragma unroll 4
   for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
     float vals[VEC];
     dev::load_floats<VEC>(x + head + p * VEC, vals);
-    fn(head + p * VEC, vals, VEC);
+    fn(head + p * VEC, vals, std::integral_constant<int, VEC>{});
   }
   for (int64_t c = head + packs * VEC + threadIdx.x; c < cols; c += blockDim.x) {
-    float one[VEC];
-    one[0] = to_float(x[c]);
-    fn(c, one, 1);
+    const float one[1] = {to_float(x[c])};
+    fn(c, one, std::integral_constant<int, 1>{});
   }
 }
 
@@ -135,13 +136,16 @@ __global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const So
     const bool vectorize = (reinterpret_cast<uintptr_t>(x) - reinterpret_cast<uintptr_t>(y)) % 16 == 0;
 
     SoftmaxStats stats = softmax_stats_empty();
-    for_each_chunk<T, VEC>(x, a.cols, vectorize, [&](int64_t col, const float* vals, int count) {
+    for_each_chunk<T, VEC>(x, a.cols, vectorize, [&](int64_t col, const float* vals, auto count) {
+      constexpr int kCount = decltype(count)::value;
       // Max of the chunk first, so the running sum is rescaled once per chunk, not per element.
       float chunk_max = -INFINITY;
-      for (int e = 0; e < count; ++e)
+#pragma unroll
+      for (int e = 0; e < kCount; ++e)
         if (visible(keys, col + e)) chunk_max = fmaxf(chunk_max, vals[e]);
       SoftmaxStats chunk = {chunk_max, 0.0f};
-      for (int e = 0; e < count; ++e)
+#pragma unroll
+      for (int e = 0; e < kCount; ++e)
         if (visible(keys, col + e)) chunk.sum += softmax_exp(vals[e], chunk_max, k);
       stats = softmax_stats_merge(stats, chunk, k);
     });
@@ -150,10 +154,12 @@ __global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const So
     const float row_max = dev::block_max(stats.max, scratch);
     const float inv = softmax_inv_sum(dev::block_sum(stats.sum * softmax_exp(stats.max, row_max, k), scratch));
 
-    for_each_chunk<T, VEC>(x, a.cols, vectorize, [&](int64_t col, const float* vals, int count) {
-      float p[VEC];
-      for (int e = 0; e < count; ++e) p[e] = visible(keys, col + e) ? softmax_exp(vals[e], row_max, k) * inv : 0.0f;
-      if (count == VEC) {
+    for_each_chunk<T, VEC>(x, a.cols, vectorize, [&](int64_t col, const float* vals, auto count) {
+      constexpr int kCount = decltype(count)::value;
+      float p[kCount];
+#pragma unroll
+      for (int e = 0; e < kCount; ++e) p[e] = visible(keys, col + e) ? softmax_exp(vals[e], row_max, k) * inv : 0.0f;
+      if constexpr (kCount == VEC) {
         dev::store_floats<VEC>(y + col, p);
       } else {
         y[col] = from_float<T>(p[0]);
