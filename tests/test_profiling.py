@@ -62,7 +62,8 @@ def test_profile_forward_sees_every_op():
 def test_profile_command(tmp_path):
     torch.manual_seed(0)
     GPT(GPTConfig(n_embd=32, n_head=2, n_layer=2, context_length=32)).save_pretrained(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "gptext", "profile", "--model", str(tmp_path), "--tokens", "6"],
+    out = subprocess.run([sys.executable, "-m", "gptext", "profile", "--model", str(tmp_path), "--tokens", "6",
+                          "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "6 tokens, batch 1, float32" in out.stdout and "ffn" in out.stdout and "% limit" in out.stdout
