@@ -190,6 +190,23 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// Two floats rounded to the 16-bit type and packed, the first in the low half (the element
+// with the lower column index in a fragment register).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
 template <int N, typename T>
 __device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
   const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
@@ -197,12 +214,37 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
   for (int i = 0; i < N; ++i) out[i] = to_float(pack.v[i]);
 }
 
+// The store is built from 32-bit words and issued as one 8- or 16-byte PTX store. Assigning
+// a Pack, or even a uint4 made of the words, let the compiler split it into 16- or 32-bit
+// stores in some kernels (seen in the PTX of the online softmax), and an H100 then moves
+// several times the data's L2 sectors.
 template <int N, typename T>
 __device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
-  Pack<T, N> pack;
+  constexpr int kBytes = int(sizeof(T)) * N;
+  if constexpr (kBytes < 4) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pack;
+    for (int i = 0; i < N; ++i) p[i] = from_float<T>(in[i]);
+  } else {
+    constexpr int kWords = kBytes / 4;
+    uint32_t w[kWords];
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) {
+      if constexpr (sizeof(T) == 4) {
+        w[i] = __float_as_uint(in[i]);
+      } else {
+        w[i] = pack2<T>(in[2 * i], in[2 * i + 1]);
+      }
+    }
+    static_assert(kWords == 1 || kWords == 2 || kWords == 4, "a pack is 4, 8 or 16 bytes");
+    if constexpr (kWords == 4) {
+      asm volatile("st.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                   : "memory");
+    } else if constexpr (kWords == 2) {
+      asm volatile("st.v2.b32 [%0], {%1, %2};\n" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+    } else {
+      *reinterpret_cast<uint32_t*>(p) = w[0];
+    }
+  }
 }
 
 __host__ __device__ __forceinline__ bool is_aligned(const void* p, int bytes) {
