@@ -8,6 +8,8 @@ import torch
 import gptext
 from gptext import ops
 
+from conftest import DEVICES
+
 
 def test_set_backend_and_context_manager():
     assert gptext.get_backend() == "auto"
@@ -95,3 +97,25 @@ def test_gemm_policy_from_environment(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={"GPTEXT_GEMM": "cublas", "PATH": ""},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "cublas"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_calls_without_grad_skip_autograd_and_agree(device):
+    # Nothing needs a gradient: the op runs below autograd (no graph node) and gives the
+    # same values as the autograd path; with a leaf that requires grad, the graph is built
+    # and the gradient reaches the leaf.
+    x = torch.randn(3, 16, device=device)
+    w, b = torch.randn(16, device=device), torch.randn(16, device=device)
+    plain = gptext.ops.layernorm_residual(x, x, w, b)
+    assert all(t.grad_fn is None and not t.requires_grad for t in plain)
+    leaf = x.clone().requires_grad_(True)
+    graphed = gptext.ops.layernorm_residual(leaf, x, w, b)
+    assert all(t.grad_fn is not None for t in graphed)
+    for got, want in zip(plain, graphed):
+        torch.testing.assert_close(got, want.detach())
+    graphed[0].sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == leaf.shape
+    with torch.no_grad():
+        assert gptext.ops.softmax(leaf).grad_fn is None
+    weight = torch.nn.Parameter(torch.randn(4, 16, device=device))  # a subclass: the full path
+    assert gptext.ops.linear(x, weight).grad_fn is not None
