@@ -7,15 +7,10 @@
 //      still one read and one write; the reductions go through shared memory.
 //   3. block per row, online (longer rows: vocabulary-sized logits). Each thread keeps a
 //      running (max, sum) pair while streaming its slice of the row once; the pairs merge
-//      through shared memory; a second sweep writes the probabilities. A row that fits
-//      twice in an SM's shared memory (GPT-2's 50,257 logits in 16 bits, on an H100) is
-//      also copied there by the first sweep, and the second sweep reads that copy: one
-//      read of global memory. Longer rows are read twice, the second time mostly from L2.
+//      through shared memory; a second sweep writes the probabilities. Two reads instead of
+//      the three of a max / sum / normalise softmax, and the second read mostly hits L2.
 // Math is fp32 whatever the storage type. 128-bit loads and stores where the row length
 // and the pointers allow; element-wise tails otherwise.
-#include <algorithm>
-#include <atomic>
-
 #include "launch.h"
 #include "softmax_math.cuh"
 
@@ -126,13 +121,11 @@ __device__ __forceinline__ void for_each_chunk(const T* x, int64_t cols, bool ve
   }
 }
 
-// Variant 3: the online softmax, one block per row. kCached: the first sweep also copies
-// the row into dynamic shared memory (cols + VEC elements), which the second sweep reads.
-template <typename T, bool kCached>
+// Variant 3: the online softmax, one block per row.
+template <typename T>
 __global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const SoftmaxArgs a) {
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float scratch[32];
-  extern __shared__ __align__(16) unsigned char row_cache[];
   const float k = a.scale * kLog2e;
 
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -141,19 +134,10 @@ __global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const So
     const KeyRange keys = row_keys(a, row);
     // x and y may only share the vector path if their rows are equally misaligned.
     const bool vectorize = (reinterpret_cast<uintptr_t>(x) - reinterpret_cast<uintptr_t>(y)) % 16 == 0;
-    // The copy starts as misaligned as x, so both sweeps split the row into the same chunks
-    // and every thread reads back only what it wrote itself (no barrier between them).
-    T* cache = reinterpret_cast<T*>(row_cache) + (reinterpret_cast<uintptr_t>(x) / sizeof(T)) % VEC;
 
     SoftmaxStats stats = softmax_stats_empty();
     for_each_chunk<T, VEC>(x, a.cols, vectorize, [&](int64_t col, const float* vals, auto count) {
       constexpr int kCount = decltype(count)::value;
-      if constexpr (kCached) {
-        float copy[kCount];
-#pragma unroll
-        for (int e = 0; e < kCount; ++e) copy[e] = vals[e];
-        dev::store_floats<kCount>(cache + col, copy);
-      }
       // Max of the chunk first, so the running sum is rescaled once per chunk, not per element.
       float chunk_max = -INFINITY;
 #pragma unroll
@@ -170,8 +154,7 @@ __global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const So
     const float row_max = dev::block_max(stats.max, scratch);
     const float inv = softmax_inv_sum(dev::block_sum(stats.sum * softmax_exp(stats.max, row_max, k), scratch));
 
-    const T* source = kCached ? cache : x;
-    for_each_chunk<T, VEC>(source, a.cols, vectorize, [&](int64_t col, const float* vals, auto count) {
+    for_each_chunk<T, VEC>(x, a.cols, vectorize, [&](int64_t col, const float* vals, auto count) {
       constexpr int kCount = decltype(count)::value;
       float p[kCount];
 #pragma unroll
@@ -182,45 +165,7 @@ __global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const So
         y[col] = from_float<T>(p[0]);
       }
     });
-    if constexpr (kCached) __syncthreads();  // the next row's chunks may fall elsewhere
   }
-}
-
-// The most shared memory a cached row may take on this device: two blocks per SM (each
-// with its static memory and the driver's reserved 1 KiB), within the per-block opt-in
-// limit. Read once per device.
-size_t online_cache_limit() {
-  static std::atomic<int64_t> limits[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return 0;
-  int64_t limit = limits[device].load();
-  if (limit == 0) {
-    int per_sm = 0, per_block = 0;
-    if (cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-      return 0;
-    }
-    const int64_t two_per_sm = int64_t(per_sm) / 2 - 1024 - 256;
-    limit = std::max<int64_t>(1, std::min<int64_t>(two_per_sm, per_block - 256));
-    limits[device].store(limit);
-  }
-  return size_t(limit);
-}
-
-template <typename T>
-cudaError_t launch_online(const SoftmaxArgs& a, cudaStream_t stream) {
-  const dim3 grid(dev::capped_grid(a.rows));
-  const size_t cache_bytes = size_t(a.cols + 16 / sizeof(T)) * sizeof(T);
-  const size_t limit = online_cache_limit();
-  if (cache_bytes <= limit) {
-    constexpr auto kernel = softmax_online_kernel<T, true>;
-    const cudaError_t err = dev::allow_dynamic_smem<kernel>(limit);
-    if (err != cudaSuccess) return err;
-    kernel<<<grid, kOnlineThreads, cache_bytes, stream>>>(a);
-  } else {
-    softmax_online_kernel<T, false><<<grid, kOnlineThreads, 0, stream>>>(a);
-  }
-  return cudaGetLastError();
 }
 
 template <typename T, int VEC>
@@ -234,7 +179,10 @@ cudaError_t launch_regs(const SoftmaxArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_softmax(const SoftmaxArgs& a, cudaStream_t stream) {
-  if (a.cols > kSoftmaxBlockMaxCols) return launch_online<T>(a, stream);
+  if (a.cols > kSoftmaxBlockMaxCols) {
+    softmax_online_kernel<T><<<dev::capped_grid(a.rows), kOnlineThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
   constexpr int kVec = 16 / sizeof(T);
   const bool vectorize = a.cols % kVec == 0 && dev::is_aligned(a.x, 16) && dev::is_aligned(a.y, 16);
   return vectorize ? launch_regs<T, kVec>(a, stream) : launch_regs<T, 1>(a, stream);
