@@ -20,22 +20,64 @@ namespace {
 
 // Storage formats. 16-bit values are kept as raw bits (uint16_t) and converted exactly as
 // the GPU converts them; plain integer storage (not a wrapper struct) keeps the loops
-// vectorisable.
+// vectorisable. kRows: the format converts whole rows faster than element by element
+// (load_rows / store_rows below), so the kernels stage its rows through fp32 buffers.
 struct F32 {
   using storage = float;
+  static constexpr bool kRows = false;
   static float load(float v) { return v; }
   static float store(float v) { return v; }
 };
 struct BF16 {
   using storage = uint16_t;
+  static constexpr bool kRows = false;
   static float load(uint16_t v) { return bf16_bits_to_float(v); }
   static uint16_t store(float v) { return float_to_bf16_bits(v); }
 };
 struct F16 {
   using storage = uint16_t;
+#ifdef GPTEXT_CPU_F16C
+  static constexpr bool kRows = true;
+#else
+  static constexpr bool kRows = false;
+#endif
   static float load(uint16_t v) { return f16_bits_to_float(v); }
   static uint16_t store(float v) { return float_to_f16_bits(v); }
 };
+
+// n values between storage and fp32. fp16 with F16C: vcvtph2ps / vcvtps2ph, eight values an
+// instruction, rounding to nearest-even as the GPU and f16_bits_to_float do; the software
+// conversion, though branch-free, takes dozens of instructions per eight values.
+template <typename Fmt>
+inline void load_rows(const typename Fmt::storage* src, float* dst, int64_t n) {
+#ifdef GPTEXT_CPU_F16C
+  if constexpr (std::is_same_v<Fmt, F16>) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = Fmt::load(src[i]);
+}
+
+template <typename Fmt>
+inline void store_rows(const float* src, typename Fmt::storage* dst, int64_t n) {
+#ifdef GPTEXT_CPU_F16C
+  if constexpr (std::is_same_v<Fmt, F16>) {
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), kNearest));
+    for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], kNearest);
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = Fmt::store(src[i]);
+}
 
 template <typename Fn>
 void dispatch(DType dtype, Fn&& fn) {
@@ -90,8 +132,12 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
     const T* xv = x + keys.begin;
     const int64_t n = keys.end - keys.begin;
 
+    if constexpr (Fmt::kRows) {
+      load_rows<Fmt>(xv, buf, n);
+    } else {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = Fmt::load(xv[i]);
+      for (int64_t i = 0; i < n; ++i) buf[i] = Fmt::load(xv[i]);
+    }
     const float row_max = reduce_row(buf, n, -INFINITY, identity, max_of);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) buf[i] = softmax_exp(buf[i], row_max, k);
@@ -100,14 +146,56 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
     std::fill(y, y + keys.begin, Fmt::store(0.0f));
     std::fill(y + keys.end, y + a.cols, Fmt::store(0.0f));
     T* yv = y + keys.begin;
+    if constexpr (Fmt::kRows) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) yv[i] = Fmt::store(buf[i] * inv);
+      for (int64_t i = 0; i < n; ++i) buf[i] *= inv;
+      store_rows<Fmt>(buf, yv, n);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) yv[i] = Fmt::store(buf[i] * inv);
+    }
+  }
+}
+
+// layernorm_rows_t for formats that convert whole rows (Fmt::kRows): every row goes through
+// fp32 buffers, and the weight and bias are converted once per call.
+template <typename Fmt>
+void layernorm_rows_staged(const NormArgs& a, int64_t row_begin, int64_t row_end) {
+  using T = typename Fmt::storage;
+  const int64_t n = a.cols;
+  std::vector<float> buffers(size_t(4 * n));
+  float *buf = buffers.data(), *other = buf + n, *weight = other + n, *bias = weight + n;
+  load_rows<Fmt>(static_cast<const T*>(a.weight), weight, n);
+  if (a.bias != nullptr) {
+    load_rows<Fmt>(static_cast<const T*>(a.bias), bias, n);
+  } else {
+    std::fill(bias, bias + n, 0.0f);
+  }
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    load_rows<Fmt>(static_cast<const T*>(a.x) + row * n, buf, n);
+    if (a.residual != nullptr) {
+      T* s = static_cast<T*>(a.sum) + row * n;
+      load_rows<Fmt>(static_cast<const T*>(a.residual) + row * n, other, n);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) buf[i] += other[i];
+      store_rows<Fmt>(buf, s, n);
+      load_rows<Fmt>(s, buf, n);  // the statistics see the sum as stored, as on the GPU
+    }
+    const float mean = reduce_row(buf, n, 0.0f, identity, add) / float(n);
+    const float squares = reduce_row(buf, n, 0.0f, [mean](float v) { return (v - mean) * (v - mean); }, add);
+    const float rstd = norm_rstd(squares / float(n), a.eps);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) other[i] = layernorm_apply(buf[i], mean, rstd, weight[i], bias[i]);
+    store_rows<Fmt>(other, static_cast<T*>(a.out) + row * n, n);
+    if (a.mean != nullptr) a.mean[row] = mean;
+    if (a.rstd != nullptr) a.rstd[row] = rstd;
   }
 }
 
 // Two-pass statistics over the fp32 row buffer, as the GPU does over registers.
 template <typename Fmt>
 void layernorm_rows_t(const NormArgs& a, int64_t row_begin, int64_t row_end) {
+  if constexpr (Fmt::kRows) return layernorm_rows_staged<Fmt>(a, row_begin, row_end);
   using T = typename Fmt::storage;
   std::vector<float> buffer(size_t(a.cols));
   float* buf = buffer.data();

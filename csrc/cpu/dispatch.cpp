@@ -6,7 +6,9 @@ namespace {
 
 bool use_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // F16C (fp16 <-> fp32 conversions) came with or before AVX2 on every x86 core that has it.
+  static const bool supported =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return supported;
 #else
   return false;
