@@ -4,12 +4,12 @@
 # Everything a GPU host can tell about gptext, in one call that fits a 10-minute slot:
 #   build        the extension for this GPU (pip install -e ., else setup.py build_ext --inplace),
 #                then a check that its CUDA kernels can run here
-#   pytest_cuda  python3 -m pytest -q -m cuda
+#   pytest_cuda  python3 -m pytest -q -m cuda (short tracebacks, every failure listed at the end)
 #   ctest        the native kernel tests (CMake + CTest, sm_90)
 #   bench        python3 -m bench --full --device cuda --out OUTDIR
 #   memcheck     compute-sanitizer --tool memcheck  over build/native/test_kernels --small
 #   racecheck    compute-sanitizer --tool racecheck over build/native/test_kernels --small
-#   pytest_all   python3 -m pytest -q -x (the whole suite)
+#   pytest_all   python3 -m pytest -q (the whole suite: about 100 s on an H100 host)
 # Each step runs under `timeout` and the script goes on whatever it returns. The benchmark
 # runs before the sanitizers and the whole test suite, so that the headline figures come
 # back even when those run out of time; the steps before it never eat into the time kept
@@ -138,7 +138,7 @@ gpu_step build 240 300 '
   "$PY" -c "import json, sys, gptext
 print(json.dumps(gptext.build_info(), indent=1))
 sys.exit(0 if gptext.kernels_available(\"cuda\") else 1)"'
-gpu_step pytest_cuda 120 270 '"$PY" -m pytest -q -m cuda'
+gpu_step pytest_cuda 120 270 '"$PY" -m pytest -q -m cuda --tb=short -rfE'
 gpu_step ctest 150 260 '
   cmake -S . -B build/native -DCMAKE_CUDA_ARCHITECTURES=90 \
     && cmake --build build/native -j \
@@ -151,7 +151,7 @@ fi
 run_step bench 270 0 "\"\$PY\" -m bench $BENCH_ARGS --out '$OUT'"
 sanitize_step memcheck memcheck
 sanitize_step racecheck racecheck
-gpu_step pytest_all 180 0 '"$PY" -m pytest -q -x'
+gpu_step pytest_all 180 0 '"$PY" -m pytest -q --tb=short -rfE'
 
 # The summary is written with the standard library only, so that it is there even when
 # torch is broken.

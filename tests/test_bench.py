@@ -330,3 +330,15 @@ def test_gpu_suite_records_every_step(tmp_path):
     if not summary["device"]["gpu"]:
         assert steps["build"]["note"] == "no GPU on this host"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_suite.json", "suite.log"]
+
+
+def test_one_case_driver(capsys):
+    from bench import one
+    assert one.main(["softmax", "16x1024", "fp32", "--device", "cpu", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax 16x1024 float32 (gptext) on cpu: 2 calls" in out
+    assert one.main(["layernorm_residual", "8x768", "bf16", "--device", "cpu", "--impl", "eager", "--calls", "1"]) == 0
+    assert one.main(["softmax", "3x3", "fp32", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no softmax case labelled '3x3'" in err and "16x1024" in err
+    assert one.main(["softmax", "16x1024", "int8", "--device", "cpu"]) == 2
