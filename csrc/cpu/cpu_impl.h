@@ -158,7 +158,8 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
 }
 
 // layernorm_rows_t for formats that convert whole rows (Fmt::kRows): every row goes through
-// fp32 buffers, and the weight and bias are converted once per call.
+// fp32 buffers, and the weight and bias are converted once per call. Same arithmetic as
+// layernorm_rows_direct.
 template <typename Fmt>
 void layernorm_rows_staged(const NormArgs& a, int64_t row_begin, int64_t row_end) {
   using T = typename Fmt::storage;
@@ -194,8 +195,7 @@ void layernorm_rows_staged(const NormArgs& a, int64_t row_begin, int64_t row_end
 
 // Two-pass statistics over the fp32 row buffer, as the GPU does over registers.
 template <typename Fmt>
-void layernorm_rows_t(const NormArgs& a, int64_t row_begin, int64_t row_end) {
-  if constexpr (Fmt::kRows) return layernorm_rows_staged<Fmt>(a, row_begin, row_end);
+void layernorm_rows_direct(const NormArgs& a, int64_t row_begin, int64_t row_end) {
   using T = typename Fmt::storage;
   std::vector<float> buffer(size_t(a.cols));
   float* buf = buffer.data();
@@ -468,7 +468,14 @@ void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64
 }
 
 void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_t row_end) {
-  dispatch(dtype, [&](auto tag) { layernorm_rows_t<decltype(tag)>(args, row_begin, row_end); });
+  dispatch(dtype, [&](auto tag) {
+    using Fmt = decltype(tag);
+    if constexpr (Fmt::kRows) {
+      layernorm_rows_staged<Fmt>(args, row_begin, row_end);
+    } else {
+      layernorm_rows_direct<Fmt>(args, row_begin, row_end);
+    }
+  });
 }
 
 void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end) {
