@@ -283,16 +283,28 @@ void epilogue_rows_t(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
 // c[m, n] = act(a[m, :] . b[n, :] + bias[n]) + residual[m, n] for output columns
 // [n_begin, n_end). Memory bound on reading b (the weight), so it streams each weight row
 // once for all m, four rows at a time: four independent accumulators keep the FMA units
-// busy while the loads stream in. a is converted to fp32 once per call.
+// busy while the loads stream in. a is converted to fp32 once per call; for formats that
+// convert whole rows (Fmt::kRows), so are the four weight rows, into an L1-sized buffer.
 template <typename Fmt, Activation ACT>
 void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   using T = typename Fmt::storage;
+  // How the weight rows are read in the dot products: as stored, or staged in fp32.
+  using WFmt = std::conditional_t<Fmt::kRows, F32, Fmt>;
+  using W = typename WFmt::storage;
   const int64_t k = a.k;
+  std::vector<float> staged(Fmt::kRows ? size_t(4 * k) : 0);
+  auto weight_rows = [&](const T* first, int count) -> const W* {
+    if constexpr (Fmt::kRows) {
+      for (int r = 0; r < count; ++r) load_rows<Fmt>(first + r * a.ldb, staged.data() + r * k, k);
+      return staged.data();
+    } else {
+      return first;
+    }
+  };
+  const int64_t w_stride = Fmt::kRows ? k : a.ldb;  // between the rows weight_rows returns
   std::vector<float> x(size_t(a.m * k));
   for (int64_t m = 0; m < a.m; ++m) {
-    const T* row = static_cast<const T*>(a.a) + m * a.lda;
-#pragma omp simd
-    for (int64_t i = 0; i < k; ++i) x[m * k + i] = Fmt::load(row[i]);
+    load_rows<Fmt>(static_cast<const T*>(a.a) + m * a.lda, x.data() + m * k, k);
   }
   const T* w = static_cast<const T*>(a.b);
   const T* bias = static_cast<const T*>(a.bias);
@@ -305,16 +317,17 @@ void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   };
   int64_t n = n_begin;
   for (; n + 4 <= n_end; n += 4) {
-    const T *w0 = w + n * a.ldb, *w1 = w0 + a.ldb, *w2 = w1 + a.ldb, *w3 = w2 + a.ldb;
+    const W* w0 = weight_rows(w + n * a.ldb, 4);
+    const W *w1 = w0 + w_stride, *w2 = w1 + w_stride, *w3 = w2 + w_stride;
     for (int64_t m = 0; m < a.m; ++m) {
       const float* xm = x.data() + m * k;
       float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
       for (int64_t i = 0; i < k; ++i) {
-        s0 += Fmt::load(w0[i]) * xm[i];
-        s1 += Fmt::load(w1[i]) * xm[i];
-        s2 += Fmt::load(w2[i]) * xm[i];
-        s3 += Fmt::load(w3[i]) * xm[i];
+        s0 += WFmt::load(w0[i]) * xm[i];
+        s1 += WFmt::load(w1[i]) * xm[i];
+        s2 += WFmt::load(w2[i]) * xm[i];
+        s3 += WFmt::load(w3[i]) * xm[i];
       }
       finish(m, n, s0);
       finish(m, n + 1, s1);
@@ -323,12 +336,12 @@ void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
     }
   }
   for (; n < n_end; ++n) {
-    const T* wn = w + n * a.ldb;
+    const W* wn = weight_rows(w + n * a.ldb, 1);
     for (int64_t m = 0; m < a.m; ++m) {
       const float* xm = x.data() + m * k;
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < k; ++i) s += Fmt::load(wn[i]) * xm[i];
+      for (int64_t i = 0; i < k; ++i) s += WFmt::load(wn[i]) * xm[i];
       finish(m, n, s);
     }
   }
