@@ -89,11 +89,11 @@ def _compiled(op: str, *args):
 
 
 def _any_requires_grad(args) -> bool:
-    for a in args:
-        if type(a) is torch.Tensor and a.requires_grad:
+    """Whether a tensor argument requires grad; a tensor subclass (a parameter, a fake or a
+    functional tensor) counts as one, so that it keeps the full path."""
+    for a in args:  # a loop, not any(genexpr): this runs on every op call
+        if isinstance(a, torch.Tensor) and (a.requires_grad or type(a) is not torch.Tensor):
             return True
-        if isinstance(a, torch.Tensor) and type(a) is not torch.Tensor:
-            return True  # a tensor subclass (a parameter, a fake or functional tensor): the full path
     return False
 
 

@@ -132,12 +132,7 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
     const T* xv = x + keys.begin;
     const int64_t n = keys.end - keys.begin;
 
-    if constexpr (Fmt::kRows) {
-      load_rows<Fmt>(xv, buf, n);
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) buf[i] = Fmt::load(xv[i]);
-    }
+    load_rows<Fmt>(xv, buf, n);
     const float row_max = reduce_row(buf, n, -INFINITY, identity, max_of);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) buf[i] = softmax_exp(buf[i], row_max, k);
@@ -214,8 +209,7 @@ void layernorm_rows_direct(const NormArgs& a, int64_t row_begin, int64_t row_end
         buf[i] = Fmt::load(v);
       }
     } else {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) buf[i] = Fmt::load(x[i]);
+      load_rows<Fmt>(x, buf, n);
     }
     const float mean = reduce_row(buf, n, 0.0f, identity, add) / float(n);
     const float squares = reduce_row(buf, n, 0.0f, [mean](float v) { return (v - mean) * (v - mean); }, add);
@@ -279,6 +273,34 @@ void epilogue_rows_t(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
   });
 }
 
+// x . y over n values.
+template <typename Fmt>
+inline float dot_row(const float* x, const typename Fmt::storage* y, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i] * Fmt::load(y[i]);
+  return s;
+}
+
+// x . y[r] for the four rows y[0..3] of length n: four independent accumulators, so the
+// FMAs of one row do not wait on the previous row's (one accumulator chain per dot product
+// is latency-bound: a 64-wide dot is eight dependent FMAs).
+template <typename Fmt>
+inline void dot4_rows(const float* x, const typename Fmt::storage* const (&y)[4], int64_t n, float* out) {
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    s0 += x[i] * Fmt::load(y[0][i]);
+    s1 += x[i] * Fmt::load(y[1][i]);
+    s2 += x[i] * Fmt::load(y[2][i]);
+    s3 += x[i] * Fmt::load(y[3][i]);
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
 // The product for few rows of a (decode: one row per sequence) with the epilogue fused:
 // c[m, n] = act(a[m, :] . b[n, :] + bias[n]) + residual[m, n] for output columns
 // [n_begin, n_end). Memory bound on reading b (the weight), so it streams each weight row
@@ -318,32 +340,16 @@ void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
   for (; n + 4 <= n_end; n += 4) {
     const W* w0 = weight_rows(w + n * a.ldb, 4);
-    const W *w1 = w0 + w_stride, *w2 = w1 + w_stride, *w3 = w2 + w_stride;
+    const W* const rows[4] = {w0, w0 + w_stride, w0 + 2 * w_stride, w0 + 3 * w_stride};
     for (int64_t m = 0; m < a.m; ++m) {
-      const float* xm = x.data() + m * k;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t i = 0; i < k; ++i) {
-        s0 += WFmt::load(w0[i]) * xm[i];
-        s1 += WFmt::load(w1[i]) * xm[i];
-        s2 += WFmt::load(w2[i]) * xm[i];
-        s3 += WFmt::load(w3[i]) * xm[i];
-      }
-      finish(m, n, s0);
-      finish(m, n + 1, s1);
-      finish(m, n + 2, s2);
-      finish(m, n + 3, s3);
+      float sums[4];
+      dot4_rows<WFmt>(x.data() + m * k, rows, k, sums);
+      for (int r = 0; r < 4; ++r) finish(m, n + r, sums[r]);
     }
   }
   for (; n < n_end; ++n) {
     const W* wn = weight_rows(w + n * a.ldb, 1);
-    for (int64_t m = 0; m < a.m; ++m) {
-      const float* xm = x.data() + m * k;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < k; ++i) s += WFmt::load(wn[i]) * xm[i];
-      finish(m, n, s);
-    }
+    for (int64_t m = 0; m < a.m; ++m) finish(m, n, dot_row<WFmt>(x.data() + m * k, wn, k));
   }
 }
 
@@ -358,39 +364,6 @@ inline T* row_of(T* base, const int64_t* stride, int64_t b, int64_t h, int64_t t
   return base + b * stride[0] + h * stride[1] + t * stride[2];
 }
 
-template <typename Fmt>
-inline void load_row(const typename Fmt::storage* src, float* dst, int64_t n, float scale = 1.0f) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = Fmt::load(src[i]) * scale;
-}
-
-template <typename Fmt>
-inline float dot_row(const float* x, const typename Fmt::storage* y, int64_t n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += x[i] * Fmt::load(y[i]);
-  return s;
-}
-
-// x . y[r] for the four rows y[0..3] of length n: four independent accumulators, so the
-// FMAs of one key do not wait on the previous key's (one accumulator chain per dot product
-// is latency-bound: a 64-wide dot is eight dependent FMAs).
-template <typename Fmt>
-inline void dot4_rows(const float* x, const typename Fmt::storage* const (&y)[4], int64_t n, float* out) {
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    s0 += x[i] * Fmt::load(y[0][i]);
-    s1 += x[i] * Fmt::load(y[1][i]);
-    s2 += x[i] * Fmt::load(y[2][i]);
-    s3 += x[i] * Fmt::load(y[3][i]);
-  }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
-}
-
 // One query row per task (task = (b * heads + h) * q_len + t): a flash-style pass over the
 // row's keys in blocks, keeping the running max and sum (exp2 domain, scale folded into q)
 // and rescaling the output accumulator when the max grows. A sink starts the row as a
@@ -403,7 +376,8 @@ void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t tas
   std::vector<float> q(static_cast<size_t>(dim)), acc(static_cast<size_t>(dim)), scores(kBlock);
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t t = task % a.q_len, h = (task / a.q_len) % a.heads, b = task / (a.q_len * a.heads);
-    load_row<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, h, t), q.data(), dim, a.scale * kLog2e);
+    load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, h, t), q.data(), dim);
+    for (float& v : q) v *= a.scale * kLog2e;
     std::fill(acc.begin(), acc.end(), 0.0f);
     float m = a.sinks != nullptr ? a.sinks[h] * kLog2e : -INFINITY;
     float l = a.sinks != nullptr ? 1.0f : 0.0f;
@@ -473,8 +447,8 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
     for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
       for (int64_t t = 0; t < a.q_len; ++t) {
         const int64_t row = (b * a.heads + h) * a.q_len + t;
-        load_row<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, h, t), q.data(), dim);
-        load_row<Fmt>(row_of(static_cast<const T*>(g.grad_out), g.grad_out_stride, b, h, t), dout.data(), dim);
+        load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, h, t), q.data(), dim);
+        load_rows<Fmt>(row_of(static_cast<const T*>(g.grad_out), g.grad_out_stride, b, h, t), dout.data(), dim);
         std::fill(dq.begin(), dq.end(), 0.0f);
         const float lse = a.lse[row] * kLog2e, delta = g.delta[row];
         const KeyRange keys = attention_row_keys(a, b, t);

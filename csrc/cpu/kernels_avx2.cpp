@@ -1,6 +1,7 @@
 // The CPU kernels compiled for AVX2 + FMA (8-wide fp32) and F16C (fp16 rows converted 8
-// values an instruction), chosen at run time when the processor has them. System headers come first so that only gptext's own (internal
-// linkage) code is compiled for the wider target.
+// values an instruction), chosen at run time when the processor has them. System headers
+// come first so that only gptext's own (internal linkage) code is compiled for the wider
+// target.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
