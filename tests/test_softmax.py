@@ -66,6 +66,18 @@ def test_misaligned_rows(kernels, device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_output(kernels, device, dtype, causal):
+    """More than 8 MiB of output (written with streaming stores on the CPU), rows off
+    alignment (odd width, one-element offset), masked prefixes of every length."""
+    rows, cols = 65, 64541  # 4.2M values: 8.4 MB in 16 bits
+    x = _scores((rows * cols + 1,), dtype, device)[1:].view(rows, cols)
+    y = gptext.ops.softmax(x, scale=0.5, causal=causal)
+    assert_close(y.float(), reference.softmax(x, scale=0.5, causal=causal).float(), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0,), (2, 0, 3)])
 def test_empty(kernels, device, shape):
     x = torch.randn(shape, device=device)

@@ -12,6 +12,6 @@
 #include <immintrin.h>
 #pragma GCC target("avx2,fma,f16c")
 #define GPTEXT_CPU_ISA avx2
-#define GPTEXT_CPU_F16C 1
+#define GPTEXT_CPU_AVX2 1
 #include "cpu_impl.h"
 #endif

@@ -14,6 +14,10 @@
 
 #if defined(__CUDACC__)
 #define GPTEXT_HD static __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined on the host too: the CPU kernels call these inside `omp simd` loops, which
+// vectorise only if the call is inlined (a large caller can exhaust GCC's inlining budget).
+#define GPTEXT_HD static inline __attribute__((always_inline))
 #else
 #define GPTEXT_HD static inline
 #endif
