@@ -79,9 +79,16 @@ def _observed(op: str):
 _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 
+# The ops' default overloads, looked up once (an attribute lookup on torch.ops per call
+# costs more than a small kernel on the CPU).
+_OVERLOADS: dict = {}
+
+
 def _compiled(op: str, *args):
     """torch.ops.gptext.<op>(*args), without the autograd wrapper when nothing needs a grad."""
-    fn = getattr(torch.ops.gptext, op)
+    fn = _OVERLOADS.get(op)
+    if fn is None:
+        fn = _OVERLOADS[op] = getattr(torch.ops.gptext, op).default
     if _BELOW_AUTOGRAD is None or torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(args)):
         return fn(*args)
     with _BELOW_AUTOGRAD():
@@ -172,6 +179,8 @@ def _use_kernels(op: str, x: torch.Tensor) -> bool:
     the first tensor's device and dtype)."""
     if _backend == "reference":
         return False
+    if x.is_cpu and _EXTENSION_ERROR is None and x.dtype in KERNEL_DTYPES:
+        return True  # the common case on a CPU, answered without building a torch.device
     gap = _device_gap(x.device)
     if gap is None and x.dtype not in KERNEL_DTYPES:
         gap = f"the kernels take float32, float16 or bfloat16, not {x.dtype}"
@@ -257,12 +266,12 @@ def _check_tensor(op: str, name: str, t, like: torch.Tensor | None = None) -> No
     if like is not None:
         if t.dtype != like.dtype:
             raise TypeError(f"gptext.ops.{op}: {name} has dtype {t.dtype} but x has {like.dtype}")
-        if t.device != like.device:
+        if not (t.is_cpu and like.is_cpu) and t.device != like.device:
             raise ValueError(f"gptext.ops.{op}: {name} is on {t.device} but x is on {like.device}")
 
 
 def _check_shape(op: str, name: str, t: torch.Tensor, shape) -> None:
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:
         raise ValueError(f"gptext.ops.{op}: {name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
 
 
@@ -271,13 +280,17 @@ def _check_norm(op: str, x, weight, bias, eps) -> None:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"gptext.ops.{op}: x must have a non-empty last (normalised) dimension, got shape "
                          f"{tuple(x.shape)}")
+    width = (x.shape[-1],)
     _check_tensor(op, "weight", weight, x)
-    _check_shape(op, "weight", weight, (x.shape[-1],))
+    _check_shape(op, "weight", weight, width)
     if bias is not None:
         _check_tensor(op, "bias", bias, x)
-        _check_shape(op, "bias", bias, (x.shape[-1],))
-    if not (eps >= 0 and eps < float("inf")):
+        _check_shape(op, "bias", bias, width)
+    if not (eps >= 0 and eps < _INF):
         raise ValueError(f"gptext.ops.{op}: eps must be a finite number >= 0, got {eps}")
+
+
+_INF = float("inf")
 
 
 def _check_linear(op: str, x, weight, bias, activation, residual) -> None:

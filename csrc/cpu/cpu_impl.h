@@ -6,6 +6,7 @@
 // reductions carry `omp simd reduction` clauses (built with -fopenmp-simd: no OpenMP
 // runtime) and the transcendental functions are the branch-free ones of common.cuh.
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -246,8 +247,8 @@ inline float identity(float v) { return v; }
 template <typename Fmt, bool kStream>
 void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
   using T = typename Fmt::storage;
-  std::vector<float> buffer(size_t(a.cols));
-  float* buf = buffer.data();
+  std::unique_ptr<float[]> buffer(new float[size_t(a.cols)]);  // no zero fill: every use writes first
+  float* buf = buffer.get();
   const float k = a.scale * kLog2e;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* x = static_cast<const T*>(a.x) + row * a.cols;
@@ -274,13 +275,20 @@ template <typename Fmt, bool kStream>
 void layernorm_rows_t(const NormArgs& a, int64_t row_begin, int64_t row_end) {
   using T = typename Fmt::storage;
   const int64_t n = a.cols;
-  std::vector<float> buffers(size_t(3 * n));
-  float *buf = buffers.data(), *weight = buf + n, *bias = weight + n;
-  load_rows<Fmt>(static_cast<const T*>(a.weight), weight, n);
-  if (a.bias != nullptr) {
-    load_rows<Fmt>(static_cast<const T*>(a.bias), bias, n);
-  } else {
-    std::fill(bias, bias + n, 0.0f);
+  // fp32 weight and bias are read in place; 16-bit ones are converted once per call.
+  constexpr bool kStage = !std::is_same_v<Fmt, F32>;
+  std::unique_ptr<float[]> buffers(new float[size_t((kStage ? 3 : 1) * n)]);
+  float* buf = buffers.get();
+  const float* weight = static_cast<const float*>(a.weight);
+  const float* bias = static_cast<const float*>(a.bias);
+  if constexpr (kStage) {
+    float* staged = buf + n;
+    load_rows<Fmt>(static_cast<const T*>(a.weight), staged, n);
+    weight = staged;
+    if (bias != nullptr) {
+      load_rows<Fmt>(static_cast<const T*>(a.bias), staged + n, n);
+      bias = staged + n;
+    }
   }
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* x = static_cast<const T*>(a.x) + row * n;
@@ -292,9 +300,12 @@ void layernorm_rows_t(const NormArgs& a, int64_t row_begin, int64_t row_end) {
     const float mean = reduce_row(buf, n, 0.0f, identity, add) / float(n);
     const float squares = reduce_row(buf, n, 0.0f, [mean](float v) { return (v - mean) * (v - mean); }, add);
     const float rstd = norm_rstd(squares / float(n), a.eps);
-    store_rows_fn<Fmt, kStream>(static_cast<T*>(a.out) + row * n, n, [=](int64_t i) {
-      return layernorm_apply(buf[i], mean, rstd, weight[i], bias[i]);
-    });
+    T* out = static_cast<T*>(a.out) + row * n;
+    if (bias != nullptr) {
+      store_rows_fn<Fmt, kStream>(out, n, [=](int64_t i) { return layernorm_apply(buf[i], mean, rstd, weight[i], bias[i]); });
+    } else {
+      store_rows_fn<Fmt, kStream>(out, n, [=](int64_t i) { return layernorm_apply(buf[i], mean, rstd, weight[i], 0.0f); });
+    }
     if (a.mean != nullptr) a.mean[row] = mean;
     if (a.rstd != nullptr) a.rstd[row] = rstd;
   }
