@@ -53,10 +53,26 @@ def test_matches_reference(kernels, device, shape, opts, dim):
         assert_close(out.float(), reference.attention(q, k, v, **kwargs).float(), dtype, scale=2)
 
 
-@pytest.mark.parametrize("dim", [8, 24, 80])
-def test_cpu_any_head_dim(kernels, dim):
-    q, k, v = qkv(2, 6, 3, 11, 14, dim, torch.float32, "cpu")
-    assert_close(gptext.ops.attention(q, k, v, scale=0.3), reference.attention(q, k, v, scale=0.3))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [8, 20, 24, 80])
+def test_cpu_any_head_dim(kernels, dtype, dim):
+    """Head sizes off the 8- and 16-value vector steps of the CPU dot products (tails)."""
+    q, k, v = qkv(2, 6, 3, 11, 14, dim, dtype, "cpu")
+    out = gptext.ops.attention(q, k, v, scale=0.3)
+    assert_close(out.float(), reference.attention(q, k, v, scale=0.3).float(), dtype, scale=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_16bit_gradients(kernels, dtype):
+    q, k, v = qkv(1, 4, 2, 9, 13, 20, dtype, "cpu")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.clone().float().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    gptext.ops.attention(*leaves, causal=True).backward(grad)
+    reference.attention(*ref_leaves, causal=True).backward(grad.float())
+    for ours, ref in zip(leaves, ref_leaves):
+        assert ours.grad.dtype == dtype
+        assert_close(ours.grad.float(), ref.grad, dtype, scale=4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
