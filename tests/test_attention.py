@@ -25,10 +25,11 @@ def qkv(batch, heads, kv_heads, q_len, k_len, dim, dtype, device, seed=0):
     return make(batch, heads, q_len, dim), make(batch, kv_heads, k_len, dim), make(batch, kv_heads, k_len, dim)
 
 
-# (batch, heads, kv_heads, q_len, k_len): GQA ratios 1/4/8, prefill, decode (Tq = 1), chunked
-# prefill (Tq < Tk), more queries than keys, lengths off every tile size.
+# (batch, heads, kv_heads, q_len, k_len): GQA ratios 1/3/4/8, prefill, decode (Tq = 1), chunked
+# prefill (Tq < Tk), more queries than keys, lengths off every tile size; decode with fewer
+# than four query rows per kv head (the CPU's per-row path) and with more (its row blocks).
 SHAPES = [(2, 4, 4, 37, 37), (1, 8, 2, 64, 64), (2, 8, 1, 1, 200), (1, 4, 1, 17, 130), (1, 2, 2, 9, 5),
-          (1, 16, 2, 129, 129)]
+          (1, 16, 2, 129, 129), (2, 3, 3, 1, 150), (1, 3, 1, 1, 70)]
 OPTIONS = [dict(causal=True), dict(causal=False), dict(causal=True, window=16), dict(causal=True, sinks=True),
            dict(causal=True, window=7, sinks=True)]
 

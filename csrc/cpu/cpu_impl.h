@@ -561,6 +561,214 @@ void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t tas
   }
 }
 
+// ---- Blocked forward: several query rows against each key block ----------------------
+// Rows of one (batch, kv head) as the GPU kernel numbers them: row r is query r % q_len of
+// query head kv * group + r / q_len, so a decode step's grouped heads share a block. A task
+// is kRowBlock such rows. Per block of kKeyBlock keys the task converts the keys once into
+// a transposed fp32 tile and the values into fp32 rows, then runs each group of kMicroRows
+// rows through two register-blocked products: S = Q K^T (a broadcast query element times
+// eight keys at a time, no horizontal sums) and O += P V. Each key is then loaded once per
+// kMicroRows rows instead of once per row.
+constexpr int64_t kRowBlock = kAttentionRowBlock, kKeyBlock = 64, kMicroRows = 4;
+
+struct RowRef {
+  int64_t head, t;
+  KeyRange keys;
+};
+
+// scores[r][j] = q[r] . kt[:, j] for r < MR, j < columns (kt: dim x kKeyBlock; columns a
+// multiple of 16, at most kKeyBlock).
+template <int MR>
+inline void scores_tile(const float* q, int64_t dim, const float* kt, int64_t columns, float* scores) {
+#ifdef GPTEXT_CPU_AVX2
+  for (int64_t j = 0; j < columns; j += 16) {
+    __m256 c[MR][2];
+    for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; ++d) {
+      const __m256 k0 = _mm256_loadu_ps(kt + d * kKeyBlock + j), k1 = _mm256_loadu_ps(kt + d * kKeyBlock + j + 8);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 qd = _mm256_broadcast_ss(q + r * dim + d);
+        c[r][0] = _mm256_fmadd_ps(qd, k0, c[r][0]);
+        c[r][1] = _mm256_fmadd_ps(qd, k1, c[r][1]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_ps(scores + r * kKeyBlock + j, c[r][0]);
+      _mm256_storeu_ps(scores + r * kKeyBlock + j + 8, c[r][1]);
+    }
+  }
+#else
+  for (int r = 0; r < MR; ++r) {
+    float* s = scores + r * kKeyBlock;
+    std::fill(s, s + columns, 0.0f);
+    for (int64_t d = 0; d < dim; ++d) {
+      const float qd = q[r * dim + d];
+#pragma omp simd
+      for (int64_t j = 0; j < columns; ++j) s[j] += qd * kt[d * kKeyBlock + j];
+    }
+  }
+#endif
+}
+
+// acc[r][:] += sum over j < n of p[r][j] * v[j][:] for r < MR (v: n fp32 rows of dim).
+template <int MR>
+inline void values_tile(const float* p, const float* const* v, int64_t n, int64_t dim, float* acc) {
+  int64_t d = 0;
+#ifdef GPTEXT_CPU_AVX2
+  for (; d + 16 <= dim; d += 16) {
+    __m256 c[MR][2];
+    for (int r = 0; r < MR; ++r) {
+      c[r][0] = _mm256_loadu_ps(acc + r * dim + d);
+      c[r][1] = _mm256_loadu_ps(acc + r * dim + d + 8);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v0 = _mm256_loadu_ps(v[j] + d), v1 = _mm256_loadu_ps(v[j] + d + 8);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 pj = _mm256_broadcast_ss(p + r * kKeyBlock + j);
+        c[r][0] = _mm256_fmadd_ps(pj, v0, c[r][0]);
+        c[r][1] = _mm256_fmadd_ps(pj, v1, c[r][1]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_ps(acc + r * dim + d, c[r][0]);
+      _mm256_storeu_ps(acc + r * dim + d + 8, c[r][1]);
+    }
+  }
+#endif
+  for (int r = 0; r < MR; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = p[r * kKeyBlock + j];
+      float* a = acc + r * dim;
+#pragma omp simd
+      for (int64_t i = d; i < dim; ++i) a[i] += pj * v[j][i];
+    }
+  }
+}
+
+template <typename Fn>
+inline void with_micro_rows(int64_t rows, Fn&& fn) {
+  switch (rows) {
+    case 1:
+      return fn(std::integral_constant<int, 1>{});
+    case 2:
+      return fn(std::integral_constant<int, 2>{});
+    case 3:
+      return fn(std::integral_constant<int, 3>{});
+    default:
+      return fn(std::integral_constant<int, 4>{});
+  }
+}
+
+template <typename Fmt>
+void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64_t task_end) {
+  using T = typename Fmt::storage;
+  const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = group * a.q_len;
+  const int64_t row_tiles = (rows + kRowBlock - 1) / kRowBlock;
+  std::unique_ptr<float[]> memory(new float[size_t(2 * kRowBlock * dim + kRowBlock * kKeyBlock +
+                                                   dim * kKeyBlock + kKeyBlock * dim)]);
+  float* q = memory.get();                     // kRowBlock x dim, scaled into the exp2 domain
+  float* acc = q + kRowBlock * dim;            // kRowBlock x dim
+  float* scores = acc + kRowBlock * dim;       // kRowBlock x kKeyBlock, then probabilities
+  float* kt = scores + kRowBlock * kKeyBlock;  // dim x kKeyBlock: the key block, transposed
+  float* vbuf = kt + dim * kKeyBlock;          // kKeyBlock x dim: the value block in fp32
+  const float* vrow[kKeyBlock];
+  RowRef ref[kRowBlock];
+  float m[kRowBlock], l[kRowBlock];
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t r0 = (task % row_tiles) * kRowBlock, kv = (task / row_tiles) % a.kv_heads;
+    const int64_t b = task / (row_tiles * a.kv_heads);
+    const int64_t nr = std::min(kRowBlock, rows - r0);
+    int64_t lo = INT64_MAX, hi = 0;
+    for (int64_t r = 0; r < nr; ++r) {
+      RowRef& row = ref[r];
+      row.head = kv * group + (r0 + r) / a.q_len;
+      row.t = (r0 + r) % a.q_len;
+      row.keys = attention_row_keys(a, b, row.t);
+      if (row.keys.begin < row.keys.end) {
+        lo = std::min(lo, row.keys.begin);
+        hi = std::max(hi, row.keys.end);
+      }
+      float* qr = q + r * dim;
+      load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, row.head, row.t), qr, dim);
+      const float k = a.scale * kLog2e;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) qr[d] *= k;
+      std::fill(acc + r * dim, acc + (r + 1) * dim, 0.0f);
+      m[r] = a.sinks != nullptr ? a.sinks[row.head] * kLog2e : -INFINITY;
+      l[r] = a.sinks != nullptr ? 1.0f : 0.0f;
+    }
+    for (int64_t j0 = lo; j0 < hi; j0 += kKeyBlock) {
+      const int64_t n = std::min(kKeyBlock, hi - j0);
+      const int64_t columns = (n + 15) / 16 * 16;
+      // The key block, transposed (zero columns from n to a multiple of 16), and the value
+      // rows in fp32.
+      for (int64_t j = 0; j < columns; ++j) {
+        if (j < n) {
+          const T* key = row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j0 + j);
+          float* staged = vbuf + j * dim;  // reused below for the value row
+          load_rows<Fmt>(key, staged, dim);
+          for (int64_t d = 0; d < dim; ++d) kt[d * kKeyBlock + j] = staged[d];
+        } else {
+          for (int64_t d = 0; d < dim; ++d) kt[d * kKeyBlock + j] = 0.0f;
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const T* value = row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, j0 + j);
+        if constexpr (std::is_same_v<Fmt, F32>) {
+          vrow[j] = value;
+        } else {
+          load_rows<Fmt>(value, vbuf + j * dim, dim);
+          vrow[j] = vbuf + j * dim;
+        }
+      }
+      for (int64_t r = 0; r < nr; r += kMicroRows) {
+        with_micro_rows(std::min(kMicroRows, nr - r), [&](auto mr) {
+          constexpr int MR = decltype(mr)::value;
+          float* s = scores + r * kKeyBlock;
+          scores_tile<MR>(q + r * dim, dim, kt, columns, s);
+          for (int i = 0; i < MR; ++i) {
+            float* si = s + i * kKeyBlock;
+            const KeyRange keys = ref[r + i].keys;
+            // This row's keys within the block: [jb, je) (possibly empty).
+            const int64_t jb = std::clamp<int64_t>(keys.begin - j0, 0, n);
+            const int64_t je = std::clamp<int64_t>(keys.end - j0, jb, n);
+            float block_max = -INFINITY;
+            for (int64_t j = jb; j < je; ++j) block_max = max_of(block_max, si[j]);
+            float& mi = m[r + i];
+            if (block_max > mi) {
+              const float correction = softmax_exp(mi, block_max, 1.0f);
+              l[r + i] *= correction;
+              float* ai = acc + (r + i) * dim;
+#pragma omp simd
+              for (int64_t d = 0; d < dim; ++d) ai[d] *= correction;
+              mi = block_max;
+            }
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < n; ++j) {
+              const float pj = (j >= jb && j < je) ? softmax_exp(si[j], mi, 1.0f) : 0.0f;
+              si[j] = pj;
+              sum += pj;
+            }
+            l[r + i] += sum;
+          }
+          values_tile<MR>(s, vrow, n, dim, acc + r * dim);
+        });
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const float inv = softmax_inv_sum(l[r]);
+      const float* ar = acc + r * dim;
+      store_rows_fn<Fmt>(row_of(static_cast<T*>(a.out), a.out_stride, b, ref[r].head, ref[r].t), dim,
+                         [ar, inv](int64_t d) { return ar[d] * inv; });
+      if (a.lse != nullptr) {
+        a.lse[(b * a.heads + ref[r].head) * a.q_len + ref[r].t] =
+            l[r] > 0.0f ? (m[r] + std::log2(l[r])) / kLog2e : -INFINITY;
+      }
+    }
+  }
+}
+
 // One (batch, kv head) per task, so that the key and value gradients, which every query
 // head of the group adds to, have a single writer. Probabilities are recomputed from the
 // saved log-sum-exp: p = exp(scale q.k - lse); ds = p (grad_out.v - delta).
@@ -656,7 +864,13 @@ void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_e
 }
 
 void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end) {
-  dispatch(dtype, [&](auto tag) { attention_forward_t<decltype(tag)>(args, task_begin, task_end); });
+  dispatch(dtype, [&](auto tag) {
+    if (attention_forward_blocked_rows(args)) {
+      attention_forward_blocked<decltype(tag)>(args, task_begin, task_end);
+    } else {
+      attention_forward_t<decltype(tag)>(args, task_begin, task_end);
+    }
+  });
 }
 
 void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end) {

@@ -18,12 +18,26 @@ namespace gptext::cpu {
   void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end);  \
   /* The whole linear for few rows (m <= kSkinnyMaxRows), output columns [n_begin, n_end). */  \
   void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end);         \
-  /* Query rows [task_begin, task_end) of (batch, heads, q_len), flattened. */                  \
+  /* Tasks [task_begin, task_end) of attention_forward_tasks(args). */                          \
   void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end); \
   /* (batch, kv head) pairs [task_begin, task_end), flattened. */                               \
   void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end);
 
 GPTEXT_CPU_KERNELS
+
+// attention_forward's tasks: with at least this many query rows per (batch, kv head) (query
+// heads of a group x queries), blocks of rows share each key block (one task per block of
+// 16 rows of a (batch, kv head)); with fewer (a decode step without grouped heads), one
+// task per query row.
+constexpr int64_t kAttentionBlockedMinRows = 4, kAttentionRowBlock = 16;
+inline bool attention_forward_blocked_rows(const AttentionArgs& a) {
+  return (a.heads / a.kv_heads) * a.q_len >= kAttentionBlockedMinRows;
+}
+inline int64_t attention_forward_tasks(const AttentionArgs& a) {
+  if (!attention_forward_blocked_rows(a)) return a.batch * a.heads * a.q_len;
+  const int64_t rows = (a.heads / a.kv_heads) * a.q_len;
+  return a.batch * a.kv_heads * ((rows + kAttentionRowBlock - 1) / kAttentionRowBlock);
+}
 
 // Up to this many rows, `linear` streams the weight once in skinny_gemm (decode steps)
 // instead of calling a general GEMM.

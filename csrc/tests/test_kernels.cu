@@ -293,7 +293,7 @@ static void test_attention(std::mt19937& gen, int sm_count) {
       host.sinks = c.sinks ? sinks.data() : nullptr;
       host.kv_starts = c.ranges ? starts.data() : nullptr;
       host.kv_lens = c.ranges ? lens.data() : nullptr;
-      cpu::attention_forward(t, host, 0, c.batch * c.heads * c.q_len);
+      cpu::attention_forward(t, host, 0, cpu::attention_forward_tasks(host));
       HostArray delta(DType::F32, c.batch * c.heads * c.q_len);
       for (int64_t row = 0; row < c.batch * c.heads * c.q_len; ++row) {
         float d = 0.0f;
