@@ -324,8 +324,10 @@ def _compile(competitor: Competitor, inputs, device, budget: CompileBudget):
     return compiled, seconds
 
 
-def _run_competitor(competitor: Competitor, case: Case, inputs, expected, device, timing: Timing,
-                    budget: CompileBudget) -> dict:
+def _prepare_competitor(competitor: Competitor, case: Case, inputs, expected, device,
+                        budget: CompileBudget) -> tuple[dict, Callable | None]:
+    """(entry, the call to time): compiles where asked and checks gptext's result against
+    the reference. The call is None when the competitor can't run (the entry says why)."""
     entry = {"competitor": competitor.name, "status": "ok"}
     spec = OP_SPECS[case.op]
     fn = competitor.fn
@@ -333,10 +335,10 @@ def _run_competitor(competitor: Competitor, case: Case, inputs, expected, device
         with competitor.context():
             if competitor.policy and ops.linear_backend(inputs[0], inputs[1]) != competitor.policy:
                 return {**entry, "status": "n/a", "reason": f"{case.dtype} runs on "
-                        f"{ops.linear_backend(inputs[0], inputs[1])} under the {competitor.policy} policy"}
+                        f"{ops.linear_backend(inputs[0], inputs[1])} under the {competitor.policy} policy"}, None
             if competitor.compiled:
                 if budget.spent():
-                    return {**entry, "status": "skipped", "reason": "the run's compile budget is spent"}
+                    return {**entry, "status": "skipped", "reason": "the run's compile budget is spent"}, None
                 fn, entry["compile_seconds"] = _compile(competitor, inputs, device, budget)
             if competitor.checked:
                 rtol, atol = spec.tolerance(case)
@@ -344,15 +346,34 @@ def _run_competitor(competitor: Competitor, case: Case, inputs, expected, device
                 entry["error_ratio"] = ratio
                 if not ratio <= 1.0:
                     return {**entry, "status": "WRONG",
-                            "reason": f"differs from the reference by {ratio:.3g}x the tolerance"}
-            entry["time"] = timing.measure(lambda: fn(*inputs), device, flush_l2=True)
-            if competitor.checked:
+                            "reason": f"differs from the reference by {ratio:.3g}x the tolerance"}, None
                 weight = inputs[1] if case.op in ("linear", "ffn") else None
                 entry["implementation"] = ops.implementation(case.op.removesuffix("_bwd"), inputs[0], weight)
     except Exception as error:  # noqa: BLE001 - any failure is reported in its row, and the run goes on
-        status = "error" if competitor.checked else "unavailable"
-        return {**entry, "status": status, "reason": results.reason(error)}
-    return entry
+        return {**entry, "status": "error" if competitor.checked else "unavailable",
+                "reason": results.reason(error)}, None
+    return entry, lambda: fn(*inputs)
+
+
+def _time_competitors(prepared: list[tuple[Competitor, dict, Callable | None]], device, timing: Timing) -> None:
+    """Times every runnable competitor of a case together, in alternating rounds; a failure
+    while timing marks only that competitor's entry."""
+    runnable = [(competitor, entry, call) for competitor, entry, call in prepared if call is not None]
+    try:
+        times = timing.measure_together([call for _, _, call in runnable], device, flush_l2=True,
+                                        contexts=[competitor.context for competitor, _, _ in runnable])
+    except Exception:  # noqa: BLE001 - find which one fails: time them one by one
+        times = []
+        for competitor, entry, call in runnable:
+            try:
+                with competitor.context():
+                    times.append(timing.measure(call, device, flush_l2=True))
+            except Exception as error:  # noqa: BLE001
+                times.append(None)
+                entry.update(status="error" if competitor.checked else "unavailable", reason=results.reason(error))
+    for (_, entry, _), measured in zip(runnable, times):
+        if measured is not None:
+            entry["time"] = measured
 
 
 def _rates(entry: dict, case: Case, limits: dict) -> None:
@@ -368,7 +389,9 @@ def run_case(case: Case, device: torch.device, timing: Timing, limits: dict, *, 
              budget: CompileBudget | None = None, seed: int = 0, field: list[Competitor] | None = None,
              on_entry: Callable[[dict, dict], None] = lambda record, entry: None) -> dict:
     """Runs every competitor of one case; returns the case's record (see bench.results).
-    on_entry(record, entry) is called as each competitor finishes, for live progress."""
+    The competitors are prepared (compiled, checked) one by one, then timed together in
+    alternating rounds. on_entry(record, entry) is called for each entry once all are timed,
+    for live progress."""
     budget = budget or CompileBudget(None)
     spec = OP_SPECS[case.op]
     flops, nbytes = spec.cost(case)
@@ -380,13 +403,15 @@ def run_case(case: Case, device: torch.device, timing: Timing, limits: dict, *, 
         inputs = make_inputs(case, device, seed)
         field = field if field is not None else competitors(case, device, with_compile)
         expected = spec.functions(case)[2](*inputs)
-        for competitor in field:
-            entry = _run_competitor(competitor, case, inputs, expected, device, timing, budget)
+        prepared = [(competitor, *_prepare_competitor(competitor, case, inputs, expected, device, budget))
+                    for competitor in field]
+        _time_competitors(prepared, device, timing)
+        for _, entry, _ in prepared:
             if "time" in entry:
                 _rates(entry, case, limits)
             record["results"].append(entry)
             on_entry(record, entry)
-        del inputs, expected
+        del inputs, expected, prepared
     if device.type == "cuda":
         torch.cuda.empty_cache()
     finish_case(record)

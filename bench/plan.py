@@ -23,7 +23,7 @@ EPILOGUES = {"": (False, None, False), "+b": (True, None, False), "+b+gelu": (Tr
 
 @dataclass(frozen=True)
 class Timing:
-    """Arguments of gptext.profiling.measure for one competitor."""
+    """Arguments of gptext.profiling.measure(_interleaved) for a case's competitors."""
 
     warmup: int
     repeats: int
@@ -31,9 +31,15 @@ class Timing:
 
     def measure(self, fn, device, flush_l2: bool = False) -> dict:
         """profiling.measure(fn) under this timing, as the results file stores it (seconds)."""
-        m = profiling.measure(fn, device, warmup=self.warmup, repeats=self.repeats, max_seconds=self.max_seconds,
-                              flush_l2=flush_l2)
-        return {"median": m.median, "p10": m.p10, "p90": m.p90, "samples": m.samples}
+        return self.measure_together([fn], device, flush_l2)[0]
+
+    def measure_together(self, fns, device, flush_l2: bool = False, contexts=None) -> list[dict]:
+        """profiling.measure_interleaved(fns): the competitors of one case in alternating
+        rounds, each as the results file stores it (seconds)."""
+        return [{"median": m.median, "p10": m.p10, "p90": m.p90, "samples": m.samples}
+                for m in profiling.measure_interleaved(fns, device, warmup=self.warmup, repeats=self.repeats,
+                                                       max_seconds=self.max_seconds, flush_l2=flush_l2,
+                                                       contexts=contexts)]
 
 
 @dataclass(frozen=True)

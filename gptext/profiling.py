@@ -5,7 +5,8 @@ the spot (copy bandwidth, dense matmul throughput), and a per-op profile of a fo
 Timing rules: warm-up calls first; CUDA work is timed with CUDA events around each call
 (optionally after flushing L2 so memory-bound kernels read from HBM, not cache); CPU work
 with perf_counter; the median of the repeats is the figure, with the 10th-90th percentile
-spread beside it.
+spread beside it. Implementations being compared are timed in alternating rounds
+(measure_interleaved), so that a busy spell of a shared machine does not favour one of them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from . import ops
 
 __all__ = ["DeviceLimits", "Measurement", "OpRecord", "device_limits", "format_profile", "measure",
-           "profile_forward", "record_ops"]
+           "measure_interleaved", "profile_forward", "record_ops"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -68,31 +69,58 @@ def measure(fn, device: torch.device | str = "cpu", *, warmup: int = 3, repeats:
             flush_l2: bool = False) -> Measurement:
     """Times fn() (at least 3 repeats, at most `repeats`, stopping early once the repeats
     have taken max_seconds; the warm-up also stops once it has taken max_seconds)."""
+    return measure_interleaved([fn], device, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
+                               flush_l2=flush_l2)[0]
+
+
+def measure_interleaved(fns, device: torch.device | str = "cpu", *, warmup: int = 3, repeats: int = 20,
+                        max_seconds: float = 2.0, flush_l2: bool = False, contexts=None) -> list[Measurement]:
+    """Times several functions in alternating rounds (one call of each per round), so that
+    a slow spell of a shared machine falls on all of them alike rather than on whichever
+    was being timed then: the ratios between them stay fair. Each warms up first (stopping
+    once its warm-up has taken max_seconds); then at least 3 rounds, at most `repeats`,
+    stopping early once the rounds have taken max_seconds per function. contexts: a context
+    manager factory per function (or None), entered around each of its calls, outside the
+    timed region."""
     device = torch.device(device)
-    warmup_end = time.perf_counter() + max_seconds
-    for _ in range(warmup):  # a slow function (seconds a call) warms up once, not `warmup` times
-        fn()
-        if time.perf_counter() > warmup_end:
-            break
+    contexts = list(contexts) if contexts is not None else [contextlib.nullcontext] * len(fns)
+    if len(contexts) != len(fns):
+        raise ValueError(f"measure_interleaved: {len(fns)} functions but {len(contexts)} contexts")
+    contexts = [ctx or contextlib.nullcontext for ctx in contexts]
+    for fn, ctx in zip(fns, contexts):
+        warmup_end = time.perf_counter() + max_seconds
+        with ctx():
+            for _ in range(warmup):  # a slow function (seconds a call) warms up once, not `warmup` times
+                fn()
+                if time.perf_counter() > warmup_end:
+                    break
     synchronize(device)
-    samples: list[float] = []
+    samples: list[list[float]] = [[] for _ in fns]
     flush = _L2Flush(device) if flush_l2 and device.type == "cuda" else None
-    budget_end = time.perf_counter() + max_seconds
-    while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() < budget_end):
-        if device.type == "cuda":
-            if flush is not None:
-                flush()
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            samples.append(start.elapsed_time(stop) / 1e3)
-        else:
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    return Measurement.of(samples)
+    budget_end = time.perf_counter() + max_seconds * len(fns)
+    rounds = 0
+    while rounds < repeats and (rounds < 3 or time.perf_counter() < budget_end):
+        for fn, ctx, times in zip(fns, contexts, samples):
+            with ctx():
+                times.append(_timed_call(fn, device, flush))
+        rounds += 1
+    return [Measurement.of(times) for times in samples]
+
+
+def _timed_call(fn, device: torch.device, flush) -> float:
+    """Seconds one call of fn takes (CUDA: between events around it, after the L2 flush)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    if flush is not None:
+        flush()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / 1e3
 
 
 @dataclass

@@ -27,6 +27,31 @@ def test_measure_counts_calls():
     assert len(few.samples) == 3  # the time budget stops it, but never below three repeats
 
 
+def test_measure_interleaved_alternates_and_times_outside_contexts():
+    log = []
+
+    class Mark:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            log.append(f"enter {self.name}")
+
+        def __exit__(self, *exc):
+            log.append(f"exit {self.name}")
+
+    fns = [lambda: log.append("a"), lambda: log.append("b")]
+    a, b = profiling.measure_interleaved(fns, "cpu", warmup=1, repeats=4, max_seconds=10,
+                                         contexts=[lambda: Mark("A"), None])
+    assert len(a.samples) == len(b.samples) == 4
+    calls = [entry for entry in log if entry in ("a", "b")]
+    assert calls == ["a", "b"] * 5  # one warm-up each, then four alternating rounds
+    assert log[:3] == ["enter A", "a", "exit A"]  # a's calls run inside its context, b's in none
+    assert log.count("enter A") == 5 and log.count("exit A") == 5
+    with pytest.raises(ValueError, match="contexts"):
+        profiling.measure_interleaved(fns, "cpu", contexts=[None])
+
+
 def test_device_limits_on_cpu():
     limits = profiling.device_limits("cpu")
     assert limits.copy_gbps > 0 and limits.matmul_tflops["float32"] > 0
