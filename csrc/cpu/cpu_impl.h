@@ -248,11 +248,22 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
     const KeyRange keys = attention_key_range(a.causal ? row % a.q_len : 0, a.q_len, a.cols, a.causal, a.window);
     const int64_t n = keys.end - keys.begin;
 
-    load_rows<Fmt>(x + keys.begin, buf, n);
-    const float row_max = reduce_row(buf, n, -INFINITY, identity, max_of);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = softmax_exp(buf[i], row_max, k);
-    const float inv = softmax_inv_sum(reduce_row(buf, n, 0.0f, identity, add));
+    // The row in fp32: read in place, or converted into buf first.
+    const float* values = buf;
+    if constexpr (std::is_same_v<Fmt, F32>) {
+      values = x + keys.begin;
+    } else {
+      load_rows<Fmt>(x + keys.begin, buf, n);
+    }
+    const float row_max = reduce_row(values, n, -INFINITY, identity, max_of);
+    float sum = 0.0f;  // summed as the exponentials are made: one pass over the row, not two
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = softmax_exp(values[i], row_max, k);
+      buf[i] = e;
+      sum += e;
+    }
+    const float inv = softmax_inv_sum(sum);
     std::fill(y, y + keys.begin, Fmt::store(0.0f));
     std::fill(y + keys.end, y + a.cols, Fmt::store(0.0f));
     store_rows_fn<Fmt, kStream>(y + keys.begin, n, [buf, inv](int64_t i) { return buf[i] * inv; });
@@ -610,9 +621,10 @@ inline void scores_tile(const float* q, int64_t dim, const float* kt, int64_t co
 #endif
 }
 
-// acc[r][:] += sum over j < n of p[r][j] * v[j][:] for r < MR (v: n fp32 rows of dim).
+// acc[r][:] += sum over j < n of p[r][j] * v[j][:] for r < MR (p's rows p_stride apart;
+// v: n fp32 rows of dim; acc: MR rows of dim, contiguous).
 template <int MR>
-inline void values_tile(const float* p, const float* const* v, int64_t n, int64_t dim, float* acc) {
+inline void values_tile(const float* p, int64_t p_stride, const float* const* v, int64_t n, int64_t dim, float* acc) {
   int64_t d = 0;
 #ifdef GPTEXT_CPU_AVX2
   for (; d + 16 <= dim; d += 16) {
@@ -624,7 +636,7 @@ inline void values_tile(const float* p, const float* const* v, int64_t n, int64_
     for (int64_t j = 0; j < n; ++j) {
       const __m256 v0 = _mm256_loadu_ps(v[j] + d), v1 = _mm256_loadu_ps(v[j] + d + 8);
       for (int r = 0; r < MR; ++r) {
-        const __m256 pj = _mm256_broadcast_ss(p + r * kKeyBlock + j);
+        const __m256 pj = _mm256_broadcast_ss(p + r * p_stride + j);
         c[r][0] = _mm256_fmadd_ps(pj, v0, c[r][0]);
         c[r][1] = _mm256_fmadd_ps(pj, v1, c[r][1]);
       }
@@ -637,7 +649,7 @@ inline void values_tile(const float* p, const float* const* v, int64_t n, int64_
 #endif
   for (int r = 0; r < MR; ++r) {
     for (int64_t j = 0; j < n; ++j) {
-      const float pj = p[r * kKeyBlock + j];
+      const float pj = p[r * p_stride + j];
       float* a = acc + r * dim;
 #pragma omp simd
       for (int64_t i = d; i < dim; ++i) a[i] += pj * v[j][i];
@@ -752,7 +764,7 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
             }
             l[r + i] += sum;
           }
-          values_tile<MR>(s, vrow, n, dim, acc + r * dim);
+          values_tile<MR>(s, kKeyBlock, vrow, n, dim, acc + r * dim);
         });
       }
     }
@@ -770,56 +782,126 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
 }
 
 // One (batch, kv head) per task, so that the key and value gradients, which every query
-// head of the group adds to, have a single writer. Probabilities are recomputed from the
-// saved log-sum-exp: p = exp(scale q.k - lse); ds = p (grad_out.v - delta).
+// head of the group adds to, have a single writer. Its rows (query head of the group,
+// query) go in blocks of kRowBlock against kKeyBlock-key blocks, as in the blocked forward:
+// per key block the keys and values are converted once, transposed for S = Q K^T and
+// dP = dO V^T and as rows for dQ += dS K; the probabilities are recomputed from the saved
+// log-sum-exp, p = exp(scale q.k - lse), ds = p (dp - delta); then dV += P^T dO and
+// dK += dS^T Q for the block's keys.
 template <typename Fmt>
 void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_t task_end) {
   using T = typename Fmt::storage;
   const AttentionArgs& a = g.fwd;
-  const int64_t dim = a.head_dim, group = a.heads / a.kv_heads;
+  const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = group * a.q_len;
   const int64_t grad_q_stride[3] = {a.heads * a.q_len * dim, a.q_len * dim, dim};
   const int64_t grad_kv_stride[3] = {a.kv_heads * a.k_len * dim, a.k_len * dim, dim};
-  std::vector<float> q(static_cast<size_t>(dim)), dout(static_cast<size_t>(dim)), dq(static_cast<size_t>(dim));
-  // Key row j in fp32: read in place, or converted once for its three uses.
-  std::vector<float> key_buffer(std::is_same_v<Fmt, F32> ? 0 : static_cast<size_t>(dim));
-  auto key_fp32 = [&](const T* row) -> const float* {
-    if constexpr (std::is_same_v<Fmt, F32>) {
-      return row;
-    } else {
-      load_rows<Fmt>(row, key_buffer.data(), dim);
-      return key_buffer.data();
-    }
-  };
+  const float score_scale = a.scale * kLog2e;
   std::vector<float> dk(static_cast<size_t>(a.k_len * dim)), dv(static_cast<size_t>(a.k_len * dim));
+  std::unique_ptr<float[]> memory(new float[size_t(3 * kRowBlock * dim + 2 * kRowBlock * kKeyBlock +
+                                                   kMicroRows * kKeyBlock + 2 * kKeyBlock * kRowBlock +
+                                                   2 * dim * kKeyBlock + kKeyBlock * dim + dim)]);
+  float* q = memory.get();                    // kRowBlock x dim
+  float* dout = q + kRowBlock * dim;          // kRowBlock x dim
+  float* dq = dout + kRowBlock * dim;         // kRowBlock x dim
+  float* p = dq + kRowBlock * dim;            // kRowBlock x kKeyBlock: scores, then probabilities
+  float* ds = p + kRowBlock * kKeyBlock;      // kRowBlock x kKeyBlock
+  float* dp = ds + kRowBlock * kKeyBlock;     // kMicroRows x kKeyBlock
+  float* pt = dp + kMicroRows * kKeyBlock;    // kKeyBlock x kRowBlock: P transposed
+  float* dst = pt + kKeyBlock * kRowBlock;    // kKeyBlock x kRowBlock: dS transposed
+  float* kt = dst + kKeyBlock * kRowBlock;    // dim x kKeyBlock: keys transposed
+  float* vt = kt + dim * kKeyBlock;           // dim x kKeyBlock: values transposed
+  float* keys_fp32 = vt + dim * kKeyBlock;    // kKeyBlock x dim
+  float* value = keys_fp32 + kKeyBlock * dim;  // one value row in fp32
+  const float* key_rows[kKeyBlock];
+  const float *q_rows[kRowBlock], *dout_rows[kRowBlock];
+  RowRef ref[kRowBlock];
+  float lse[kRowBlock], delta[kRowBlock];
+  for (int64_t i = 0; i < kRowBlock; ++i) {
+    q_rows[i] = q + i * dim;
+    dout_rows[i] = dout + i * dim;
+  }
+  for (int64_t j = 0; j < kKeyBlock; ++j) key_rows[j] = keys_fp32 + j * dim;
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.kv_heads, kv = task % a.kv_heads;
     std::fill(dk.begin(), dk.end(), 0.0f);
     std::fill(dv.begin(), dv.end(), 0.0f);
-    for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
-      for (int64_t t = 0; t < a.q_len; ++t) {
-        const int64_t row = (b * a.heads + h) * a.q_len + t;
-        load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, h, t), q.data(), dim);
-        load_rows<Fmt>(row_of(static_cast<const T*>(g.grad_out), g.grad_out_stride, b, h, t), dout.data(), dim);
-        std::fill(dq.begin(), dq.end(), 0.0f);
-        const float lse = a.lse[row] * kLog2e, delta = g.delta[row];
-        const KeyRange keys = attention_row_keys(a, b, t);
-        for (int64_t j = keys.begin; j < keys.end; ++j) {
-          const T* k_j = row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j);
-          const float* k = key_fp32(k_j);
-          const T* v = row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, j);
-          const float p = softmax_exp(dot_row<F32>(q.data(), k, dim) * a.scale * kLog2e, lse, 1.0f);
-          const float ds = p * (dot_row<Fmt>(dout.data(), v, dim) - delta);
-          float* dk_j = dk.data() + j * dim;
-          float* dv_j = dv.data() + j * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) {
-            dq[d] += ds * k[d];
-            dk_j[d] += ds * q[d];
-            dv_j[d] += p * dout[d];
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+      const int64_t nr = std::min(kRowBlock, rows - r0);
+      int64_t lo = INT64_MAX, hi = 0;
+      for (int64_t r = 0; r < nr; ++r) {
+        RowRef& row = ref[r];
+        row.head = kv * group + (r0 + r) / a.q_len;
+        row.t = (r0 + r) % a.q_len;
+        row.keys = attention_row_keys(a, b, row.t);
+        if (row.keys.begin < row.keys.end) {
+          lo = std::min(lo, row.keys.begin);
+          hi = std::max(hi, row.keys.end);
+        }
+        load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, row.head, row.t), q + r * dim, dim);
+        load_rows<Fmt>(row_of(static_cast<const T*>(g.grad_out), g.grad_out_stride, b, row.head, row.t),
+                       dout + r * dim, dim);
+        std::fill(dq + r * dim, dq + (r + 1) * dim, 0.0f);
+        const int64_t index = (b * a.heads + row.head) * a.q_len + row.t;
+        lse[r] = a.lse[index] * kLog2e;
+        delta[r] = g.delta[index];
+      }
+      for (int64_t j0 = lo; j0 < hi; j0 += kKeyBlock) {
+        const int64_t n = std::min(kKeyBlock, hi - j0);
+        const int64_t columns = (n + 15) / 16 * 16;
+        for (int64_t j = 0; j < columns; ++j) {
+          if (j < n) {
+            float* key = keys_fp32 + j * dim;
+            load_rows<Fmt>(row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j0 + j), key, dim);
+            load_rows<Fmt>(row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, j0 + j), value, dim);
+            for (int64_t d = 0; d < dim; ++d) {
+              kt[d * kKeyBlock + j] = key[d];
+              vt[d * kKeyBlock + j] = value[d];
+            }
+          } else {
+            for (int64_t d = 0; d < dim; ++d) kt[d * kKeyBlock + j] = vt[d * kKeyBlock + j] = 0.0f;
           }
         }
-        store_rows_fn<Fmt>(row_of(static_cast<T*>(g.grad_q), grad_q_stride, b, h, t), dim,
-                           [&dq, &a](int64_t d) { return dq[d] * a.scale; });
+        for (int64_t r = 0; r < nr; r += kMicroRows) {
+          with_micro_rows(std::min(kMicroRows, nr - r), [&](auto mr) {
+            constexpr int MR = decltype(mr)::value;
+            scores_tile<MR>(q + r * dim, dim, kt, columns, p + r * kKeyBlock);
+            scores_tile<MR>(dout + r * dim, dim, vt, columns, dp);
+            for (int i = 0; i < MR; ++i) {
+              const KeyRange keys = ref[r + i].keys;
+              const int64_t jb = std::clamp<int64_t>(keys.begin - j0, 0, n);
+              const int64_t je = std::clamp<int64_t>(keys.end - j0, jb, n);
+              float* pi = p + (r + i) * kKeyBlock;
+              float* dsi = ds + (r + i) * kKeyBlock;
+              const float* dpi = dp + i * kKeyBlock;
+              const float lse_i = lse[r + i], delta_i = delta[r + i];
+#pragma omp simd
+              for (int64_t j = 0; j < n; ++j) {
+                const float pj = (j >= jb && j < je) ? softmax_exp(pi[j] * score_scale, lse_i, 1.0f) : 0.0f;
+                pi[j] = pj;
+                dsi[j] = pj * (dpi[j] - delta_i);
+              }
+            }
+            values_tile<MR>(ds + r * kKeyBlock, kKeyBlock, key_rows, n, dim, dq + r * dim);
+          });
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          for (int64_t j = 0; j < n; ++j) {
+            pt[j * kRowBlock + r] = p[r * kKeyBlock + j];
+            dst[j * kRowBlock + r] = ds[r * kKeyBlock + j];
+          }
+        }
+        for (int64_t j = 0; j < n; j += kMicroRows) {
+          with_micro_rows(std::min(kMicroRows, n - j), [&](auto mr) {
+            constexpr int MR = decltype(mr)::value;
+            values_tile<MR>(pt + j * kRowBlock, kRowBlock, dout_rows, nr, dim, dv.data() + (j0 + j) * dim);
+            values_tile<MR>(dst + j * kRowBlock, kRowBlock, q_rows, nr, dim, dk.data() + (j0 + j) * dim);
+          });
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* dq_r = dq + r * dim;
+        store_rows_fn<Fmt>(row_of(static_cast<T*>(g.grad_q), grad_q_stride, b, ref[r].head, ref[r].t), dim,
+                           [dq_r, &a](int64_t d) { return dq_r[d] * a.scale; });
       }
     }
     for (int64_t j = 0; j < a.k_len; ++j) {
