@@ -77,7 +77,9 @@ def measure_interleaved(fns, device: torch.device | str = "cpu", *, warmup: int 
                         max_seconds: float = 2.0, flush_l2: bool = False, contexts=None) -> list[Measurement]:
     """Times several functions in alternating rounds (one call of each per round), so that
     a slow spell of a shared machine falls on all of them alike rather than on whichever
-    was being timed then: the ratios between them stay fair. Each warms up first (stopping
+    was being timed then: the ratios between them stay fair. The order rotates from round
+    to round, so that each follows each of the others equally often (what ran just before
+    decides what is still in the cache). Each warms up first (stopping
     once its warm-up has taken max_seconds); then at least 3 rounds, at most `repeats`,
     stopping early once the rounds have taken max_seconds per function. contexts: a context
     manager factory per function (or None), entered around each of its calls, outside the
@@ -100,9 +102,10 @@ def measure_interleaved(fns, device: torch.device | str = "cpu", *, warmup: int 
     budget_end = time.perf_counter() + max_seconds * len(fns)
     rounds = 0
     while rounds < repeats and (rounds < 3 or time.perf_counter() < budget_end):
-        for fn, ctx, times in zip(fns, contexts, samples):
-            with ctx():
-                times.append(_timed_call(fn, device, flush))
+        for i in range(len(fns)):
+            k = (rounds + i) % len(fns)
+            with contexts[k]():
+                samples[k].append(_timed_call(fns[k], device, flush))
         rounds += 1
     return [Measurement.of(times) for times in samples]
 
