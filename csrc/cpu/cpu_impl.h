@@ -236,6 +236,19 @@ inline float add(float a, float b) { return a + b; }
 inline float max_of(float a, float b) { return b > a ? b : a; }  // ignores NaN, as fmaxf does
 inline float identity(float v) { return v; }
 
+// dst[i] = 2^((src[i] - max) k) for i < n (0 where src is -inf, or everywhere when max is);
+// returns their sum. dst may be src.
+inline float exp_row(const float* src, float* dst, int64_t n, float max, float k) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = softmax_exp(src[i], max, k);
+    dst[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 template <typename Fmt, bool kStream>
 void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
   using T = typename Fmt::storage;
@@ -256,14 +269,8 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
       load_rows<Fmt>(x + keys.begin, buf, n);
     }
     const float row_max = reduce_row(values, n, -INFINITY, identity, max_of);
-    float sum = 0.0f;  // summed as the exponentials are made: one pass over the row, not two
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      const float e = softmax_exp(values[i], row_max, k);
-      buf[i] = e;
-      sum += e;
-    }
-    const float inv = softmax_inv_sum(sum);
+    // Summed as the exponentials are made: one pass over the row, not two.
+    const float inv = softmax_inv_sum(exp_row(values, buf, n, row_max, k));
     std::fill(y, y + keys.begin, Fmt::store(0.0f));
     std::fill(y + keys.end, y + a.cols, Fmt::store(0.0f));
     store_rows_fn<Fmt, kStream>(y + keys.begin, n, [buf, inv](int64_t i) { return buf[i] * inv; });
@@ -539,8 +546,7 @@ void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t tas
         dot4_rows<Fmt>(q.data(), rows, dim, scores.data() + j);
       }
       for (; j < n; ++j) scores[j] = dot_row<Fmt>(q.data(), key(j), dim);
-      float block_max = -INFINITY;
-      for (j = 0; j < n; ++j) block_max = max_of(block_max, scores[j]);
+      const float block_max = reduce_row(scores.data(), n, -INFINITY, identity, max_of);
       if (block_max > m) {
         const float correction = softmax_exp(m, block_max, 1.0f);
         l *= correction;
@@ -549,10 +555,7 @@ void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t tas
         m = block_max;
       }
       auto value = [&](int64_t i) { return row_of(static_cast<const T*>(a.v), a.v_stride, b, h / group, j0 + i); };
-      for (j = 0; j < n; ++j) {
-        scores[j] = softmax_exp(scores[j], m, 1.0f);
-        l += scores[j];
-      }
+      l += exp_row(scores.data(), scores.data(), n, m, 1.0f);
       // Four value rows per sweep of the accumulator: a quarter of its loads and stores.
       for (j = 0; j + 4 <= n; j += 4) {
         const T* const rows[4] = {value(j), value(j + 1), value(j + 2), value(j + 3)};
@@ -587,74 +590,79 @@ struct RowRef {
   KeyRange keys;
 };
 
-// scores[r][j] = q[r] . kt[:, j] for r < MR, j < columns (kt: dim x kKeyBlock; columns a
-// multiple of 16, at most kKeyBlock).
-template <int MR>
-inline void scores_tile(const float* q, int64_t dim, const float* kt, int64_t columns, float* scores) {
+// The nr rows of (batch b, kv head kv) from row r0 on, into ref; returns the union of their
+// key ranges (empty when none has a key).
+inline KeyRange row_block(const AttentionArgs& a, int64_t b, int64_t kv, int64_t r0, int64_t nr, RowRef* ref) {
+  const int64_t group = a.heads / a.kv_heads;
+  int64_t lo = INT64_MAX, hi = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    RowRef& row = ref[r];
+    row.head = kv * group + (r0 + r) / a.q_len;
+    row.t = (r0 + r) % a.q_len;
+    row.keys = attention_row_keys(a, b, row.t);
+    if (row.keys.begin < row.keys.end) {
+      lo = std::min(lo, row.keys.begin);
+      hi = std::max(hi, row.keys.end);
+    }
+  }
+  return lo < hi ? KeyRange{lo, hi} : KeyRange{0, 0};
+}
+
+// The register-blocked product both directions of attention use:
+//   c[r][:cols] (+)= sum over i < k of a[r * a_stride + i] * b_row(i)[:cols]   for r < MR
+// (c's rows c_stride apart; accumulate: add to c, else overwrite it). With AVX2 each step
+// of i broadcasts one a value per row against 16 columns of b's row, into 2 x MR
+// accumulators that stay in registers for the whole sum.
+template <int MR, typename RowB>
+inline void tile_product(const float* a, int64_t a_stride, RowB&& b_row, int64_t k, int64_t cols, float* c,
+                         int64_t c_stride, bool accumulate) {
+  int64_t col = 0;
 #ifdef GPTEXT_CPU_AVX2
-  for (int64_t j = 0; j < columns; j += 16) {
-    __m256 c[MR][2];
-    for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < dim; ++d) {
-      const __m256 k0 = _mm256_loadu_ps(kt + d * kKeyBlock + j), k1 = _mm256_loadu_ps(kt + d * kKeyBlock + j + 8);
+  for (; col + 16 <= cols; col += 16) {
+    __m256 acc[MR][2];
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = accumulate ? _mm256_loadu_ps(c + r * c_stride + col) : _mm256_setzero_ps();
+      acc[r][1] = accumulate ? _mm256_loadu_ps(c + r * c_stride + col + 8) : _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const float* b = b_row(i) + col;
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
       for (int r = 0; r < MR; ++r) {
-        const __m256 qd = _mm256_broadcast_ss(q + r * dim + d);
-        c[r][0] = _mm256_fmadd_ps(qd, k0, c[r][0]);
-        c[r][1] = _mm256_fmadd_ps(qd, k1, c[r][1]);
+        const __m256 ai = _mm256_broadcast_ss(a + r * a_stride + i);
+        acc[r][0] = _mm256_fmadd_ps(ai, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(ai, b1, acc[r][1]);
       }
     }
     for (int r = 0; r < MR; ++r) {
-      _mm256_storeu_ps(scores + r * kKeyBlock + j, c[r][0]);
-      _mm256_storeu_ps(scores + r * kKeyBlock + j + 8, c[r][1]);
-    }
-  }
-#else
-  for (int r = 0; r < MR; ++r) {
-    float* s = scores + r * kKeyBlock;
-    std::fill(s, s + columns, 0.0f);
-    for (int64_t d = 0; d < dim; ++d) {
-      const float qd = q[r * dim + d];
-#pragma omp simd
-      for (int64_t j = 0; j < columns; ++j) s[j] += qd * kt[d * kKeyBlock + j];
+      _mm256_storeu_ps(c + r * c_stride + col, acc[r][0]);
+      _mm256_storeu_ps(c + r * c_stride + col + 8, acc[r][1]);
     }
   }
 #endif
+  for (int r = 0; r < MR; ++r) {
+    float* out = c + r * c_stride;
+    if (!accumulate) std::fill(out + col, out + cols, 0.0f);
+    for (int64_t i = 0; i < k; ++i) {
+      const float ai = a[r * a_stride + i];
+      const float* b = b_row(i);
+#pragma omp simd
+      for (int64_t j = col; j < cols; ++j) out[j] += ai * b[j];
+    }
+  }
+}
+
+// scores[r][j] = q[r] . kt[:, j] for r < MR, j < columns (kt: dim x kKeyBlock, transposed
+// keys; scores' rows kKeyBlock apart).
+template <int MR>
+inline void scores_tile(const float* q, int64_t dim, const float* kt, int64_t columns, float* scores) {
+  tile_product<MR>(q, dim, [kt](int64_t d) { return kt + d * kKeyBlock; }, dim, columns, scores, kKeyBlock, false);
 }
 
 // acc[r][:] += sum over j < n of p[r][j] * v[j][:] for r < MR (p's rows p_stride apart;
 // v: n fp32 rows of dim; acc: MR rows of dim, contiguous).
 template <int MR>
 inline void values_tile(const float* p, int64_t p_stride, const float* const* v, int64_t n, int64_t dim, float* acc) {
-  int64_t d = 0;
-#ifdef GPTEXT_CPU_AVX2
-  for (; d + 16 <= dim; d += 16) {
-    __m256 c[MR][2];
-    for (int r = 0; r < MR; ++r) {
-      c[r][0] = _mm256_loadu_ps(acc + r * dim + d);
-      c[r][1] = _mm256_loadu_ps(acc + r * dim + d + 8);
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 v0 = _mm256_loadu_ps(v[j] + d), v1 = _mm256_loadu_ps(v[j] + d + 8);
-      for (int r = 0; r < MR; ++r) {
-        const __m256 pj = _mm256_broadcast_ss(p + r * p_stride + j);
-        c[r][0] = _mm256_fmadd_ps(pj, v0, c[r][0]);
-        c[r][1] = _mm256_fmadd_ps(pj, v1, c[r][1]);
-      }
-    }
-    for (int r = 0; r < MR; ++r) {
-      _mm256_storeu_ps(acc + r * dim + d, c[r][0]);
-      _mm256_storeu_ps(acc + r * dim + d + 8, c[r][1]);
-    }
-  }
-#endif
-  for (int r = 0; r < MR; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      const float pj = p[r * p_stride + j];
-      float* a = acc + r * dim;
-#pragma omp simd
-      for (int64_t i = d; i < dim; ++i) a[i] += pj * v[j][i];
-    }
-  }
+  tile_product<MR>(p, p_stride, [v](int64_t j) { return v[j]; }, n, dim, acc, dim, true);
 }
 
 template <typename Fn>
@@ -690,16 +698,10 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
     const int64_t r0 = (task % row_tiles) * kRowBlock, kv = (task / row_tiles) % a.kv_heads;
     const int64_t b = task / (row_tiles * a.kv_heads);
     const int64_t nr = std::min(kRowBlock, rows - r0);
-    int64_t lo = INT64_MAX, hi = 0;
+    const KeyRange span = row_block(a, b, kv, r0, nr, ref);
+    const int64_t lo = span.begin, hi = span.end;
     for (int64_t r = 0; r < nr; ++r) {
-      RowRef& row = ref[r];
-      row.head = kv * group + (r0 + r) / a.q_len;
-      row.t = (r0 + r) % a.q_len;
-      row.keys = attention_row_keys(a, b, row.t);
-      if (row.keys.begin < row.keys.end) {
-        lo = std::min(lo, row.keys.begin);
-        hi = std::max(hi, row.keys.end);
-      }
+      const RowRef& row = ref[r];
       float* qr = q + r * dim;
       load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, row.head, row.t), qr, dim);
       const float k = a.scale * kLog2e;
@@ -744,8 +746,11 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
             // This row's keys within the block: [jb, je) (possibly empty).
             const int64_t jb = std::clamp<int64_t>(keys.begin - j0, 0, n);
             const int64_t je = std::clamp<int64_t>(keys.end - j0, jb, n);
-            float block_max = -INFINITY;
-            for (int64_t j = jb; j < je; ++j) block_max = max_of(block_max, si[j]);
+            // Keys outside the row's range score -inf, so the exponentials below need no
+            // condition (a conditional loop does not vectorise).
+            std::fill(si, si + jb, -INFINITY);
+            std::fill(si + je, si + n, -INFINITY);
+            const float block_max = reduce_row(si + jb, je - jb, -INFINITY, identity, max_of);
             float& mi = m[r + i];
             if (block_max > mi) {
               const float correction = softmax_exp(mi, block_max, 1.0f);
@@ -755,14 +760,7 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
               for (int64_t d = 0; d < dim; ++d) ai[d] *= correction;
               mi = block_max;
             }
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < n; ++j) {
-              const float pj = (j >= jb && j < je) ? softmax_exp(si[j], mi, 1.0f) : 0.0f;
-              si[j] = pj;
-              sum += pj;
-            }
-            l[r + i] += sum;
+            l[r + i] += exp_row(si, si, n, mi, 1.0f);
           }
           values_tile<MR>(s, kKeyBlock, vrow, n, dim, acc + r * dim);
         });
@@ -827,16 +825,10 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
     std::fill(dv.begin(), dv.end(), 0.0f);
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int64_t nr = std::min(kRowBlock, rows - r0);
-      int64_t lo = INT64_MAX, hi = 0;
+      const KeyRange span = row_block(a, b, kv, r0, nr, ref);
+      const int64_t lo = span.begin, hi = span.end;
       for (int64_t r = 0; r < nr; ++r) {
-        RowRef& row = ref[r];
-        row.head = kv * group + (r0 + r) / a.q_len;
-        row.t = (r0 + r) % a.q_len;
-        row.keys = attention_row_keys(a, b, row.t);
-        if (row.keys.begin < row.keys.end) {
-          lo = std::min(lo, row.keys.begin);
-          hi = std::max(hi, row.keys.end);
-        }
+        const RowRef& row = ref[r];
         load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, row.head, row.t), q + r * dim, dim);
         load_rows<Fmt>(row_of(static_cast<const T*>(g.grad_out), g.grad_out_stride, b, row.head, row.t),
                        dout + r * dim, dim);
@@ -874,9 +866,11 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
               float* dsi = ds + (r + i) * kKeyBlock;
               const float* dpi = dp + i * kKeyBlock;
               const float lse_i = lse[r + i], delta_i = delta[r + i];
+              std::fill(pi, pi + jb, -INFINITY);  // as in the forward: no condition in the loop
+              std::fill(pi + je, pi + n, -INFINITY);
 #pragma omp simd
               for (int64_t j = 0; j < n; ++j) {
-                const float pj = (j >= jb && j < je) ? softmax_exp(pi[j] * score_scale, lse_i, 1.0f) : 0.0f;
+                const float pj = softmax_exp(pi[j] * score_scale, lse_i, 1.0f);
                 pi[j] = pj;
                 dsi[j] = pj * (dpi[j] - delta_i);
               }
