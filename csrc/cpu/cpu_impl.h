@@ -24,20 +24,23 @@ namespace {
 // vectorisable. With AVX2 every loop over stored values goes through Lanes (below), eight
 // values an instruction group, instead of these scalar conversions (fp16's software one
 // takes dozens of instructions per value; F16C does eight in one).
+// The conversions are always inlined, like the math helpers (GPTEXT_HD): a call left in an
+// `omp simd` loop makes it scalar, and GCC stops inlining once a caller grows large enough.
+#define GPTEXT_CPU_INLINE static inline __attribute__((always_inline))
 struct F32 {
   using storage = float;
-  static float load(float v) { return v; }
-  static float store(float v) { return v; }
+  GPTEXT_CPU_INLINE float load(float v) { return v; }
+  GPTEXT_CPU_INLINE float store(float v) { return v; }
 };
 struct BF16 {
   using storage = uint16_t;
-  static float load(uint16_t v) { return bf16_bits_to_float(v); }
-  static uint16_t store(float v) { return float_to_bf16_bits(v); }
+  GPTEXT_CPU_INLINE float load(uint16_t v) { return bf16_bits_to_float(v); }
+  GPTEXT_CPU_INLINE uint16_t store(float v) { return float_to_bf16_bits(v); }
 };
 struct F16 {
   using storage = uint16_t;
-  static float load(uint16_t v) { return f16_bits_to_float(v); }
-  static uint16_t store(float v) { return float_to_f16_bits(v); }
+  GPTEXT_CPU_INLINE float load(uint16_t v) { return f16_bits_to_float(v); }
+  GPTEXT_CPU_INLINE uint16_t store(float v) { return float_to_f16_bits(v); }
 };
 
 #ifdef GPTEXT_CPU_AVX2
