@@ -910,27 +910,30 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
   }
 }
 
-}  // namespace
-
-void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64_t row_end) {
+// dispatch(), plus whether rows x cols outputs of that format are streamed (kStreamMinBytes):
+// fn(format tag, std::integral_constant<bool, stream>).
+template <typename Fn>
+void dispatch_streamed(DType dtype, int64_t rows, int64_t cols, Fn&& fn) {
   dispatch(dtype, [&](auto tag) {
-    using Fmt = decltype(tag);
-    if (args.rows * args.cols * int64_t(sizeof(typename Fmt::storage)) >= kStreamMinBytes) {
-      softmax_rows_t<Fmt, true>(args, row_begin, row_end);
+    if (rows * cols * int64_t(sizeof(typename decltype(tag)::storage)) >= kStreamMinBytes) {
+      fn(tag, std::true_type{});
     } else {
-      softmax_rows_t<Fmt, false>(args, row_begin, row_end);
+      fn(tag, std::false_type{});
     }
   });
 }
 
+}  // namespace
+
+void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64_t row_end) {
+  dispatch_streamed(dtype, args.rows, args.cols, [&](auto tag, auto stream) {
+    softmax_rows_t<decltype(tag), decltype(stream)::value>(args, row_begin, row_end);
+  });
+}
+
 void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_t row_end) {
-  dispatch(dtype, [&](auto tag) {
-    using Fmt = decltype(tag);
-    if (args.rows * args.cols * int64_t(sizeof(typename Fmt::storage)) >= kStreamMinBytes) {
-      layernorm_rows_t<Fmt, true>(args, row_begin, row_end);
-    } else {
-      layernorm_rows_t<Fmt, false>(args, row_begin, row_end);
-    }
+  dispatch_streamed(dtype, args.rows, args.cols, [&](auto tag, auto stream) {
+    layernorm_rows_t<decltype(tag), decltype(stream)::value>(args, row_begin, row_end);
   });
 }
 
