@@ -84,10 +84,10 @@ def test_non_contiguous_and_batched(kernels, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1])
 def test_large_outputs(kernels, device, dtype, offset):
-    """Outputs of more than 8 MiB (the CPU kernels write them with streaming stores, which
-    need aligned rows: an odd width and a one-element offset put every row off alignment),
-    with non-finite values on the way."""
-    rows, cols = 1369, 3073  # 4.2M values: 8.4 MB in 16 bits
+    """A call moving more than 32 MiB (the CPU kernels write its outputs with streaming
+    stores, which need aligned rows: an odd width and a one-element offset put every row
+    off alignment), with non-finite values on the way."""
+    rows, cols = 1400, 3073  # 4.3M values: 34.4 MB read and written in 16 bits
     x, r, w, b = _inputs(rows, cols, dtype, device)
     x = torch.cat([torch.zeros(offset, dtype=dtype, device=device), x.flatten()])[offset:].view(rows, cols)
     x[5, 7], x[9, 100], r[9, 100] = float("nan"), float("inf"), float("-inf")

@@ -69,9 +69,10 @@ def test_misaligned_rows(kernels, device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_large_output(kernels, device, dtype, causal):
-    """More than 8 MiB of output (written with streaming stores on the CPU), rows off
-    alignment (odd width, one-element offset), masked prefixes of every length."""
-    rows, cols = 65, 64541  # 4.2M values: 8.4 MB in 16 bits
+    """A call moving more than 32 MiB (its output written with streaming stores on the
+    CPU), rows off alignment (odd width, one-element offset), masked prefixes of every
+    length."""
+    rows, cols = 131, 64541  # 8.5M values: 33.8 MB read and written in 16 bits
     x = _scores((rows * cols + 1,), dtype, device)[1:].view(rows, cols)
     y = gptext.ops.softmax(x, scale=0.5, causal=causal)
     assert_close(y.float(), reference.softmax(x, scale=0.5, causal=causal).float(), dtype)
