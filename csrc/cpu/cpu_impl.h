@@ -102,8 +102,7 @@ struct Lanes<BF16> : Lanes16 {
     const __m256i high = _mm256_srli_epi32(u, 16);
     const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(high, _mm256_set1_epi32(1)));
     const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     const __m256i bits = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
     // Every lane holds a value below 2^16, so the saturating pack is exact; it packs within
     // 128-bit halves, and the permute brings the two halves' results together.
@@ -963,6 +962,20 @@ void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begi
 
 void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end) {
   dispatch(dtype, [&](auto tag) { attention_backward_t<decltype(tag)>(args, task_begin, task_end); });
+}
+
+void to_storage(DType dtype, const float* src, void* dst, int64_t n) {
+  dispatch(dtype, [&](auto tag) {
+    using Fmt = decltype(tag);
+    store_rows<Fmt>(src, static_cast<typename Fmt::storage*>(dst), n);
+  });
+}
+
+void from_storage(DType dtype, const void* src, float* dst, int64_t n) {
+  dispatch(dtype, [&](auto tag) {
+    using Fmt = decltype(tag);
+    load_rows<Fmt>(static_cast<const typename Fmt::storage*>(src), dst, n);
+  });
 }
 
 }  // namespace gptext::cpu::GPTEXT_CPU_ISA

@@ -21,7 +21,10 @@ namespace gptext::cpu {
   /* Tasks [task_begin, task_end) of attention_forward_tasks(args). */                          \
   void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end); \
   /* (batch, kv head) pairs [task_begin, task_end), flattened. */                               \
-  void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end);
+  void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end); \
+  /* n fp32 values rounded to the storage format as every kernel stores them, and back. */     \
+  void to_storage(DType dtype, const float* src, void* dst, int64_t n);                         \
+  void from_storage(DType dtype, const void* src, float* dst, int64_t n);
 
 GPTEXT_CPU_KERNELS
 

@@ -47,6 +47,12 @@ void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task
   GPTEXT_CPU_CALL(attention_backward, dtype, args, task_begin, task_end);
 }
 
+void to_storage(DType dtype, const float* src, void* dst, int64_t n) { GPTEXT_CPU_CALL(to_storage, dtype, src, dst, n); }
+
+void from_storage(DType dtype, const void* src, float* dst, int64_t n) {
+  GPTEXT_CPU_CALL(from_storage, dtype, src, dst, n);
+}
+
 const char* instruction_set() { return use_avx2() ? "avx2" : "baseline"; }
 
 }  // namespace gptext::cpu
