@@ -16,7 +16,11 @@
 // The probabilities are recomputed in both (twice the forward's QK^T work), the price of no
 // atomics and of a simple, deterministic result.
 //
-// Verified on an H100 (sm_90) by bench/gpu_suite.sh, 2026-11-23; the sm_80 build has not run on a GPU.
+// Unverified: bench/gpu_suite.sh verified these kernels on an H100 (sm_90) on 2026-11-23
+// (commit 3a9f802), before their loops were reworked (unrolled tile copies, masks only on
+// edge tiles from per-thread ranges, .ftz exponentials: ~415 / ~725 instructions a warp per
+// step at D = 64 for dQ / dK dV, from ~2000 / ~2400 in the sm_90 SASS); the reworked loops
+// have not run on a GPU yet. The sm_80 build has never run on a GPU.
 #include "attention_tiles.cuh"
 #include "launch.h"
 
@@ -34,11 +38,25 @@ constexpr size_t bwd_smem_bytes() {
   return size_t(2 * kOwnRows + 2 * kStep) * D * 2 + 2 * kStep * sizeof(float);
 }
 
-// Whether key `key` is visible to query `t` of batch b (the masking of a partial tile).
-__device__ __forceinline__ bool visible(const AttentionArgs& a, int64_t b, int64_t t, int64_t key) {
-  const KeyRange r = attention_row_keys(a, b, t);
-  return key >= r.begin && key < r.end;
+// The masking of a partial tile of COLS columns from col0: zeroes the probabilities of this
+// thread's two rows (accumulator elements e / 2 = 0, 1) outside their visible ranges; the
+// thread holds columns nb * 8 + 2c + (e & 1), c its place in its quad.
+template <int COLS>
+__device__ __forceinline__ void mask_columns(float (&p)[COLS / 8][4], const KeyRange (&visible)[2], int64_t col0) {
+  const int c = threadIdx.x % 4;
+  const ColumnRange cols[2] = {tile_columns(visible[0], col0, COLS), tile_columns(visible[1], col0, COLS)};
+#pragma unroll
+  for (int nb = 0; nb < COLS / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = nb * 8 + c * 2 + (e & 1);
+      if ((col < cols[e / 2].lo) | (col >= cols[e / 2].hi)) p[nb][e] = 0.0f;
+    }
 }
+
+// A saved log-sum-exp (natural log) in exp2 units, as subtracted from scale * log2(e) * s:
+// a row that saw no keys (-inf) becomes +inf, so that its probabilities come out 0.
+__device__ __forceinline__ float lse_exp2_units(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
 // Writes a warp's 16 x D accumulator rows (scaled) to a contiguous (rows, D) gradient.
 template <typename T, int D>
@@ -72,31 +90,31 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const Attentio
   const int64_t group = a.heads / a.kv_heads;
   const float k2 = a.scale * kLog2e;
 
-  auto own_row = [&](const void* base, const int64_t(&stride)[3]) {
-    return [&, base](int row) -> const T* {
-      return k0 + row < a.k_len ? row_ptr<T>(base, stride, b, kv, k0 + row) : nullptr;
-    };
-  };
-  load_tile<D, kThreads>(sk, kOwnRows, a.k, own_row(a.k, a.k_stride));
-  load_tile<D, kThreads>(sv, kOwnRows, a.v, own_row(a.v, a.v_stride));
+  load_rows<D, kOwnRows, kThreads>(sk, row_ptr<T>(a.k, a.k_stride, b, kv, 0), a.k_stride[2], k0, a.k_len);
+  load_rows<D, kOwnRows, kThreads>(sv, row_ptr<T>(a.v, a.v_stride, b, kv, 0), a.v_stride[2], k0, a.k_len);
   cp_async_commit();
+
+  // This thread's two keys (rows gr and gr + 8 of its warp) and the queries that see each
+  // (attention_query_span of a single key is exact).
+  KeyRange seen_by[2];
+  for (int i = 0; i < 2; ++i) {
+    const int64_t key = k0 + warp * 16 + gr + 8 * i;
+    seen_by[i] = key < a.k_len ? attention_query_span(a, b, key, key + 1) : KeyRange{0, 0};
+  }
 
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   const KeyRange queries = attention_query_span(a, b, k0, k0 + kOwnRows);
   for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+    const T* q_rows = row_ptr<T>(a.q, a.q_stride, b, h, 0);
+    const T* do_rows = row_ptr<T>(g.grad_out, g.grad_out_stride, b, h, 0);
     for (int64_t t0 = queries.begin; t0 < queries.end; t0 += kStep) {
-      auto query_row = [&](const void* base, const int64_t(&stride)[3]) {
-        return [&, base](int row) -> const T* {
-          return t0 + row < a.q_len ? row_ptr<T>(base, stride, b, h, t0 + row) : nullptr;
-        };
-      };
-      load_tile<D, kThreads>(sq, kStep, a.q, query_row(a.q, a.q_stride));
-      load_tile<D, kThreads>(sdo, kStep, g.grad_out, query_row(g.grad_out, g.grad_out_stride));
+      load_rows<D, kStep, kThreads>(sq, q_rows, a.q_stride[2], t0, a.q_len);
+      load_rows<D, kStep, kThreads>(sdo, do_rows, g.grad_out_stride[2], t0, a.q_len);
       cp_async_commit();
       for (int i = threadIdx.x; i < kStep; i += kThreads) {
         const int64_t t = t0 + i;
         const int64_t row = (b * a.heads + h) * a.q_len + t;
-        s_lse[i] = t < a.q_len ? a.lse[row] * kLog2e : -INFINITY;  // -inf: no probability
+        s_lse[i] = t < a.q_len ? lse_exp2_units(a.lse[row]) : INFINITY;  // +inf: no probability
         s_delta[i] = t < a.q_len ? g.delta[row] : 0.0f;
       }
       cp_async_wait<0>();
@@ -110,13 +128,12 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const Attentio
 #pragma unroll
       for (int nb = 0; nb < kStep / 8; ++nb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = nb * 8 + c * 2 + (e & 1);
-          const int64_t key = k0 + warp * 16 + gr + 8 * (e / 2);
-          const bool keep = unmasked || (t0 + col < a.q_len && visible(a, b, t0 + col, key));
-          p[nb][e] = keep ? softmax_exp(p[nb][e] * k2, s_lse[col], 1.0f) : 0.0f;
-          ds[nb][e] = p[nb][e] * (ds[nb][e] - s_delta[col]);
-        }
+        for (int e = 0; e < 4; ++e) p[nb][e] = exp2_approx(p[nb][e] * k2 - s_lse[nb * 8 + c * 2 + (e & 1)]);
+      if (!unmasked) mask_columns<kStep>(p, seen_by, t0);  // block-uniform: edge tiles only
+#pragma unroll
+      for (int nb = 0; nb < kStep / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ds[nb][e] = p[nb][e] * (ds[nb][e] - s_delta[nb * 8 + c * 2 + (e & 1)]);
       accumulate_times_rows<T, D>(dv, p, sdo);  // dV += P^T dO
       accumulate_times_rows<T, D>(dk, ds, sq);  // dK += dS^T Q
       __syncthreads();  // before the next query tile overwrites sq / sdo
@@ -141,41 +158,35 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttentionG
   T* sk = sdo + kOwnRows * D;
   T* sv = sk + kStep * D;
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, c = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4;
   const int64_t t0 = int64_t(blockIdx.x) * kOwnRows, h = blockIdx.y, b = blockIdx.z;
   const int64_t kv = h / (a.heads / a.kv_heads);
   const float k2 = a.scale * kLog2e;
 
-  auto own_row = [&](const void* base, const int64_t(&stride)[3]) {
-    return [&, base](int row) -> const T* {
-      return t0 + row < a.q_len ? row_ptr<T>(base, stride, b, h, t0 + row) : nullptr;
-    };
-  };
-  load_tile<D, kThreads>(sq, kOwnRows, a.q, own_row(a.q, a.q_stride));
-  load_tile<D, kThreads>(sdo, kOwnRows, g.grad_out, own_row(g.grad_out, g.grad_out_stride));
+  load_rows<D, kOwnRows, kThreads>(sq, row_ptr<T>(a.q, a.q_stride, b, h, 0), a.q_stride[2], t0, a.q_len);
+  load_rows<D, kOwnRows, kThreads>(sdo, row_ptr<T>(g.grad_out, g.grad_out_stride, b, h, 0), g.grad_out_stride[2], t0,
+                                   a.q_len);
   cp_async_commit();
 
-  // This thread's two query rows and their saved statistics.
+  // This thread's two query rows: their saved statistics and the keys each sees.
   float lse[2], delta[2];
-  int64_t query[2];
+  KeyRange keys[2];
   for (int i = 0; i < 2; ++i) {
-    query[i] = t0 + warp * 16 + gr + 8 * i;
-    const int64_t row = (b * a.heads + h) * a.q_len + query[i];
-    lse[i] = query[i] < a.q_len ? a.lse[row] * kLog2e : -INFINITY;
-    delta[i] = query[i] < a.q_len ? g.delta[row] : 0.0f;
+    const int64_t query = t0 + warp * 16 + gr + 8 * i;
+    const int64_t row = (b * a.heads + h) * a.q_len + query;
+    lse[i] = query < a.q_len ? lse_exp2_units(a.lse[row]) : INFINITY;
+    delta[i] = query < a.q_len ? g.delta[row] : 0.0f;
+    keys[i] = query < a.q_len ? attention_row_keys(a, b, query) : KeyRange{0, 0};
   }
   const int64_t t_last = (t0 + kOwnRows < a.q_len ? t0 + kOwnRows : a.q_len) - 1;
   const KeyRange span = attention_span_keys(a, b, t0, t_last);
 
   float dq[D / 8][4] = {};
+  const T* k_rows = row_ptr<T>(a.k, a.k_stride, b, kv, 0);
+  const T* v_rows = row_ptr<T>(a.v, a.v_stride, b, kv, 0);
   for (int64_t j0 = span.begin; j0 < span.end; j0 += kStep) {
-    auto key_row = [&](const void* base, const int64_t(&stride)[3]) {
-      return [&, base](int row) -> const T* {
-        return j0 + row < a.k_len ? row_ptr<T>(base, stride, b, kv, j0 + row) : nullptr;
-      };
-    };
-    load_tile<D, kThreads>(sk, kStep, a.k, key_row(a.k, a.k_stride));
-    load_tile<D, kThreads>(sv, kStep, a.v, key_row(a.v, a.v_stride));
+    load_rows<D, kStep, kThreads>(sk, k_rows, a.k_stride[2], j0, a.k_len);
+    load_rows<D, kStep, kThreads>(sv, v_rows, a.v_stride[2], j0, a.k_len);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -187,13 +198,12 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttentionG
 #pragma unroll
     for (int nb = 0; nb < kStep / 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e / 2;
-        const int64_t key = j0 + nb * 8 + c * 2 + (e & 1);
-        const bool keep = unmasked || (query[i] < a.q_len && visible(a, b, query[i], key));
-        p[nb][e] = keep ? softmax_exp(p[nb][e] * k2, lse[i], 1.0f) : 0.0f;
-        ds[nb][e] = p[nb][e] * (ds[nb][e] - delta[i]);
-      }
+      for (int e = 0; e < 4; ++e) p[nb][e] = exp2_approx(p[nb][e] * k2 - lse[e / 2]);
+    if (!unmasked) mask_columns<kStep>(p, keys, j0);  // block-uniform: edge tiles only
+#pragma unroll
+    for (int nb = 0; nb < kStep / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[nb][e] = p[nb][e] * (ds[nb][e] - delta[e / 2]);
     accumulate_times_rows<T, D>(dq, ds, sk);  // dQ += dS K
     __syncthreads();  // before the next key tile overwrites sk / sv
   }

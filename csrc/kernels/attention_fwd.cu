@@ -26,7 +26,13 @@
 // over several blocks (split-KV); those write normalised fp32 partial outputs with their
 // log-sum-exp and attention_combine_kernel merges them, adding the sink there.
 //
-// Verified on an H100 (sm_90) by bench/gpu_suite.sh, 2026-11-23; the sm_80 build has not run on a GPU.
+// Per 64-key tile the loop issues ~650 instructions a warp at D = 64 (~870 at D = 128) for
+// its 64 (128) mma.sync, counted in the sm_90 SASS; the version before had ~1800 (~2000).
+//
+// Unverified: bench/gpu_suite.sh verified this kernel on an H100 (sm_90) on 2026-11-23
+// (commit 3a9f802), before its key loop was reworked (unrolled tile copies, masks only on
+// edge tiles with 32-bit compares, .ftz exponentials, later row tiles first); the reworked
+// loop has not run on a GPU yet. The sm_80 build has never run on a GPU.
 #include "attention_tiles.cuh"
 #include "launch.h"
 
@@ -42,10 +48,15 @@ template <int D, int WARPS>
 struct FwdTile {
   static constexpr int BM = 16 * WARPS, BN = kBlockKeys;
   static constexpr size_t kSmemBytes = size_t(BM + 4 * BN) * D * 2;  // Q, then K and V x 2 stages
+  // Blocks per SM the register allocation must allow (65536 registers / (threads x regs)):
+  // at most ~168 registers a thread for D = 64 with 2 or 4 warps, 255 otherwise. Without
+  // the cap ptxas keeps the unrolled tile copies' addresses live across the key loop (194
+  // registers at D = 64: two 4-warp blocks an SM instead of three).
+  static constexpr int kMinBlocks = WARPS == 1 ? 8 : (D == 64 ? 12 : 8) / WARPS;
 };
 
 template <typename T, int D, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const AttentionArgs a, const AttentionWorkspace w) {
+__global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS>::kMinBlocks) attention_fwd_kernel(const AttentionArgs a, const AttentionWorkspace w) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Tile = FwdTile<D, WARPS>;
   constexpr int BM = Tile::BM, BN = Tile::BN, THREADS = WARPS * 32;
@@ -57,7 +68,9 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Attenti
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t group = a.heads / a.kv_heads, rows = group * a.q_len;
   const int64_t row_tiles = ceil_div(rows, BM);
-  const int64_t r0 = (blockIdx.x % row_tiles) * BM;
+  // Later row tiles first: under a causal mask they have the most keys, and a grid whose
+  // longest blocks start first leaves a shorter tail of lone blocks at its end.
+  const int64_t r0 = (row_tiles - 1 - blockIdx.x % row_tiles) * BM;
   const int split = int(blockIdx.x / row_tiles);
   const int64_t kv = blockIdx.y, b = blockIdx.z;
 
@@ -88,16 +101,16 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Attenti
     return r < rows ? row_ptr<T>(a.q, a.q_stride, b, kv * group + r / a.q_len, r % a.q_len) : nullptr;
   });
   cp_async_commit();
+  // This (batch, kv head)'s keys and values: row `key` at base + key * stride.
+  const T* k_rows = row_ptr<T>(a.k, a.k_stride, b, kv, 0);
+  const T* v_rows = row_ptr<T>(a.v, a.v_stride, b, kv, 0);
   auto load_kv = [&](int stage, int64_t tile) {
-    auto key_row = [&](const void* base, const int64_t(&stride)[3]) {
-      return [&, base](int row) -> const T* {
-        const int64_t key = tile * BN + row;
-        return key < a.k_len ? row_ptr<T>(base, stride, b, kv, key) : nullptr;
-      };
-    };
-    load_tile<D, THREADS>(sk + stage * BN * D, BN, a.k, key_row(a.k, a.k_stride));
-    load_tile<D, THREADS>(sv + stage * BN * D, BN, a.v, key_row(a.v, a.v_stride));
+    load_rows<D, BN, THREADS>(sk + stage * BN * D, k_rows, a.k_stride[2], tile * BN, a.k_len);
+    load_rows<D, BN, THREADS>(sv + stage * BN * D, v_rows, a.v_stride[2], tile * BN, a.k_len);
   };
+  // Key tiles wholly inside every row's range need no mask: those starting at or after the
+  // last query's first key and ending by the first query's last (attention_tile_unmasked).
+  const KeyRange first_row_keys = attention_row_keys(a, b, t_lo), last_row_keys = attention_row_keys(a, b, t_hi);
   if (tile_begin < tile_end) load_kv(0, tile_begin);
   cp_async_commit();
   cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
@@ -141,16 +154,22 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Attenti
         mma_16816<T>(s[2 * np + 1], qf[ks], kf[2], kf[3]);
       }
 
-    const int64_t k0 = tile * BN;
-    const bool unmasked = attention_tile_unmasked(a, b, t_lo, t_hi, k0, k0 + BN);
 #pragma unroll
     for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t key = k0 + nb * 8 + c * 2 + (e & 1);
-        const KeyRange& r = keys[e / 2];
-        s[nb][e] = (unmasked || (key >= r.begin && key < r.end)) ? s[nb][e] * k2 : -INFINITY;
-      }
+      for (int e = 0; e < 4; ++e) s[nb][e] *= k2;
+    const int64_t k0 = tile * BN;
+    if (k0 < last_row_keys.begin || k0 + BN > first_row_keys.end) {  // block-uniform: edge tiles only
+      // Each row's visible keys as columns of this tile; this thread holds nb * 8 + 2c + (e & 1).
+      const ColumnRange visible[2] = {tile_columns(keys[0], k0, BN), tile_columns(keys[1], k0, BN)};
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nb * 8 + c * 2 + (e & 1);
+          if ((col < visible[e / 2].lo) | (col >= visible[e / 2].hi)) s[nb][e] = -INFINITY;
+        }
+    }
 
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -168,11 +187,14 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Attenti
         o[db][2 * i] *= correction;
         o[db][2 * i + 1] *= correction;
       }
+      // softmax_exp(s, m_new) with its empty-row test made once per row: a row with
+      // nothing visible yet (m_new = -inf) has only -inf scores, and 2^-inf = 0.
+      const float m_sub = m_new == -INFINITY ? 0.0f : m_new;
 #pragma unroll
       for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
         for (int e = 2 * i; e < 2 * i + 2; ++e) {
-          s[nb][e] = softmax_exp(s[nb][e], m_new, 1.0f);
+          s[nb][e] = exp2_approx(s[nb][e] - m_sub);
           l[i] += s[nb][e];
         }
     }

@@ -48,7 +48,8 @@ GPTEXT_HD bool attention_tile_unmasked(const AttentionArgs& a, int64_t b, int64_
   return k0 >= hi.begin && k1 <= lo.end;
 }
 
-// Queries (of batch b) that may attend to any of keys [k0, k1): a superset, possibly empty.
+// Queries (of batch b) that may attend to any of keys [k0, k1): a superset, possibly empty;
+// for a single key (k1 = k0 + 1), exactly the queries that see it.
 GPTEXT_HD KeyRange attention_query_span(const AttentionArgs& a, int64_t b, int64_t k0, int64_t k1) {
   const KeyRange valid = attention_batch_keys(a, b);
   if (k1 <= valid.begin || k0 >= valid.end) return {0, 0};
@@ -61,6 +62,18 @@ GPTEXT_HD KeyRange attention_query_span(const AttentionArgs& a, int64_t b, int64
   if (end < 0) end = 0;
   if (begin > end) begin = end;
   return {begin, end};
+}
+
+// A range of keys (or queries) made relative to a tile of `cols` columns starting at col0:
+// column j of the tile lies in the range iff lo <= j < hi. Plain ints, so that the kernels'
+// per-element masks are 32-bit compares against constants.
+struct ColumnRange {
+  int lo;
+  int hi;
+};
+GPTEXT_HD ColumnRange tile_columns(KeyRange r, int64_t col0, int cols) {
+  const int64_t lo = r.begin - col0, hi = r.end - col0;
+  return {int(lo < 0 ? 0 : (lo > cols ? cols : lo)), int(hi < 0 ? 0 : (hi > cols ? cols : hi))};
 }
 
 // log(e^x + e^y), with -inf as the identity.

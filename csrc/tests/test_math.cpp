@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../kernels/activations.cuh"
+#include "../kernels/attention_math.cuh"
 #include "../kernels/gemm_tiles.cuh"
 #include "../kernels/norm_math.cuh"
 #include "../kernels/softmax_math.cuh"
@@ -88,6 +89,50 @@ static void test_key_range() {
   CHECK(r.begin == 0 && r.end == 7, "not causal");
 }
 
+// What the attention kernels' masks rely on: attention_query_span of one key is exactly the
+// set of queries whose attention_row_keys hold it, and tile_columns maps a range onto a
+// tile's columns.
+static void test_attention_masks() {
+  for (int64_t q_len : {1, 3, 7}) {
+    for (int64_t k_len : {1, 5, 9}) {
+      for (int causal = 0; causal < 2; ++causal) {
+        for (int64_t window : {0, 1, 3}) {
+          for (int32_t start : {0, 2}) {
+            for (int32_t len : {int32_t(k_len), int32_t(k_len - 1), 0}) {
+              AttentionArgs a{};
+              a.batch = 1, a.heads = 1, a.kv_heads = 1, a.q_len = q_len, a.k_len = k_len, a.head_dim = 64;
+              a.causal = causal != 0, a.window = window;
+              a.kv_starts = &start, a.kv_lens = &len;
+              for (int64_t key = 0; key < k_len; ++key) {
+                const KeyRange seen = attention_query_span(a, 0, key, key + 1);
+                for (int64_t t = 0; t < q_len; ++t) {
+                  const KeyRange r = attention_row_keys(a, 0, t);
+                  const bool sees = key >= r.begin && key < r.end, listed = t >= seen.begin && t < seen.end;
+                  CHECK(sees == listed, "query %lld, key %lld (q_len %lld, k_len %lld, causal %d, window %lld, "
+                        "keys [%lld, %lld))", (long long)t, (long long)key, (long long)q_len, (long long)k_len,
+                        causal, (long long)window, (long long)start, (long long)len);
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  for (int64_t begin : {-5, 0, 3, 40, 64, 70, 200}) {
+    for (int64_t end : {-1, 0, 3, 63, 64, 90, 300}) {
+      for (int64_t col0 : {0, 64, 128}) {
+        const ColumnRange c = tile_columns({begin, end}, col0, 64);
+        for (int j = 0; j < 64; ++j) {
+          const bool inside = col0 + j >= begin && col0 + j < end;
+          CHECK(inside == (j >= c.lo && j < c.hi), "tile_columns [%lld, %lld) from %lld, column %d", (long long)begin,
+                (long long)end, (long long)col0, j);
+        }
+      }
+    }
+  }
+}
+
 static void test_softmax_stats() {
   std::mt19937 gen(1);
   std::normal_distribution<float> dist(0, 5);
@@ -157,6 +202,7 @@ int main() {
   test_exp2();
   test_gelu();
   test_key_range();
+  test_attention_masks();
   test_softmax_stats();
   test_welford();
   test_gemm_tiles();
