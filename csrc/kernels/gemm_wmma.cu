@@ -24,7 +24,11 @@
 // K rows whose start is not 16-byte aligned (K % 8 != 0) cannot use cp.async; they take
 // the same pipeline with plain predicated loads.
 //
-// Verified on an H100 (sm_90) by bench/gpu_suite.sh, 2026-11-23; the sm_80 build has not run on a GPU.
+// Unverified: bench/gpu_suite.sh verified this kernel on an H100 (sm_90) on 2026-11-23
+// (commit 3a9f802), before the K loop's copies were precomputed per thread (AsyncTileCopy:
+// ~150 instructions a warp per K step of the 128x128 tile, from ~770 in the sm_90 SASS)
+// and bf16 fragments were loaded with wmma.load's .shared form; that version has not run on
+// a GPU yet. The sm_80 build has never run on a GPU.
 #include <mma.h>
 
 #include "gemm_tiles.cuh"
@@ -59,6 +63,34 @@ struct TileConfig {
 using LargeTile = TileConfig<128, 128, 32, 64, 32, 4, 2>;
 using SmallTile = TileConfig<64, 64, 32, 32, 32, 4, 4>;
 
+// Fragment loads from shared memory. For fp16, wmma::load_matrix_sync. For bf16 it emits
+// the generic-address form of wmma.load (nvcc 13.0 infers the .shared state space for f16
+// only), which ptxas turns into generic LD instructions instead of ldmatrix: 48 LD.E per
+// K step of the 128x128 tile where fp16 has 12 LDSM. The same PTX instruction with .shared
+// fills the fragment's registers exactly as load_matrix_sync would.
+template <typename Frag, typename T>
+__device__ __forceinline__ void load_fragment(Frag& f, const T* smem, unsigned ldm) {
+  wmma::load_matrix_sync(f, smem, ldm);
+}
+__device__ __forceinline__ void load_fragment(wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>& f,
+                                              const __nv_bfloat16* smem, unsigned ldm) {
+  static_assert(sizeof(f.x) == 4 * sizeof(uint32_t), "a bf16 m16n16k16 fragment is four 32-bit registers");
+  uint32_t* r = reinterpret_cast<uint32_t*>(f.x);
+  asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(dev::smem_address(smem)), "r"(ldm)
+               : "memory");
+}
+__device__ __forceinline__ void load_fragment(wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>& f,
+                                              const __nv_bfloat16* smem, unsigned ldm) {
+  static_assert(sizeof(f.x) == 4 * sizeof(uint32_t), "a bf16 m16n16k16 fragment is four 32-bit registers");
+  uint32_t* r = reinterpret_cast<uint32_t*>(f.x);
+  asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(dev::smem_address(smem)), "r"(ldm)
+               : "memory");
+}
+
 // Copies rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a K-contiguous matrix into
 // shared memory, zero-filling outside the matrix.
 template <typename T, typename Cfg, int ROWS, bool kAsync>
@@ -80,6 +112,42 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int64
   }
 }
 
+// The cp.async copies of one thread for one matrix, set up once per block: the thread
+// copies the same 16-byte chunk (columns kc..kc+7 of each BK-wide K tile) of kPerThread
+// rows, kRowStep apart, so per K tile it only advances its pointers by BK and tests the
+// K tail, instead of recomputing every address from (row, chunk) indices.
+template <typename T, typename Cfg, int ROWS>
+struct AsyncTileCopy {
+  static constexpr int kChunksPerRow = Cfg::BK / 8, kRowStep = Cfg::kThreads / kChunksPerRow;
+  static constexpr int kPerThread = ROWS / kRowStep;
+  static_assert(Cfg::kThreads % kChunksPerRow == 0 && ROWS % kRowStep == 0, "whole rows per step");
+  const T* row_start[kPerThread];  // this thread's chunk of each row at K = 0; nullptr outside the matrix
+  int smem_offset;                 // of the first row's chunk within a tile, in elements
+  int kc;
+
+  __device__ __forceinline__ AsyncTileCopy(const T* g, int64_t ld, int64_t rows_total, int64_t row0) {
+    kc = (threadIdx.x % kChunksPerRow) * 8;
+    const int r = threadIdx.x / kChunksPerRow;
+    smem_offset = r * Cfg::kStride + kc;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int64_t gr = row0 + r + i * kRowStep;
+      row_start[i] = gr < rows_total ? g + gr * ld + kc : nullptr;
+    }
+  }
+
+  // Issues the copies of K tile [k0, k0 + BK) into `smem` (a tile of ROWS padded rows).
+  __device__ __forceinline__ void copy(T* smem, const T* any_global, int64_t k0, int64_t k) const {
+    const int bytes = gemm_chunk_bytes(true, k0 + kc, k, int(sizeof(T)));
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const bool inside = row_start[i] != nullptr && bytes > 0;
+      dev::cp_async_16(smem + smem_offset + i * kRowStep * Cfg::kStride, inside ? row_start[i] + k0 : any_global,
+                       inside ? bytes : 0);
+    }
+  }
+};
+
 template <typename T, typename Cfg, bool kAsync>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma_kernel(const GemmArgs a, int64_t tiles_m, int64_t tiles_n) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -99,11 +167,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
 #pragma unroll
     for (int j = 0; j < Cfg::kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
+  const AsyncTileCopy<T, Cfg, Cfg::BM> copy_a(A, a.lda, a.m, m0);
+  const AsyncTileCopy<T, Cfg, Cfg::BN> copy_b(B, a.ldb, a.n, n0);
   auto load_stage = [&](int stage, int64_t k_tile) {
     T* stage_smem = smem + stage * Cfg::kStageElems;
     const int64_t k0 = k_tile * Cfg::BK;
-    load_tile<T, Cfg, Cfg::BM, kAsync>(stage_smem, A, a.lda, a.m, m0, k0, a.k);
-    load_tile<T, Cfg, Cfg::BN, kAsync>(stage_smem + Cfg::BM * Cfg::kStride, B, a.ldb, a.n, n0, k0, a.k);
+    if constexpr (kAsync) {
+      copy_a.copy(stage_smem, A, k0, a.k);
+      copy_b.copy(stage_smem + Cfg::BM * Cfg::kStride, B, k0, a.k);
+    } else {
+      load_tile<T, Cfg, Cfg::BM, kAsync>(stage_smem, A, a.lda, a.m, m0, k0, a.k);
+      load_tile<T, Cfg, Cfg::BN, kAsync>(stage_smem + Cfg::BM * Cfg::kStride, B, a.ldb, a.n, n0, k0, a.k);
+    }
   };
 
   const int64_t k_tiles = ceil_div(a.k, Cfg::BK);
@@ -128,10 +203,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[Cfg::kFragsN];
 #pragma unroll
       for (int i = 0; i < Cfg::kFragsM; ++i)
-        wmma::load_matrix_sync(af[i], As + (warp_m * Cfg::WM + i * 16) * Cfg::kStride + kk, Cfg::kStride);
+        load_fragment(af[i], As + (warp_m * Cfg::WM + i * 16) * Cfg::kStride + kk, Cfg::kStride);
 #pragma unroll
       for (int j = 0; j < Cfg::kFragsN; ++j)
-        wmma::load_matrix_sync(bf[j], Bs + (warp_n * Cfg::WN + j * 16) * Cfg::kStride + kk, Cfg::kStride);
+        load_fragment(bf[j], Bs + (warp_n * Cfg::WN + j * 16) * Cfg::kStride + kk, Cfg::kStride);
 #pragma unroll
       for (int i = 0; i < Cfg::kFragsM; ++i)
 #pragma unroll
