@@ -38,22 +38,6 @@ constexpr size_t bwd_smem_bytes() {
   return size_t(2 * kOwnRows + 2 * kStep) * D * 2 + 2 * kStep * sizeof(float);
 }
 
-// The masking of a partial tile of COLS columns from col0: zeroes the probabilities of this
-// thread's two rows (accumulator elements e / 2 = 0, 1) outside their visible ranges; the
-// thread holds columns nb * 8 + 2c + (e & 1), c its place in its quad.
-template <int COLS>
-__device__ __forceinline__ void mask_columns(float (&p)[COLS / 8][4], const KeyRange (&visible)[2], int64_t col0) {
-  const int c = threadIdx.x % 4;
-  const ColumnRange cols[2] = {tile_columns(visible[0], col0, COLS), tile_columns(visible[1], col0, COLS)};
-#pragma unroll
-  for (int nb = 0; nb < COLS / 8; ++nb)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int col = nb * 8 + c * 2 + (e & 1);
-      if ((col < cols[e / 2].lo) | (col >= cols[e / 2].hi)) p[nb][e] = 0.0f;
-    }
-}
-
 // A saved log-sum-exp (natural log) in exp2 units, as subtracted from scale * log2(e) * s:
 // a row that saw no keys (-inf) becomes +inf, so that its probabilities come out 0.
 __device__ __forceinline__ float lse_exp2_units(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
@@ -129,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const Attentio
       for (int nb = 0; nb < kStep / 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) p[nb][e] = exp2_approx(p[nb][e] * k2 - s_lse[nb * 8 + c * 2 + (e & 1)]);
-      if (!unmasked) mask_columns<kStep>(p, seen_by, t0);  // block-uniform: edge tiles only
+      if (!unmasked) mask_columns<kStep>(p, seen_by, t0, 0.0f);  // block-uniform: edge tiles only
 #pragma unroll
       for (int nb = 0; nb < kStep / 8; ++nb)
 #pragma unroll
@@ -199,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttentionG
     for (int nb = 0; nb < kStep / 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) p[nb][e] = exp2_approx(p[nb][e] * k2 - lse[e / 2]);
-    if (!unmasked) mask_columns<kStep>(p, keys, j0);  // block-uniform: edge tiles only
+    if (!unmasked) mask_columns<kStep>(p, keys, j0, 0.0f);  // block-uniform: edge tiles only
 #pragma unroll
     for (int nb = 0; nb < kStep / 8; ++nb)
 #pragma unroll

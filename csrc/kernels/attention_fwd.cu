@@ -108,8 +108,7 @@ __global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS>::kMinBlocks) att
     load_rows<D, BN, THREADS>(sk + stage * BN * D, k_rows, a.k_stride[2], tile * BN, a.k_len);
     load_rows<D, BN, THREADS>(sv + stage * BN * D, v_rows, a.v_stride[2], tile * BN, a.k_len);
   };
-  // Key tiles wholly inside every row's range need no mask: those starting at or after the
-  // last query's first key and ending by the first query's last (attention_tile_unmasked).
+  // The first and last queries' keys, to tell the tiles that need a mask (keys_unmasked).
   const KeyRange first_row_keys = attention_row_keys(a, b, t_lo), last_row_keys = attention_row_keys(a, b, t_hi);
   if (tile_begin < tile_end) load_kv(0, tile_begin);
   cp_async_commit();
@@ -159,16 +158,8 @@ __global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS>::kMinBlocks) att
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nb][e] *= k2;
     const int64_t k0 = tile * BN;
-    if (k0 < last_row_keys.begin || k0 + BN > first_row_keys.end) {  // block-uniform: edge tiles only
-      // Each row's visible keys as columns of this tile; this thread holds nb * 8 + 2c + (e & 1).
-      const ColumnRange visible[2] = {tile_columns(keys[0], k0, BN), tile_columns(keys[1], k0, BN)};
-#pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = nb * 8 + c * 2 + (e & 1);
-          if ((col < visible[e / 2].lo) | (col >= visible[e / 2].hi)) s[nb][e] = -INFINITY;
-        }
+    if (!keys_unmasked(first_row_keys, last_row_keys, k0, k0 + BN)) {  // block-uniform: edge tiles only
+      mask_columns<BN>(s, keys, k0, -INFINITY);
     }
 
 #pragma unroll

@@ -41,11 +41,16 @@ GPTEXT_HD KeyRange attention_span_keys(const AttentionArgs& a, int64_t b, int64_
   return {begin, end};
 }
 
-// Whether keys [k0, k1) are visible to every query t_lo..t_hi, so a tile needs no masking.
+// Whether keys [k0, k1) are visible to every query between one whose keys are `first` and
+// a later one whose keys are `last` (row ranges only move right), so a tile needs no mask.
+GPTEXT_HD bool keys_unmasked(KeyRange first, KeyRange last, int64_t k0, int64_t k1) {
+  return k0 >= last.begin && k1 <= first.end;
+}
+
+// Whether keys [k0, k1) are visible to every query t_lo..t_hi.
 GPTEXT_HD bool attention_tile_unmasked(const AttentionArgs& a, int64_t b, int64_t t_lo, int64_t t_hi, int64_t k0,
                                        int64_t k1) {
-  const KeyRange lo = attention_row_keys(a, b, t_lo), hi = attention_row_keys(a, b, t_hi);
-  return k0 >= hi.begin && k1 <= lo.end;
+  return keys_unmasked(attention_row_keys(a, b, t_lo), attention_row_keys(a, b, t_hi), k0, k1);
 }
 
 // Queries (of batch b) that may attend to any of keys [k0, k1): a superset, possibly empty;

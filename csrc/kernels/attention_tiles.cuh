@@ -48,6 +48,23 @@ __device__ __forceinline__ void load_rows(T* tile, const T* base, int64_t stride
   }
 }
 
+// The masking of a partial tile of COLS columns from col0: sets the elements of this
+// thread's two accumulator rows (e / 2 = 0, 1) outside their visible ranges to `fill`; the
+// thread holds columns nb * 8 + 2c + (e & 1), c its place in its quad.
+template <int COLS>
+__device__ __forceinline__ void mask_columns(float (&acc)[COLS / 8][4], const KeyRange (&visible)[2], int64_t col0,
+                                             float fill) {
+  const int c = threadIdx.x % 4;
+  const ColumnRange cols[2] = {tile_columns(visible[0], col0, COLS), tile_columns(visible[1], col0, COLS)};
+#pragma unroll
+  for (int nb = 0; nb < COLS / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = nb * 8 + c * 2 + (e & 1);
+      if ((col < cols[e / 2].lo) | (col >= cols[e / 2].hi)) acc[nb][e] = fill;
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ const T* row_ptr(const void* base, const int64_t (&stride)[3], int64_t b, int64_t h,
                                             int64_t t) {

@@ -92,8 +92,9 @@ __device__ __forceinline__ void load_fragment(wmma::fragment<wmma::matrix_b, 16,
 }
 
 // Copies rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a K-contiguous matrix into
-// shared memory, zero-filling outside the matrix.
-template <typename T, typename Cfg, int ROWS, bool kAsync>
+// shared memory with plain predicated loads, zero-filling outside the matrix: the path of
+// rows not 16-byte aligned, which cp.async (AsyncTileCopy) cannot copy.
+template <typename T, typename Cfg, int ROWS>
 __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int64_t rows_total, int64_t row0,
                                           int64_t k0, int64_t k) {
   constexpr int kChunksPerRow = Cfg::BK / 8;
@@ -101,14 +102,9 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int64
     const int r = c / kChunksPerRow, kc = (c % kChunksPerRow) * 8;
     const int64_t gr = row0 + r, gk = k0 + kc;
     T* dst = smem + r * Cfg::kStride + kc;
-    if constexpr (kAsync) {
-      const int bytes = gemm_chunk_bytes(gr < rows_total, gk, k, int(sizeof(T)));
-      cp_async_16(dst, bytes > 0 ? g + gr * ld + gk : g, bytes);
-    } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e)
-        dst[e] = (gr < rows_total && gk + e < k) ? g[gr * ld + gk + e] : dev::from_float<T>(0.0f);
-    }
+    for (int e = 0; e < 8; ++e)
+      dst[e] = (gr < rows_total && gk + e < k) ? g[gr * ld + gk + e] : dev::from_float<T>(0.0f);
   }
 }
 
@@ -176,8 +172,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
       copy_a.copy(stage_smem, A, k0, a.k);
       copy_b.copy(stage_smem + Cfg::BM * Cfg::kStride, B, k0, a.k);
     } else {
-      load_tile<T, Cfg, Cfg::BM, kAsync>(stage_smem, A, a.lda, a.m, m0, k0, a.k);
-      load_tile<T, Cfg, Cfg::BN, kAsync>(stage_smem + Cfg::BM * Cfg::kStride, B, a.ldb, a.n, n0, k0, a.k);
+      load_tile<T, Cfg, Cfg::BM>(stage_smem, A, a.lda, a.m, m0, k0, a.k);
+      load_tile<T, Cfg, Cfg::BN>(stage_smem + Cfg::BM * Cfg::kStride, B, a.ldb, a.n, n0, k0, a.k);
     }
   };
 

@@ -11,21 +11,9 @@
 
 #include "../cpu/cpu_kernels.h"
 #include "../kernels/common.cuh"
+#include "check.h"
 
 using namespace gptext;
-
-static int failures = 0;
-
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      if (++failures <= 20) {                                     \
-        std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                                 \
-        std::printf("\n");                                        \
-      }                                                           \
-    }                                                             \
-  } while (0)
 
 using ToStorage = void (*)(DType, const float*, void*, int64_t);
 using FromStorage = void (*)(DType, const void*, float*, int64_t);

@@ -12,20 +12,9 @@
 #include "../kernels/gemm_tiles.cuh"
 #include "../kernels/norm_math.cuh"
 #include "../kernels/softmax_math.cuh"
+#include "check.h"
 
 using namespace gptext;
-
-static int failures = 0;
-
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      ++failures;                                               \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                 \
-      std::printf("\n");                                        \
-    }                                                           \
-  } while (0)
 
 static void test_conversions() {
   // Exactly representable values survive a round trip; rounding is to nearest-even.
