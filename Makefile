@@ -13,16 +13,27 @@ PYTHON      ?= $(VENV)/bin/python
 NATIVE_DIR  ?= build/native
 SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/kernels/*)
 
-.PHONY: bench test native pytest clean
+# The CPU op tests run once more on each narrower build of the CPU kernels (GPTEXT_CPU_ISA),
+# so that a wide machine also tests what a narrower one runs.
+CPU_ISAS    ?= baseline avx2
+OP_TESTS    := tests/test_softmax.py tests/test_layernorm.py tests/test_linear.py tests/test_attention.py
+
+.PHONY: bench test native pytest pytest-isa clean
 
 bench: $(VENV)/.gptext-installed
 	$(PYTHON) -m bench $(BENCH_ARGS)
 	$(PYTHON) -m gptext demo
 
-test: native pytest
+test: native pytest pytest-isa
 
 pytest: $(VENV)/.gptext-installed
 	$(PYTHON) -m pytest -q
+
+pytest-isa: $(VENV)/.gptext-installed
+	@for isa in $(CPU_ISAS); do \
+	  echo "== CPU op tests on the $$isa build (GPTEXT_CPU_ISA=$$isa)"; \
+	  GPTEXT_CPU_ISA=$$isa $(PYTHON) -m pytest -q $(OP_TESTS) || exit 1; \
+	done
 
 native:
 	cmake -S . -B $(NATIVE_DIR)

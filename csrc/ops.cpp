@@ -67,6 +67,8 @@ std::string get_gemm_policy() { return gemm_policy_name(gemm_policy()); }
 std::string build_info() {
   std::string info = "{\"cpu_isa\": \"";
   info += cpu::instruction_set();
+  info += "\", \"cpu_isa_supported\": \"";
+  info += cpu::isa_name(cpu::supported_isa());
 #ifdef GPTEXT_WITH_CUDA
   info += "\", \"cuda\": true, \"cuda_arch_list\": \"" GPTEXT_CUDA_ARCHES "\", \"cuda_runtime\": ";
   info += std::to_string(kernels::kernels_cuda_version());

@@ -154,7 +154,10 @@ def device_name(device: torch.device) -> str:
             model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
     except OSError:
         model = ""
-    return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+    # The vector instructions gptext's CPU kernels use here: a virtual machine's model name
+    # ("AMD EPYC") does not tell one processor generation from the next.
+    isa = ops.build_info().get("cpu_isa")
+    return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads{', ' + isa if isa else ''})"
 
 
 def copy_bandwidth(device: torch.device | str, megabytes: int | None = None) -> float:

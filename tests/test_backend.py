@@ -82,7 +82,8 @@ def test_build_info():
     info = gptext.build_info()
     assert info["extension"] and info["extension_error"] is None
     assert info["torch"] == torch.__version__
-    assert info["cpu_isa"] in ("avx2", "baseline")
+    assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
+    assert info["cpu_isa_supported"] in ("avx512", "avx2", "baseline")
     assert info["devices"][0] == {"device": "cpu", "kernels": True}
     if info["cuda"]:
         assert info["cuda_arch_list"] and info["cuda_runtime"] > 0
@@ -97,6 +98,23 @@ def test_gemm_policy_from_environment(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={"GPTEXT_GEMM": "cublas", "PATH": ""},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "cublas"
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512", "sse9"])
+def test_cpu_isa_from_environment(isa):
+    # GPTEXT_CPU_ISA picks a narrower CPU build (never a wider one than the processor has);
+    # an unknown name leaves the widest. `make test` runs the op tests again under each.
+    import subprocess
+    import sys
+
+    code = "import json, gptext; info = gptext.build_info(); print(info['cpu_isa'], info['cpu_isa_supported'])"
+    out = subprocess.run([sys.executable, "-c", code], env={"GPTEXT_CPU_ISA": isa, "PATH": ""},
+                         capture_output=True, text=True, check=True)
+    active, supported = out.stdout.split()
+    order = ["baseline", "avx2", "avx512"]
+    assert supported == gptext.build_info()["cpu_isa_supported"]
+    expected = supported if isa not in order else order[min(order.index(isa), order.index(supported))]
+    assert active == expected
 
 
 @pytest.mark.parametrize("device", DEVICES)

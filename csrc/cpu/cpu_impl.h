@@ -1,6 +1,8 @@
-// The CPU kernels' bodies, included by kernels_baseline.cpp and kernels_avx2.cpp, each of
-// which defines GPTEXT_CPU_ISA (the namespace) and the compiler's target before including
-// it. Everything here has internal linkage, so the two compilations never share code.
+// The CPU kernels' bodies, included by kernels_baseline.cpp, kernels_avx2.cpp and
+// kernels_avx512.cpp, each of which defines GPTEXT_CPU_ISA (the namespace) and the
+// compiler's target before including it (GPTEXT_CPU_AVX2: x86 vector intrinsics, 8 fp32
+// lanes; with GPTEXT_CPU_AVX512 too, 16). Everything here has internal linkage, so the
+// compilations never share code.
 //
 // The loops are written for the auto-vectoriser: rows are staged in an fp32 buffer, the
 // reductions carry `omp simd reduction` clauses (built with -fopenmp-simd: no OpenMP
@@ -21,8 +23,8 @@ namespace {
 
 // Storage formats. 16-bit values are kept as raw bits (uint16_t) and converted exactly as
 // the GPU converts them; plain integer storage (not a wrapper struct) keeps the loops
-// vectorisable. With AVX2 every loop over stored values goes through Lanes (below), eight
-// values an instruction group, instead of these scalar conversions (fp16's software one
+// vectorisable. With AVX2 every loop over stored values goes through Lanes (below), a
+// vector of values an instruction group, instead of these scalar conversions (fp16's software one
 // takes dozens of instructions per value; F16C does eight in one).
 // The conversions are always inlined, like the math helpers (GPTEXT_HD): a call left in an
 // `omp simd` loop makes it scalar, and GCC stops inlining once a caller grows large enough.
@@ -46,58 +48,68 @@ struct F16 {
 #ifdef GPTEXT_CPU_AVX2
 constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
-// Eight values of a storage format in AVX2 registers: `load` widens eight stored values to
-// fp32, `pack` rounds eight fp32 values to the storage format (as Fmt::store does, to
-// nearest-even, NaN kept quiet), `unpack` widens packed values back, `put` stores them,
-// with a non-temporal (streaming) store when kStream. A streaming store writes the line
-// without first reading it into the cache: for outputs larger than the cache that saves a
-// third of the memory traffic of a read-modify-write kernel, and it needs dst aligned to
-// the eight values' size.
-template <typename Fmt>
-struct Lanes;
-
-template <>
-struct Lanes<F32> {
-  using packed = __m256;
-  static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
-  static __m256 pack(__m256 v) { return v; }
-  static __m256 unpack(__m256 v) { return v; }
-  template <bool kStream>
-  static void put(float* p, __m256 v) {
-    if constexpr (kStream) {
-      _mm256_stream_ps(p, v);
-    } else {
-      _mm256_storeu_ps(p, v);
-    }
+// One register of fp32 lanes and the 16-bit values that fill it: 16 in the AVX-512 build
+// (kernels_avx512.cpp), 8 in the AVX2 one. Everything below that works a vector at a time
+// is written against Vec, so both builds share it.
+#ifdef GPTEXT_CPU_AVX512
+struct Vec {
+  static constexpr int kWidth = 16;
+  using f32 = __m512;
+  using u16 = __m256i;  // 16 16-bit values
+  static f32 load(const float* p) { return _mm512_loadu_ps(p); }
+  static f32 load_aligned(const float* p) { return _mm512_load_ps(p); }
+  static void store(float* p, f32 v) { _mm512_storeu_ps(p, v); }
+  static void stream(float* p, f32 v) { _mm512_stream_ps(p, v); }
+  static u16 load(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static void store(uint16_t* p, u16 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static void stream(uint16_t* p, u16 v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v); }
+  static f32 zero() { return _mm512_setzero_ps(); }
+  static f32 splat(float v) { return _mm512_set1_ps(v); }
+  static f32 add(f32 a, f32 b) { return _mm512_add_ps(a, b); }
+  static f32 mul(f32 a, f32 b) { return _mm512_mul_ps(a, b); }
+  static f32 fmadd(f32 a, f32 b, f32 c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(f32 v) { return _mm512_reduce_add_ps(v); }
+  static f32 from_f16(u16 h) { return _mm512_cvtph_ps(h); }
+  static u16 to_f16(f32 v) { return _mm512_cvtps_ph(v, kNearest); }
+  static f32 from_bf16(u16 h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  // float_to_bf16_bits, 16 lanes at a time (not vcvtneps2bf16, which flushes subnormals).
+  static u16 to_bf16(f32 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i high = _mm512_srli_epi32(u, 16);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(high, _mm512_set1_epi32(1)));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i bits = _mm512_mask_or_epi32(rounded, nan, high, _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(bits);  // every lane is below 2^16: the narrowing is exact
   }
 };
-
-struct Lanes16 {  // what the two 16-bit formats share
-  using packed = __m128i;
-  static __m128i raw(const uint16_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
-  template <bool kStream>
-  static void put(uint16_t* p, __m128i v) {
-    if constexpr (kStream) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p), v);
-    } else {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v);
-    }
+#else
+struct Vec {
+  static constexpr int kWidth = 8;
+  using f32 = __m256;
+  using u16 = __m128i;  // 8 16-bit values
+  static f32 load(const float* p) { return _mm256_loadu_ps(p); }
+  static f32 load_aligned(const float* p) { return _mm256_load_ps(p); }
+  static void store(float* p, f32 v) { _mm256_storeu_ps(p, v); }
+  static void stream(float* p, f32 v) { _mm256_stream_ps(p, v); }
+  static u16 load(const uint16_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+  static void store(uint16_t* p, u16 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); }
+  static void stream(uint16_t* p, u16 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), v); }
+  static f32 zero() { return _mm256_setzero_ps(); }
+  static f32 splat(float v) { return _mm256_set1_ps(v); }
+  static f32 add(f32 a, f32 b) { return _mm256_add_ps(a, b); }
+  static f32 mul(f32 a, f32 b) { return _mm256_mul_ps(a, b); }
+  static f32 fmadd(f32 a, f32 b, f32 c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(f32 v) {
+    const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
   }
-};
-
-template <>
-struct Lanes<F16> : Lanes16 {
-  static __m256 unpack(__m128i h) { return _mm256_cvtph_ps(h); }
-  static __m256 load(const uint16_t* p) { return unpack(raw(p)); }
-  static __m128i pack(__m256 v) { return _mm256_cvtps_ph(v, kNearest); }
-};
-
-template <>
-struct Lanes<BF16> : Lanes16 {
-  static __m256 unpack(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
-  static __m256 load(const uint16_t* p) { return unpack(raw(p)); }
+  static f32 from_f16(u16 h) { return _mm256_cvtph_ps(h); }
+  static u16 to_f16(f32 v) { return _mm256_cvtps_ph(v, kNearest); }
+  static f32 from_bf16(u16 h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
   // float_to_bf16_bits, eight lanes at a time.
-  static __m128i pack(__m256 v) {
+  static u16 to_bf16(f32 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i high = _mm256_srli_epi32(u, 16);
     const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(high, _mm256_set1_epi32(1)));
@@ -110,6 +122,59 @@ struct Lanes<BF16> : Lanes16 {
     return _mm256_castsi256_si128(_mm256_permute4x64_epi64(halves, 0x08));
   }
 };
+#endif
+constexpr int kW = Vec::kWidth;
+
+// A vector of a storage format: `load` widens kW stored values to fp32, `pack` rounds kW
+// fp32 values to the storage format (as Fmt::store does, to nearest-even, NaN kept quiet),
+// `unpack` widens packed values back, `put` stores them, with a non-temporal (streaming)
+// store when kStream. A streaming store writes the line without first reading it into the
+// cache: for outputs larger than the cache that saves a third of the memory traffic of a
+// read-modify-write kernel, and it needs dst aligned to the vector's size.
+template <typename Fmt>
+struct Lanes;
+
+template <>
+struct Lanes<F32> {
+  using packed = Vec::f32;
+  static packed load(const float* p) { return Vec::load(p); }
+  static packed pack(Vec::f32 v) { return v; }
+  static Vec::f32 unpack(packed v) { return v; }
+  template <bool kStream>
+  static void put(float* p, packed v) {
+    if constexpr (kStream) {
+      Vec::stream(p, v);
+    } else {
+      Vec::store(p, v);
+    }
+  }
+};
+
+struct Lanes16 {  // what the two 16-bit formats share
+  using packed = Vec::u16;
+  template <bool kStream>
+  static void put(uint16_t* p, packed v) {
+    if constexpr (kStream) {
+      Vec::stream(p, v);
+    } else {
+      Vec::store(p, v);
+    }
+  }
+};
+
+template <>
+struct Lanes<F16> : Lanes16 {
+  static Vec::f32 unpack(packed h) { return Vec::from_f16(h); }
+  static Vec::f32 load(const uint16_t* p) { return unpack(Vec::load(p)); }
+  static packed pack(Vec::f32 v) { return Vec::to_f16(v); }
+};
+
+template <>
+struct Lanes<BF16> : Lanes16 {
+  static Vec::f32 unpack(packed h) { return Vec::from_bf16(h); }
+  static Vec::f32 load(const uint16_t* p) { return unpack(Vec::load(p)); }
+  static packed pack(Vec::f32 v) { return Vec::to_bf16(v); }
+};
 
 // How many leading values of dst to store one by one before it is aligned for streaming
 // stores (0 when not streaming; all of them if dst can never be aligned).
@@ -118,7 +183,7 @@ inline int64_t stream_head(const T* dst, int64_t n) {
   if constexpr (!kStream) {
     return 0;
   } else {
-    constexpr uintptr_t kAlign = 8 * sizeof(T);
+    constexpr uintptr_t kAlign = kW * sizeof(T);
     const uintptr_t offset = reinterpret_cast<uintptr_t>(dst) % kAlign;
     if (offset % sizeof(T) != 0) return n;
     return std::min<int64_t>(n, int64_t((kAlign - offset) % kAlign / sizeof(T)));
@@ -126,13 +191,13 @@ inline int64_t stream_head(const T* dst, int64_t n) {
 }
 #endif
 
-// n values between storage and fp32 (with AVX2, eight at a time: for fp16 one F16C
-// instruction, where the branch-free software conversion takes dozens).
+// n values between storage and fp32 (a vector at a time where the build has vectors: for
+// fp16 one F16C instruction, where the branch-free software conversion takes dozens).
 template <typename Fmt>
 inline void load_rows(const typename Fmt::storage* src, float* dst, int64_t n) {
   int64_t i = 0;
 #ifdef GPTEXT_CPU_AVX2
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, Lanes<Fmt>::load(src + i));
+  for (; i + kW <= n; i += kW) Vec::store(dst + i, Lanes<Fmt>::load(src + i));
 #endif
 #pragma omp simd
   for (int64_t j = i; j < n; ++j) dst[j] = Fmt::load(src[j]);
@@ -140,17 +205,17 @@ inline void load_rows(const typename Fmt::storage* src, float* dst, int64_t n) {
 
 // dst[i] = fn(i) for i < n, rounded to the storage format; kStream: with streaming stores
 // where the build has them (see Lanes), and the caller issues stream_fence() before its
-// results are used. With AVX2, fn is evaluated eight indices at a time into a vector.
+// results are used. With vectors, fn is evaluated kW indices at a time into one.
 template <typename Fmt, bool kStream = false, typename Fn>
 inline void store_rows_fn(typename Fmt::storage* dst, int64_t n, Fn&& fn) {
   int64_t i = 0;
 #ifdef GPTEXT_CPU_AVX2
   for (const int64_t head = stream_head<kStream>(dst, n); i < head; ++i) dst[i] = Fmt::store(fn(i));
-  alignas(32) float values[8];
-  for (; i + 8 <= n; i += 8) {
+  alignas(64) float values[kW];
+  for (; i + kW <= n; i += kW) {
 #pragma omp simd
-    for (int j = 0; j < 8; ++j) values[j] = fn(i + j);
-    Lanes<Fmt>::template put<kStream>(dst + i, Lanes<Fmt>::pack(_mm256_load_ps(values)));
+    for (int j = 0; j < kW; ++j) values[j] = fn(i + j);
+    Lanes<Fmt>::template put<kStream>(dst + i, Lanes<Fmt>::pack(Vec::load_aligned(values)));
   }
 #endif
   for (; i < n; ++i) dst[i] = Fmt::store(fn(i));
@@ -175,10 +240,10 @@ inline void add_rows(const typename Fmt::storage* x, const typename Fmt::storage
 #ifdef GPTEXT_CPU_AVX2
   using L = Lanes<Fmt>;
   for (const int64_t head = stream_head<kStream>(sum, n); i < head; ++i) one(i);
-  for (; i + 8 <= n; i += 8) {
-    const auto packed = L::pack(_mm256_add_ps(L::load(x + i), L::load(r + i)));
+  for (; i + kW <= n; i += kW) {
+    const auto packed = L::pack(Vec::add(L::load(x + i), L::load(r + i)));
     L::template put<kStream>(sum + i, packed);
-    _mm256_storeu_ps(buf + i, L::unpack(packed));
+    Vec::store(buf + i, L::unpack(packed));
   }
 #endif
   for (; i < n; ++i) one(i);
@@ -380,14 +445,6 @@ void epilogue_rows_t(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
 template <typename Fmt>
 constexpr bool kExplicitLanes = std::is_same_v<Fmt, F16>;
 
-#ifdef GPTEXT_CPU_AVX2
-inline float horizontal_sum(__m256 v) {
-  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-}
-#endif
-
 // x . y over n values.
 template <typename Fmt>
 inline float dot_row(const float* x, const typename Fmt::storage* y, int64_t n) {
@@ -395,9 +452,9 @@ inline float dot_row(const float* x, const typename Fmt::storage* y, int64_t n) 
   int64_t i = 0;
 #ifdef GPTEXT_CPU_AVX2
   if constexpr (kExplicitLanes<Fmt>) {
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), Lanes<Fmt>::load(y + i), acc);
-    s = horizontal_sum(acc);
+    Vec::f32 acc = Vec::zero();
+    for (; i + kW <= n; i += kW) acc = Vec::fmadd(Vec::load(x + i), Lanes<Fmt>::load(y + i), acc);
+    s = Vec::sum(acc);
   }
 #endif
 #pragma omp simd reduction(+ : s)
@@ -414,31 +471,31 @@ inline void dot4_rows(const float* x, const typename Fmt::storage* const (&y)[4]
   int64_t i = 0;
 #ifdef GPTEXT_CPU_AVX2
   if constexpr (kExplicitLanes<Fmt>) {
-  using L = Lanes<Fmt>;
-  // Two accumulators per row (even and odd eighths): half the length of each FMA chain.
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256 xa = _mm256_loadu_ps(x + i), xb = _mm256_loadu_ps(x + i + 8);
-    a0 = _mm256_fmadd_ps(xa, L::load(y[0] + i), a0);
-    a1 = _mm256_fmadd_ps(xa, L::load(y[1] + i), a1);
-    a2 = _mm256_fmadd_ps(xa, L::load(y[2] + i), a2);
-    a3 = _mm256_fmadd_ps(xa, L::load(y[3] + i), a3);
-    b0 = _mm256_fmadd_ps(xb, L::load(y[0] + i + 8), b0);
-    b1 = _mm256_fmadd_ps(xb, L::load(y[1] + i + 8), b1);
-    b2 = _mm256_fmadd_ps(xb, L::load(y[2] + i + 8), b2);
-    b3 = _mm256_fmadd_ps(xb, L::load(y[3] + i + 8), b3);
-  }
-  for (; i + 8 <= n; i += 8) {
-    const __m256 xa = _mm256_loadu_ps(x + i);
-    a0 = _mm256_fmadd_ps(xa, L::load(y[0] + i), a0);
-    a1 = _mm256_fmadd_ps(xa, L::load(y[1] + i), a1);
-    a2 = _mm256_fmadd_ps(xa, L::load(y[2] + i), a2);
-    a3 = _mm256_fmadd_ps(xa, L::load(y[3] + i), a3);
-  }
-  s0 = horizontal_sum(_mm256_add_ps(a0, b0));
-  s1 = horizontal_sum(_mm256_add_ps(a1, b1));
-  s2 = horizontal_sum(_mm256_add_ps(a2, b2));
-  s3 = horizontal_sum(_mm256_add_ps(a3, b3));
+    using L = Lanes<Fmt>;
+    // Two accumulators per row (even and odd vectors): half the length of each FMA chain.
+    Vec::f32 a0 = Vec::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (; i + 2 * kW <= n; i += 2 * kW) {
+      const Vec::f32 xa = Vec::load(x + i), xb = Vec::load(x + i + kW);
+      a0 = Vec::fmadd(xa, L::load(y[0] + i), a0);
+      a1 = Vec::fmadd(xa, L::load(y[1] + i), a1);
+      a2 = Vec::fmadd(xa, L::load(y[2] + i), a2);
+      a3 = Vec::fmadd(xa, L::load(y[3] + i), a3);
+      b0 = Vec::fmadd(xb, L::load(y[0] + i + kW), b0);
+      b1 = Vec::fmadd(xb, L::load(y[1] + i + kW), b1);
+      b2 = Vec::fmadd(xb, L::load(y[2] + i + kW), b2);
+      b3 = Vec::fmadd(xb, L::load(y[3] + i + kW), b3);
+    }
+    for (; i + kW <= n; i += kW) {
+      const Vec::f32 xa = Vec::load(x + i);
+      a0 = Vec::fmadd(xa, L::load(y[0] + i), a0);
+      a1 = Vec::fmadd(xa, L::load(y[1] + i), a1);
+      a2 = Vec::fmadd(xa, L::load(y[2] + i), a2);
+      a3 = Vec::fmadd(xa, L::load(y[3] + i), a3);
+    }
+    s0 = Vec::sum(Vec::add(a0, b0));
+    s1 = Vec::sum(Vec::add(a1, b1));
+    s2 = Vec::sum(Vec::add(a2, b2));
+    s3 = Vec::sum(Vec::add(a3, b3));
   }
 #endif
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
@@ -461,14 +518,14 @@ inline void axpy_rows(float* acc, const float (&p)[R], const typename Fmt::stora
   int64_t i = 0;
 #ifdef GPTEXT_CPU_AVX2
   if constexpr (kExplicitLanes<Fmt>) {
-  __m256 weights[R];
-  for (int r = 0; r < R; ++r) weights[r] = _mm256_set1_ps(p[r]);
-  for (; i + 8 <= n; i += 8) {
-    // A tree of products, not a chain of FMAs through the accumulator: shorter latency.
-    __m256 sum = _mm256_mul_ps(weights[0], Lanes<Fmt>::load(v[0] + i));
-    for (int r = 1; r < R; ++r) sum = _mm256_fmadd_ps(weights[r], Lanes<Fmt>::load(v[r] + i), sum);
-    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), sum));
-  }
+    Vec::f32 weights[R];
+    for (int r = 0; r < R; ++r) weights[r] = Vec::splat(p[r]);
+    for (; i + kW <= n; i += kW) {
+      // A tree of products, not a chain of FMAs through the accumulator: shorter latency.
+      Vec::f32 sum = Vec::mul(weights[0], Lanes<Fmt>::load(v[0] + i));
+      for (int r = 1; r < R; ++r) sum = Vec::fmadd(weights[r], Lanes<Fmt>::load(v[r] + i), sum);
+      Vec::store(acc + i, Vec::add(Vec::load(acc + i), sum));
+    }
   }
 #endif
 #pragma omp simd
@@ -619,7 +676,10 @@ inline KeyRange row_block(const AttentionArgs& a, int64_t b, int64_t kv, int64_t
 //   c[r][:cols] (+)= sum over i < k of a[r * a_stride + i] * b_row(i)[:cols]   for r < MR
 // (c's rows c_stride apart; accumulate: add to c, else overwrite it). With AVX2 each step
 // of i broadcasts one a value per row against 16 columns of b's row, into 2 x MR
-// accumulators that stay in registers for the whole sum.
+// accumulators that stay in registers for the whole sum. The AVX-512 build runs the same
+// 256-bit code: attention pads its tiles to 16 columns, and on the cores measured (AMD
+// Zen 4, which splits 512-bit FMAs in two) one zmm accumulator per row leaves the FMA
+// chains too few to hide their latency.
 template <int MR, typename RowB>
 inline void tile_product(const float* a, int64_t a_stride, RowB&& b_row, int64_t k, int64_t cols, float* c,
                          int64_t c_stride, bool accumulate) {

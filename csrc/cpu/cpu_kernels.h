@@ -3,8 +3,9 @@
 // same argument structs as the CUDA launchers (csrc/kernels/args.h) and call the same math
 // (csrc/kernels/*.cuh). No torch headers, so the native tests link them too.
 //
-// The implementation (cpu_impl.h) is compiled twice, for baseline x86-64 and with AVX2+FMA
-// enabled; these entry points pick one at run time from what the processor supports.
+// The implementation (cpu_impl.h) is compiled three times, for baseline x86-64, with
+// AVX2 + FMA + F16C and with AVX-512 as well; these entry points pick one at run time from
+// what the processor supports (active_isa below).
 #pragma once
 
 #include "../kernels/args.h"
@@ -46,13 +47,25 @@ inline int64_t attention_forward_tasks(const AttentionArgs& a) {
 // instead of calling a general GEMM.
 constexpr int64_t kSkinnyMaxRows = 8;
 
-// The instruction set the entry points above use on this machine: "avx2" or "baseline".
+// The builds of the kernels, in the order of what they need of the processor.
+enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
+const char* isa_name(Isa isa);
+// The widest build this processor can run.
+Isa supported_isa();
+// The build the entry points above use: supported_isa(), or a narrower one named by the
+// environment variable GPTEXT_CPU_ISA (baseline, avx2, avx512; read once), to compare the
+// builds or test one on a wider machine. A wider one than the processor has is not used.
+Isa active_isa();
+// isa_name(active_isa()).
 const char* instruction_set();
 
 namespace baseline {
 GPTEXT_CPU_KERNELS
 }
 namespace avx2 {
+GPTEXT_CPU_KERNELS
+}
+namespace avx512 {
 GPTEXT_CPU_KERNELS
 }
 

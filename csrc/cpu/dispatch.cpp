@@ -1,24 +1,59 @@
-// Run-time choice between the baseline and AVX2 builds of the CPU kernels.
+// Run-time choice between the baseline, AVX2 and AVX-512 builds of the CPU kernels.
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 #include "cpu_kernels.h"
 
 namespace gptext::cpu {
-namespace {
 
-bool use_avx2() {
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512:
+      return "avx512";
+    case Isa::Avx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+Isa supported_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
   // F16C (fp16 <-> fp32 conversions) came with or before AVX2 on every x86 core that has it.
-  static const bool supported =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return supported;
+  static const Isa isa = [] {
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) {
+      return Isa::Baseline;
+    }
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return avx512 ? Isa::Avx512 : Isa::Avx2;
+  }();
+  return isa;
 #else
-  return false;
+  return Isa::Baseline;
 #endif
 }
 
-}  // namespace
+Isa active_isa() {
+  static const Isa isa = [] {
+    const Isa supported = supported_isa();
+    const char* env = std::getenv("GPTEXT_CPU_ISA");
+    if (env == nullptr) return supported;
+    const std::string wanted = env;
+    for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512}) {
+      if (wanted == isa_name(isa)) return std::min(isa, supported);
+    }
+    return supported;  // an unknown name is reported by gptext.build_info(), which shows the ISA in use
+  }();
+  return isa;
+}
 
 #if defined(__x86_64__) || defined(_M_X64)
-#define GPTEXT_CPU_CALL(fn, ...) (use_avx2() ? avx2::fn(__VA_ARGS__) : baseline::fn(__VA_ARGS__))
+#define GPTEXT_CPU_CALL(fn, ...)                                                    \
+  (active_isa() == Isa::Avx512 ? avx512::fn(__VA_ARGS__)                           \
+   : active_isa() == Isa::Avx2 ? avx2::fn(__VA_ARGS__)                             \
+                               : baseline::fn(__VA_ARGS__))
 #else
 #define GPTEXT_CPU_CALL(fn, ...) baseline::fn(__VA_ARGS__)
 #endif
@@ -53,6 +88,6 @@ void from_storage(DType dtype, const void* src, float* dst, int64_t n) {
   GPTEXT_CPU_CALL(from_storage, dtype, src, dst, n);
 }
 
-const char* instruction_set() { return use_avx2() ? "avx2" : "baseline"; }
+const char* instruction_set() { return isa_name(active_isa()); }
 
 }  // namespace gptext::cpu

@@ -1,5 +1,5 @@
-// Host tests of the CPU kernels' storage conversions: the baseline and AVX2 builds (the
-// latter where this processor has it) must round fp32 to bf16 / fp16, and widen back,
+// Host tests of the CPU kernels' storage conversions: the baseline, AVX2 and AVX-512 builds
+// (the wider ones where this processor has them) must round fp32 to bf16 / fp16, and widen back,
 // exactly as the scalar conversions the GPU kernels use (csrc/kernels/common.cuh), for
 // every bit pattern that matters: ties, overflow to infinity, subnormals, NaN payloads.
 #include <cmath>
@@ -95,11 +95,12 @@ int main() {
   const std::vector<float> values = conversion_inputs();
   std::vector<Build> builds = {{"baseline", cpu::baseline::to_storage, cpu::baseline::from_storage}};
 #if defined(__x86_64__) || defined(_M_X64)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    builds.push_back({"avx2", cpu::avx2::to_storage, cpu::avx2::from_storage});
-  } else {
-    std::printf("cpu conversions: no AVX2 here, the avx2 build is not checked\n");
+  if (cpu::supported_isa() >= cpu::Isa::Avx2) builds.push_back({"avx2", cpu::avx2::to_storage, cpu::avx2::from_storage});
+  if (cpu::supported_isa() >= cpu::Isa::Avx512) {
+    builds.push_back({"avx512", cpu::avx512::to_storage, cpu::avx512::from_storage});
   }
+  if (builds.size() < 3) std::printf("cpu conversions: the %s build is the widest this processor runs\n",
+                                     cpu::isa_name(cpu::supported_isa()));
 #endif
   for (const Build& build : builds) {
     test_to_storage(build, values);
