@@ -3,12 +3,14 @@
 // compiled with CUDA.
 //
 // `linear` has two GEMM implementations, chosen by the GEMM policy (gptext.set_gemm_policy or
-// GPTEXT_GEMM): "wmma", gptext's Tensor Core kernel with its fused epilogue; "cublas", the
-// product through ATen's cuBLAS/cuBLASLt calls (bias, and bias+GELU/ReLU, fused by cuBLASLt
-// where ATen can) and gptext's epilogue kernel for the rest; "auto", whichever of the two
-// measured faster for the device, dtype and shape (timed once per shape class, then cached;
-// cuBLAS while a CUDA graph is being captured and the shape is not yet measured). fp32
-// always takes cuBLAS (TF32 only if torch.backends.cuda.matmul.allow_tf32 is set).
+// GPTEXT_GEMM): "wmma", gptext's Tensor Core kernel with its fused epilogue, in whichever of
+// its block tiles measured fastest for the shape; "cublas", the product through ATen's
+// cuBLAS/cuBLASLt calls (bias, and bias+GELU/ReLU, fused by cuBLASLt where ATen can) and
+// gptext's epilogue kernel for the rest; "auto", the fastest of cuBLAS and the WMMA tiles.
+// Measurements are taken once per device, dtype, policy and shape class, then cached; while
+// a CUDA graph is being captured an unmeasured shape takes cuBLAS ("auto") or the default
+// tile ("wmma"). fp32 always takes cuBLAS (TF32 only if
+// torch.backends.cuda.matmul.allow_tf32 is set).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -60,15 +62,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cu
 
 // ---- linear: the two GEMM paths and the policy between them ------------------------------
 
-enum class GemmImpl { Wmma, Cublas };
+// One way to compute linear's product: cuBLAS, or gptext's WMMA kernel with a block tile.
+struct GemmChoice {
+  bool wmma;
+  GemmTile tile;  // for wmma
+};
+constexpr GemmChoice kCublas{false, GemmTile::Large};
 
-const char* impl_name(GemmImpl impl) { return impl == GemmImpl::Wmma ? "wmma" : "cublas"; }
+const char* impl_name(GemmChoice choice) { return choice.wmma ? "wmma" : "cublas"; }
 
-void run_wmma(const LinearProblem& p, const at::Tensor& out) {
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+void run_wmma(const LinearProblem& p, const at::Tensor& out, GemmTile tile) {
   GemmArgs args = p.args;
   args.c = out.data_ptr();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  check_cuda(kernels::gemm_wmma(args, p.dtype, sms, current_stream()), "linear");
+  check_cuda(kernels::gemm_wmma(args, p.dtype, tile, current_stream()), "linear");
 }
 
 void run_cublas(const LinearProblem& p, at::Tensor& out) {
@@ -90,34 +98,39 @@ void run_cublas(const LinearProblem& p, at::Tensor& out) {
   check_cuda(kernels::gemm_epilogue(rest, p.dtype, current_stream()), "linear");
 }
 
-void run_impl(GemmImpl impl, const LinearProblem& p, at::Tensor& out) {
-  if (impl == GemmImpl::Wmma) run_wmma(p, out);
+void run_choice(GemmChoice choice, const LinearProblem& p, at::Tensor& out) {
+  if (choice.wmma) run_wmma(p, out, choice.tile);
   else run_cublas(p, out);
 }
 
 // Shapes that share a measurement: same device, dtype, N and K, and M rounded up to a
-// power of two (prefill lengths vary; decode batch sizes stay in small buckets).
+// power of two (prefill lengths vary; decode batch sizes stay in small buckets); and the
+// policy, which decides what is measured.
 struct ShapeClass {
   int device;
   int dtype;
+  int policy;
   int64_t m_bucket, n, k;
   bool operator==(const ShapeClass& o) const {
-    return device == o.device && dtype == o.dtype && m_bucket == o.m_bucket && n == o.n && k == o.k;
+    return device == o.device && dtype == o.dtype && policy == o.policy && m_bucket == o.m_bucket && n == o.n &&
+           k == o.k;
   }
 };
 struct ShapeClassHash {
   size_t operator()(const ShapeClass& s) const {
     size_t h = std::hash<int64_t>()(s.m_bucket);
-    for (int64_t v : {int64_t(s.device), int64_t(s.dtype), s.n, s.k}) h = h * 1000003u ^ std::hash<int64_t>()(v);
+    for (int64_t v : {int64_t(s.device), int64_t(s.dtype), int64_t(s.policy), s.n, s.k}) {
+      h = h * 1000003u ^ std::hash<int64_t>()(v);
+    }
     return h;
   }
 };
 
 std::mutex g_tuned_mutex;
-std::unordered_map<ShapeClass, GemmImpl, ShapeClassHash> g_tuned;
+std::unordered_map<ShapeClass, GemmChoice, ShapeClassHash> g_tuned;
 
-ShapeClass shape_class(const LinearProblem& p, const at::Tensor& x) {
-  return {x.get_device(), int(p.dtype), next_pow2(std::max<int64_t>(p.args.m, 1)), p.args.n, p.args.k};
+ShapeClass shape_class(const LinearProblem& p, const at::Tensor& x, GemmPolicy policy) {
+  return {x.get_device(), int(p.dtype), int(policy), next_pow2(std::max<int64_t>(p.args.m, 1)), p.args.n, p.args.k};
 }
 
 bool wmma_supported(const LinearProblem& p, const at::Tensor& x) {
@@ -126,16 +139,16 @@ bool wmma_supported(const LinearProblem& p, const at::Tensor& x) {
 }
 
 // Median time of a few runs of one implementation, in milliseconds.
-float time_impl(GemmImpl impl, const LinearProblem& p, at::Tensor& out) {
+float time_choice(GemmChoice choice, const LinearProblem& p, at::Tensor& out) {
   constexpr int kRuns = 5;
-  run_impl(impl, p, out);  // warm-up: first-use costs (cuBLAS handles, smem opt-in) excluded
+  run_choice(choice, p, out);  // warm-up: first-use costs (cuBLAS handles, smem opt-in) excluded
   std::array<float, kRuns> ms{};
   cudaEvent_t start, stop;
   check_cuda(cudaEventCreate(&start), "linear");
   check_cuda(cudaEventCreate(&stop), "linear");
   for (float& t : ms) {
     check_cuda(cudaEventRecord(start, current_stream()), "linear");
-    run_impl(impl, p, out);
+    run_choice(choice, p, out);
     check_cuda(cudaEventRecord(stop, current_stream()), "linear");
     check_cuda(cudaEventSynchronize(stop), "linear");
     check_cuda(cudaEventElapsedTime(&t, start, stop), "linear");
@@ -146,31 +159,39 @@ float time_impl(GemmImpl impl, const LinearProblem& p, at::Tensor& out) {
   return ms[kRuns / 2];
 }
 
-// The implementation the policy picks. With `out` given, "auto" may measure an untuned
-// shape class (the timing runs write `out`, which the caller then overwrites); without it,
-// an untuned class reports what an unmeasured call would use.
-GemmImpl choose_impl(const LinearProblem& p, const at::Tensor& x, at::Tensor* out) {
-  if (!wmma_supported(p, x)) return GemmImpl::Cublas;
-  switch (gemm_policy()) {
-    case GemmPolicy::Wmma:
-      return GemmImpl::Wmma;
-    case GemmPolicy::Cublas:
-      return GemmImpl::Cublas;
-    default:
-      break;
-  }
-  const ShapeClass key = shape_class(p, x);
+// The implementation the policy picks: "cublas"; "wmma", the WMMA tile that measured
+// fastest; "auto", the fastest of cuBLAS and the WMMA tiles. With `out` given, an untuned
+// shape class is measured (the timing runs write `out`, which the caller then overwrites);
+// without it, or while a CUDA graph is being captured, an untuned class gets what an
+// unmeasured call uses: cuBLAS for "auto", the default tile for "wmma".
+GemmChoice choose_gemm(const LinearProblem& p, const at::Tensor& x, at::Tensor* out) {
+  const GemmPolicy policy = gemm_policy();
+  if (!wmma_supported(p, x) || policy == GemmPolicy::Cublas) return kCublas;
+  const GemmChoice unmeasured = policy == GemmPolicy::Wmma
+                                    ? GemmChoice{true, gemm_default_tile(p.args.m, p.args.n, sm_count())}
+                                    : kCublas;
+  const ShapeClass key = shape_class(p, x, policy);
   {
     std::lock_guard<std::mutex> lock(g_tuned_mutex);
     const auto it = g_tuned.find(key);
     if (it != g_tuned.end()) return it->second;
   }
   if (out == nullptr || c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    return GemmImpl::Cublas;
+    return unmeasured;
   }
-  const float wmma_ms = time_impl(GemmImpl::Wmma, p, *out);
-  const float cublas_ms = time_impl(GemmImpl::Cublas, p, *out);
-  const GemmImpl best = wmma_ms < cublas_ms ? GemmImpl::Wmma : GemmImpl::Cublas;
+  GemmChoice best = unmeasured;
+  float best_ms = time_choice(best, p, *out);
+  auto consider = [&](GemmChoice candidate) {
+    const float ms = time_choice(candidate, p, *out);
+    if (ms < best_ms) {
+      best = candidate;
+      best_ms = ms;
+    }
+  };
+  for (int t = 0; t < kGemmTiles; ++t) {
+    const GemmTile tile = GemmTile(t);
+    if (!(unmeasured.wmma && unmeasured.tile == tile)) consider({true, tile});
+  }
   std::lock_guard<std::mutex> lock(g_tuned_mutex);
   g_tuned[key] = best;
   return best;
@@ -188,7 +209,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std:
     return out.view(p.out_shape);
   }
   at::Tensor out = at::empty({p.args.m, p.args.n}, p.x2d.options());
-  run_impl(choose_impl(p, x, &out), p, out);
+  run_choice(choose_gemm(p, x, &out), p, out);
   return out.view(p.out_shape);
 }
 
@@ -203,7 +224,7 @@ at::Tensor ffn_cuda(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
 std::string linear_backend_cuda(const at::Tensor& x, const at::Tensor& weight) {
   const c10::cuda::CUDAGuard guard(x.device());
   const LinearProblem p = linear_problem("linear", x, weight, std::nullopt, "none", std::nullopt);
-  return impl_name(choose_impl(p, x, nullptr));
+  return impl_name(choose_gemm(p, x, nullptr));
 }
 
 // ---- attention ---------------------------------------------------------------------------

@@ -33,4 +33,34 @@ GPTEXT_HD int gemm_chunk_bytes(bool row_in_bounds, int64_t k0, int64_t k, int el
   return bytes >= 16 ? 16 : int(bytes);
 }
 
+// The block tiles of the WMMA GEMM (gemm_wmma.cu), block rows x block columns, warps as
+// warp tiles of rows x columns:
+//   Small  64 x 64,   4 warps of 32 x 32: problems with too few larger tiles to fill the GPU;
+//   Large 128 x 128,  8 warps of 64 x 32;
+//   Wide  128 x 256,  8 warps of 64 x 64: twice the multiply-adds per fragment loaded from
+//         shared memory of Large's warp tiles, one block an SM (its accumulators take 128
+//         registers a thread).
+enum class GemmTile : int { Small = 0, Large = 1, Wide = 2 };
+constexpr int kGemmTiles = 3;
+
+struct GemmTileShape {
+  int rows, cols;
+};
+GPTEXT_HD GemmTileShape gemm_tile_shape(GemmTile tile) {
+  return tile == GemmTile::Small ? GemmTileShape{64, 64}
+                                 : (tile == GemmTile::Large ? GemmTileShape{128, 128} : GemmTileShape{128, 256});
+}
+
+GPTEXT_HD int64_t gemm_tile_count(GemmTile tile, int64_t m, int64_t n) {
+  const GemmTileShape s = gemm_tile_shape(tile);
+  return ceil_div(m, s.rows) * ceil_div(n, s.cols);
+}
+
+// The tile an unmeasured call uses: Large when its tiles cover every SM at least once, else
+// Small, so that small problems (decode, narrow layers) still spread over the GPU. Wide is
+// picked only by measurement (linear's GEMM policy times the tiles per shape class).
+GPTEXT_HD GemmTile gemm_default_tile(int64_t m, int64_t n, int sm_count) {
+  return gemm_tile_count(GemmTile::Large, m, n) >= sm_count ? GemmTile::Large : GemmTile::Small;
+}
+
 }  // namespace gptext

@@ -19,16 +19,17 @@
 //     costs one shared-memory round trip per accumulator, small next to the K loop, and
 //     keeps the epilogue independent of fragment layouts.
 //   - blocks are rasterised in bands of kGroupM tile rows (gemm_tiles.cuh) for L2 reuse.
-// Two tile shapes: 128x128 (8 warps, 64x32 each) when that gives at least one tile per SM,
-// else 64x64 (4 warps) so small problems (decode, narrow layers) still spread over the GPU.
+// Three tile shapes (GemmTile in gemm_tiles.cuh): 64x64 (4 warps of 32x32), 128x128
+// (8 warps of 64x32) and 128x256 (8 warps of 64x64). The caller picks one; linear's GEMM
+// policy measures them per shape class.
 // K rows whose start is not 16-byte aligned (K % 8 != 0) cannot use cp.async; they take
 // the same pipeline with plain predicated loads.
 //
 // Unverified: bench/gpu_suite.sh verified this kernel on an H100 (sm_90) on 2026-11-23
 // (commit 3a9f802), before the K loop's copies were precomputed per thread (AsyncTileCopy:
-// ~150 instructions a warp per K step of the 128x128 tile, from ~770 in the sm_90 SASS)
-// and bf16 fragments were loaded with wmma.load's .shared form; that version has not run on
-// a GPU yet. The sm_80 build has never run on a GPU.
+// ~150 instructions a warp per K step of the 128x128 tile, from ~770 in the sm_90 SASS),
+// bf16 fragments were loaded with wmma.load's .shared form and the 128x256 tile was added;
+// that version has not run on a GPU yet. The sm_80 build has never run on a GPU.
 #include <mma.h>
 
 #include "gemm_tiles.cuh"
@@ -58,10 +59,13 @@ struct TileConfig {
   static constexpr size_t kSmemBytes = size_t(STAGES) * kStageElems * 2;
   // The epilogue reuses the pipeline's memory: one 16x16 fp32 patch per warp.
   static_assert(kSmemBytes >= size_t(kWarps) * 16 * 16 * sizeof(float), "epilogue patch must fit");
+  // Every sm_80+ GPU must take the block: sm_86 and sm_89 allow at most 99 KB of shared memory.
+  static_assert(kSmemBytes <= 99 * 1024, "shared memory beyond what sm_86/sm_89 allow a block");
   static_assert(BK % 16 == 0 && WM % 16 == 0 && WN % 16 == 0, "wmma tiles are 16x16x16");
 };
-using LargeTile = TileConfig<128, 128, 32, 64, 32, 4, 2>;
 using SmallTile = TileConfig<64, 64, 32, 32, 32, 4, 4>;
+using LargeTile = TileConfig<128, 128, 32, 64, 32, 4, 2>;
+using WideTile = TileConfig<128, 256, 32, 64, 64, 3, 1>;  // 3 stages: 90 KB
 
 // Fragment loads from shared memory. For fp16, wmma::load_matrix_sync. For bf16 it emits
 // the generic-address form of wmma.load (nvcc 13.0 infers the .shared state space for f16
@@ -265,24 +269,35 @@ cudaError_t launch_tile(const GemmArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_gemm(const GemmArgs& a, int sm_count, cudaStream_t stream) {
+template <typename T, typename Cfg>
+cudaError_t launch_config(const GemmArgs& a, cudaStream_t stream) {
   const bool async = a.lda % 8 == 0 && a.ldb % 8 == 0 && dev::is_aligned(a.a, 16) && dev::is_aligned(a.b, 16);
-  const bool large = ceil_div(a.m, LargeTile::BM) * ceil_div(a.n, LargeTile::BN) >= sm_count;
-  if (large) return async ? launch_tile<T, LargeTile, true>(a, stream) : launch_tile<T, LargeTile, false>(a, stream);
-  return async ? launch_tile<T, SmallTile, true>(a, stream) : launch_tile<T, SmallTile, false>(a, stream);
+  return async ? launch_tile<T, Cfg, true>(a, stream) : launch_tile<T, Cfg, false>(a, stream);
+}
+
+template <typename T>
+cudaError_t launch_gemm(const GemmArgs& a, GemmTile tile, cudaStream_t stream) {
+  switch (tile) {
+    case GemmTile::Small:
+      return launch_config<T, SmallTile>(a, stream);
+    case GemmTile::Large:
+      return launch_config<T, LargeTile>(a, stream);
+    case GemmTile::Wide:
+      return launch_config<T, WideTile>(a, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, int sm_count, cudaStream_t stream) {
+cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, GemmTile tile, cudaStream_t stream) {
   // K == 0 needs no special case: the K loop runs zero times and the epilogue sees zeros.
   if (args.m == 0 || args.n == 0) return cudaSuccess;
   switch (dtype) {
     case DType::F16:
-      return launch_gemm<__half>(args, sm_count, stream);
+      return launch_gemm<__half>(args, tile, stream);
     case DType::BF16:
-      return launch_gemm<__nv_bfloat16>(args, sm_count, stream);
+      return launch_gemm<__nv_bfloat16>(args, tile, stream);
     default:
       return cudaErrorInvalidDeviceFunction;  // fp32 goes through cuBLAS (see cuda_ops.cpp)
   }

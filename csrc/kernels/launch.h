@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "args.h"
+#include "gemm_tiles.cuh"
 
 namespace gptext::kernels {
 
@@ -27,9 +28,9 @@ cudaError_t layernorm_forward(const NormArgs& args, DType dtype, cudaStream_t st
 
 // ---- GEMM with a fused epilogue (gemm_wmma.cu, epilogue.cu) ----------------------------
 // Tensor Core (nvcuda::wmma) GEMM: bf16 or fp16 in, fp32 accumulate, output in the input
-// type. Needs sm_80 or newer; returns cudaErrorInvalidDeviceFunction for F32. `sm_count`
-// picks the tile shape.
-cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, int sm_count, cudaStream_t stream);
+// type. Needs sm_80 or newer; returns cudaErrorInvalidDeviceFunction for F32. The block
+// tile is `tile` (gemm_tiles.cuh); gemm_default_tile(m, n, sm_count) is the unmeasured choice.
+cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, GemmTile tile, cudaStream_t stream);
 // The same epilogue applied in place to a product already in c (the cuBLAS path):
 // c = act(c + bias) + residual.
 cudaError_t gemm_epilogue(const GemmArgs& args, DType dtype, cudaStream_t stream);

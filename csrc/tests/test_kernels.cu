@@ -1,7 +1,8 @@
 // Native tests of the CUDA kernels against the CPU implementations (csrc/cpu), with no torch:
 // random inputs in every storage type, sizes that reach each kernel variant and its tails,
 // misaligned pointers. Exits 77 ("skipped" for CTest) when there is no usable GPU, 1 on any
-// mismatch. bench/gpu_suite.sh runs it plain and under compute-sanitizer.
+// mismatch. bench/gpu_suite.sh runs it plain, under compute-sanitizer, and with --bench (the
+// WMMA GEMM's block tiles timed against each other).
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -195,7 +196,7 @@ static HostArray gemm_reference(const HostArray& a, const HostArray& b, const Ho
   return c;
 }
 
-static void test_gemm(std::mt19937& gen, int sm_count) {
+static void test_gemm(std::mt19937& gen) {
   struct Case {
     int64_t m, n, k;
   };
@@ -216,9 +217,14 @@ static void test_gemm(std::mt19937& gen, int sm_count) {
           DeviceArray da(a), db(b), dbias(bias), dres(res), dc(HostArray(t, s.m * s.n));
           GemmArgs args{da.ptr, db.ptr, dc.ptr, extras ? dbias.ptr : nullptr, extras ? dres.ptr : nullptr,
                         s.m, s.n, s.k, s.k, s.k, s.n, act};
-          CUDA_OK(kernels::gemm_wmma(args, t, sm_count, nullptr));
-          CUDA_OK(cudaDeviceSynchronize());
-          compare(name, dc.download(t), want, 1e-2f, 2 * rtol(t));
+          for (int tile = 0; tile < kGemmTiles; ++tile) {
+            CUDA_OK(cudaMemset(dc.ptr, 0xff, dc.bytes));  // NaN patterns: an unwritten output fails
+            CUDA_OK(kernels::gemm_wmma(args, t, GemmTile(tile), nullptr));
+            CUDA_OK(cudaDeviceSynchronize());
+            const GemmTileShape shape = gemm_tile_shape(GemmTile(tile));
+            compare(name + " (tile " + std::to_string(shape.rows) + "x" + std::to_string(shape.cols) + ")",
+                    dc.download(t), want, 1e-2f, 2 * rtol(t));
+          }
 
           // The epilogue kernel over a product computed on the host and stored in T (the
           // cuBLAS path). Its oracle starts from that stored product: the rounding to T before
@@ -354,12 +360,52 @@ static void test_attention(std::mt19937& gen, int sm_count) {
   }
 }
 
+// --bench: each WMMA block tile timed at 4096^3 and GPT-2's prefill shapes (8192 rows), one
+// line per run ("gemm-bench dtype MxNxK tile RxC: ms, TFLOP/s"), for bench/gpu_suite.sh.
+static void bench_gemm() {
+  struct Case {
+    int64_t m, n, k;
+  };
+  const Case shapes[] = {{4096, 4096, 4096}, {8192, 2304, 768}, {8192, 3072, 768}, {8192, 768, 3072}};
+  std::mt19937 gen(99);
+  cudaEvent_t start, stop;
+  CUDA_OK(cudaEventCreate(&start));
+  CUDA_OK(cudaEventCreate(&stop));
+  for (DType t : {DType::BF16, DType::F16}) {
+    for (const Case& s : shapes) {
+      DeviceArray da(random_array(t, s.m * s.k, gen)), db(random_array(t, s.n * s.k, gen, 0.05f)),
+          dc(HostArray(t, s.m * s.n));
+      const GemmArgs args{da.ptr, db.ptr, dc.ptr, nullptr, nullptr, s.m, s.n, s.k, s.k, s.k, s.n, Activation::None};
+      for (int tile = 0; tile < kGemmTiles; ++tile) {
+        constexpr int kRuns = 20;
+        CUDA_OK(kernels::gemm_wmma(args, t, GemmTile(tile), nullptr));  // warm-up
+        CUDA_OK(cudaEventRecord(start));
+        for (int r = 0; r < kRuns; ++r) CUDA_OK(kernels::gemm_wmma(args, t, GemmTile(tile), nullptr));
+        CUDA_OK(cudaEventRecord(stop));
+        CUDA_OK(cudaEventSynchronize(stop));
+        float ms = 0.0f;
+        CUDA_OK(cudaEventElapsedTime(&ms, start, stop));
+        ms /= kRuns;
+        const GemmTileShape shape = gemm_tile_shape(GemmTile(tile));
+        std::printf("gemm-bench %s %lldx%lldx%lld tile %dx%d: %.4f ms, %.1f TFLOP/s\n", name_of(t),
+                    static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k), shape.rows,
+                    shape.cols, ms, 2.0 * s.m * s.n * s.k / (ms * 1e-3) / 1e12);
+      }
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+}
+
 int main(int argc, char** argv) {
+  bool bench = false;
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--small") {
       max_elements = 1 << 20;
+    } else if (std::string(argv[i]) == "--bench") {
+      bench = true;
     } else {
-      std::printf("usage: %s [--small]\n", argv[0]);
+      std::printf("usage: %s [--small | --bench]\n", argv[0]);
       return 2;
     }
   }
@@ -376,11 +422,19 @@ int main(int argc, char** argv) {
     std::printf("FAIL: the kernels were not built for this GPU\n");
     return 1;
   }
+  if (bench) {
+    if (prop.major < 8) {
+      std::printf("skipped: the WMMA GEMM needs sm_80+\n");
+      return 77;
+    }
+    bench_gemm();
+    return 0;
+  }
   std::mt19937 gen(1234);
   test_softmax(gen);
   test_layernorm(gen);
   if (prop.major >= 8) {
-    test_gemm(gen, prop.multiProcessorCount);
+    test_gemm(gen);
     test_attention(gen, prop.multiProcessorCount);
   } else {
     std::printf("skipping the tensor-core kernels (GEMM, attention): they need sm_80+\n");

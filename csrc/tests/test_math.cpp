@@ -184,6 +184,15 @@ static void test_gemm_tiles() {
   CHECK(gemm_chunk_bytes(true, 96, 100, 2) == 8, "tail chunk");
   CHECK(gemm_chunk_bytes(true, 104, 100, 2) == 0, "past the end");
   CHECK(gemm_chunk_bytes(false, 0, 100, 2) == 0, "row outside");
+  // Block tiles: counts with partial edge tiles; the unmeasured choice needs a Large tile per SM.
+  CHECK(gemm_tile_count(GemmTile::Small, 65, 64) == 2, "small tiles");
+  CHECK(gemm_tile_count(GemmTile::Large, 4096, 4096) == 1024, "large tiles");
+  CHECK(gemm_tile_count(GemmTile::Wide, 8192, 768) == 64 * 3, "wide tiles");
+  CHECK(gemm_tile_count(GemmTile::Wide, 1, 257) == 2, "wide tiles, edges");
+  CHECK(gemm_default_tile(8192, 2304, 132) == GemmTile::Large, "prefill takes the large tile");
+  CHECK(gemm_default_tile(1, 2304, 132) == GemmTile::Small, "decode takes the small tile");
+  CHECK(gemm_default_tile(128 * 11, 128 * 12, 132) == GemmTile::Large, "exactly one large tile per SM");
+  CHECK(gemm_default_tile(128 * 11, 128 * 12 - 1, 133) == GemmTile::Small, "one large tile short");
 }
 
 int main() {
