@@ -84,6 +84,7 @@ def test_build_info():
     assert info["torch"] == torch.__version__
     assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
     assert info["cpu_isa_supported"] in ("avx512", "avx2", "baseline")
+    assert info["cpu_bf16_gemm"] == "fp32" or info["cpu_isa"] == "avx512"
     assert info["devices"][0] == {"device": "cpu", "kernels": True}
     if info["cuda"]:
         assert info["cuda_arch_list"] and info["cuda_runtime"] > 0

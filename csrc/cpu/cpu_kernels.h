@@ -47,6 +47,13 @@ inline int64_t attention_forward_tasks(const AttentionArgs& a) {
 // instead of calling a general GEMM.
 constexpr int64_t kSkinnyMaxRows = 8;
 
+// Whether the processor multiplies bf16 pairs natively (AVX512_BF16's dot products, which
+// ATen's oneDNN GEMM uses) and the AVX-512 build is in use: then a bf16 GEMM is faster in
+// bf16 than converted to fp32, and linear keeps skinny_gemm for single rows only (measured
+// on AMD Zen 4).
+bool bf16_dot_product();
+constexpr int64_t kSkinnyMaxRowsNativeBf16 = 1;
+
 // The builds of the kernels, in the order of what they need of the processor.
 enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 const char* isa_name(Isa isa);

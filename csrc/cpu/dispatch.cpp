@@ -49,6 +49,17 @@ Isa active_isa() {
   return isa;
 }
 
+bool bf16_dot_product() {
+#if defined(__x86_64__) || defined(_M_X64)
+  // Only with the AVX-512 build in use, so that GPTEXT_CPU_ISA=avx2 runs what a processor
+  // without AVX-512 would.
+  static const bool supported = active_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512bf16");
+  return supported;
+#else
+  return false;
+#endif
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define GPTEXT_CPU_CALL(fn, ...)                                                    \
   (active_isa() == Isa::Avx512 ? avx512::fn(__VA_ARGS__)                           \
