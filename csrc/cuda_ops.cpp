@@ -19,8 +19,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "kernels/launch.h"
 #include "ops_common.h"
@@ -179,18 +181,19 @@ GemmChoice choose_gemm(const LinearProblem& p, const at::Tensor& x, at::Tensor* 
   if (out == nullptr || c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
     return unmeasured;
   }
+  // The unmeasured choice first, then every WMMA tile not already among the candidates.
+  std::vector<GemmChoice> candidates = {unmeasured};
+  for (int t = 0; t < kGemmTiles; ++t) {
+    if (!(unmeasured.wmma && unmeasured.tile == GemmTile(t))) candidates.push_back({true, GemmTile(t)});
+  }
   GemmChoice best = unmeasured;
-  float best_ms = time_choice(best, p, *out);
-  auto consider = [&](GemmChoice candidate) {
+  float best_ms = INFINITY;
+  for (const GemmChoice& candidate : candidates) {
     const float ms = time_choice(candidate, p, *out);
     if (ms < best_ms) {
       best = candidate;
       best_ms = ms;
     }
-  };
-  for (int t = 0; t < kGemmTiles; ++t) {
-    const GemmTile tile = GemmTile(t);
-    if (!(unmeasured.wmma && unmeasured.tile == tile)) consider({true, tile});
   }
   std::lock_guard<std::mutex> lock(g_tuned_mutex);
   g_tuned[key] = best;

@@ -66,7 +66,7 @@ std::string get_gemm_policy() { return gemm_policy_name(gemm_policy()); }
 // One JSON object describing the build, read by gptext.build_info().
 std::string build_info() {
   std::string info = "{\"cpu_isa\": \"";
-  info += cpu::instruction_set();
+  info += cpu::isa_name(cpu::active_isa());
   info += "\", \"cpu_isa_supported\": \"";
   info += cpu::isa_name(cpu::supported_isa());
   info += "\", \"cpu_bf16_gemm\": \"";

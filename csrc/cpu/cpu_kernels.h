@@ -63,8 +63,6 @@ Isa supported_isa();
 // environment variable GPTEXT_CPU_ISA (baseline, avx2, avx512; read once), to compare the
 // builds or test one on a wider machine. A wider one than the processor has is not used.
 Isa active_isa();
-// isa_name(active_isa()).
-const char* instruction_set();
 
 namespace baseline {
 GPTEXT_CPU_KERNELS

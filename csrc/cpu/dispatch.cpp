@@ -99,6 +99,4 @@ void from_storage(DType dtype, const void* src, float* dst, int64_t n) {
   GPTEXT_CPU_CALL(from_storage, dtype, src, dst, n);
 }
 
-const char* instruction_set() { return isa_name(active_isa()); }
-
 }  // namespace gptext::cpu
