@@ -23,9 +23,9 @@ namespace {
 
 // Storage formats. 16-bit values are kept as raw bits (uint16_t) and converted exactly as
 // the GPU converts them; plain integer storage (not a wrapper struct) keeps the loops
-// vectorisable. With AVX2 every loop over stored values goes through Lanes (below), a
-// vector of values an instruction group, instead of these scalar conversions (fp16's software one
-// takes dozens of instructions per value; F16C does eight in one).
+// vectorisable. With AVX2 or AVX-512 every loop over stored values goes through Lanes
+// (below), a vector of values an instruction group, instead of these scalar conversions
+// (fp16's software one takes dozens of instructions per value; F16C does 8 or 16 in one).
 // The conversions are always inlined, like the math helpers (GPTEXT_HD): a call left in an
 // `omp simd` loop makes it scalar, and GCC stops inlining once a caller grows large enough.
 #define GPTEXT_CPU_INLINE static inline __attribute__((always_inline))
@@ -281,7 +281,7 @@ void dispatch(DType dtype, Fn&& fn) {
 }
 
 // Reduction of f(v[i]) over a row with LANES independent partial results: 32 (four AVX2
-// registers) run at load throughput instead of waiting on one accumulator's add latency;
+// registers, two AVX-512 ones) run at load throughput instead of waiting on one accumulator's add latency;
 // short rows use 8, since combining the partials at the end costs a step per partial.
 // `combine` must be associative and commutative.
 template <int LANES, typename F, typename Combine>
