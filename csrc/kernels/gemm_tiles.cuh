@@ -46,7 +46,7 @@ constexpr int kGemmTiles = 3;
 struct GemmTileShape {
   int rows, cols;
 };
-GPTEXT_HD GemmTileShape gemm_tile_shape(GemmTile tile) {
+GPTEXT_HD constexpr GemmTileShape gemm_tile_shape(GemmTile tile) {
   return tile == GemmTile::Small ? GemmTileShape{64, 64}
                                  : (tile == GemmTile::Large ? GemmTileShape{128, 128} : GemmTileShape{128, 256});
 }

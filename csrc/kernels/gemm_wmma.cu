@@ -67,6 +67,16 @@ using SmallTile = TileConfig<64, 64, 32, 32, 32, 4, 4>;
 using LargeTile = TileConfig<128, 128, 32, 64, 32, 4, 2>;
 using WideTile = TileConfig<128, 256, 32, 64, 64, 3, 1>;  // 3 stages: 90 KB
 
+// The host's view of the tiles (gemm_tile_shape: tile counts, the default choice) must be
+// these configurations.
+template <typename Cfg>
+constexpr bool same_shape(GemmTile tile) {
+  return gemm_tile_shape(tile).rows == Cfg::BM && gemm_tile_shape(tile).cols == Cfg::BN;
+}
+static_assert(same_shape<SmallTile>(GemmTile::Small) && same_shape<LargeTile>(GemmTile::Large) &&
+                  same_shape<WideTile>(GemmTile::Wide),
+              "gemm_tile_shape and the TileConfigs disagree");
+
 // Fragment loads from shared memory. For fp16, wmma::load_matrix_sync. For bf16 it emits
 // the generic-address form of wmma.load (nvcc 13.0 infers the .shared state space for f16
 // only), which ptxas turns into generic LD instructions instead of ldmatrix: 48 LD.E per
