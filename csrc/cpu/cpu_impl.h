@@ -68,7 +68,11 @@ struct Vec {
   static f32 add(f32 a, f32 b) { return _mm512_add_ps(a, b); }
   static f32 mul(f32 a, f32 b) { return _mm512_mul_ps(a, b); }
   static f32 fmadd(f32 a, f32 b, f32 c) { return _mm512_fmadd_ps(a, b, c); }
+  // v > acc ? v : acc per lane (vmaxps returns its second operand when either is NaN): a
+  // NaN v leaves acc as it was, as max_of does.
+  static f32 max(f32 v, f32 acc) { return _mm512_max_ps(v, acc); }
   static float sum(f32 v) { return _mm512_reduce_add_ps(v); }
+  static float max_lanes(f32 v) { return _mm512_reduce_max_ps(v); }  // v holds no NaN
   static f32 from_f16(u16 h) { return _mm512_cvtph_ps(h); }
   static u16 to_f16(f32 v) { return _mm512_cvtps_ph(v, kNearest); }
   static f32 from_bf16(u16 h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
@@ -100,6 +104,12 @@ struct Vec {
   static f32 add(f32 a, f32 b) { return _mm256_add_ps(a, b); }
   static f32 mul(f32 a, f32 b) { return _mm256_mul_ps(a, b); }
   static f32 fmadd(f32 a, f32 b, f32 c) { return _mm256_fmadd_ps(a, b, c); }
+  static f32 max(f32 v, f32 acc) { return _mm256_max_ps(v, acc); }  // as the AVX-512 one
+  static float max_lanes(f32 v) {  // v holds no NaN
+    const __m128 quad = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 pair = _mm_max_ps(quad, _mm_movehl_ps(quad, quad));
+    return _mm_cvtss_f32(_mm_max_ss(pair, _mm_movehdup_ps(pair)));
+  }
   static float sum(f32 v) {
     const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
@@ -308,6 +318,38 @@ inline float add(float a, float b) { return a + b; }
 inline float max_of(float a, float b) { return b > a ? b : a; }  // ignores NaN, as fmaxf does
 inline float identity(float v) { return v; }
 
+// load_rows, returning the largest value loaded (NaN ignored, as max_of does): the 16-bit
+// softmax converts its row and finds the max in one pass over it, not two.
+template <typename Fmt>
+inline float load_rows_max(const typename Fmt::storage* src, float* dst, int64_t n) {
+  float m = -INFINITY;
+  int64_t i = 0;
+#ifdef GPTEXT_CPU_AVX2
+  if (n >= kW) {
+    Vec::f32 acc[2] = {Vec::splat(-INFINITY), Vec::splat(-INFINITY)};  // two chains hide max's latency
+    for (; i + 2 * kW <= n; i += 2 * kW) {
+      for (int j = 0; j < 2; ++j) {
+        const Vec::f32 v = Lanes<Fmt>::load(src + i + j * kW);
+        Vec::store(dst + i + j * kW, v);
+        acc[j] = Vec::max(v, acc[j]);
+      }
+    }
+    if (i + kW <= n) {
+      const Vec::f32 v = Lanes<Fmt>::load(src + i);
+      Vec::store(dst + i, v);
+      acc[0] = Vec::max(v, acc[0]);
+      i += kW;
+    }
+    m = Vec::max_lanes(Vec::max(acc[1], acc[0]));
+  }
+#endif
+  for (; i < n; ++i) {
+    dst[i] = Fmt::load(src[i]);
+    m = max_of(m, dst[i]);
+  }
+  return m;
+}
+
 // dst[i] = 2^((src[i] - max) k) for i < n (0 where src is -inf, or everywhere when max is);
 // returns their sum. dst may be src.
 inline float exp_row(const float* src, float* dst, int64_t n, float max, float k) {
@@ -333,14 +375,15 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
     const KeyRange keys = attention_key_range(a.causal ? row % a.q_len : 0, a.q_len, a.cols, a.causal, a.window);
     const int64_t n = keys.end - keys.begin;
 
-    // The row in fp32: read in place, or converted into buf first.
+    // The row in fp32: read in place, or converted into buf as its max is found.
     const float* values = buf;
+    float row_max;
     if constexpr (std::is_same_v<Fmt, F32>) {
       values = x + keys.begin;
+      row_max = reduce_row(values, n, -INFINITY, identity, max_of);
     } else {
-      load_rows<Fmt>(x + keys.begin, buf, n);
+      row_max = load_rows_max<Fmt>(x + keys.begin, buf, n);
     }
-    const float row_max = reduce_row(values, n, -INFINITY, identity, max_of);
     // Summed as the exponentials are made: one pass over the row, not two.
     const float inv = softmax_inv_sum(exp_row(values, buf, n, row_max, k));
     std::fill(y, y + keys.begin, Fmt::store(0.0f));

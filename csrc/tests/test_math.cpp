@@ -49,9 +49,23 @@ static void test_exp2() {
     const double rel = std::fabs(exp2_approx(x) / std::exp2(double(x)) - 1.0);
     worst = rel > worst ? rel : worst;
   }
-  CHECK(worst < 3e-7, "exp2_approx relative error %g", worst);
+  CHECK(worst < 2e-7, "exp2_approx relative error %g", worst);
+  // Every float in [-1, 1], where softmax's exponentials of near-max scores land.
+  worst = 0;
+  for (uint32_t bits = 0; bits <= 0x3f800000u; bits += 3) {
+    for (float sign : {1.0f, -1.0f}) {
+      const float x = sign * bits_to_float(bits);
+      const double rel = std::fabs(exp2_approx(x) / std::exp2(double(x)) - 1.0);
+      worst = rel > worst ? rel : worst;
+    }
+  }
+  CHECK(worst < 2e-7, "exp2_approx relative error on [-1, 1] %g", worst);
+  for (int n = -126; n <= 127; ++n) {  // powers of two are exact
+    CHECK(exp2_approx(float(n)) == float(std::ldexp(1.0, n)), "exp2(%d) = %g", n, exp2_approx(float(n)));
+  }
   CHECK(exp2_approx(-INFINITY) == 0.0f, "exp2(-inf)");
-  CHECK(exp2_approx(-200.0f) == 0.0f, "exp2 underflow");
+  CHECK(exp2_approx(-200.0f) == 0.0f && exp2_approx(-127.0f) == 0.0f, "exp2 underflow");
+  CHECK(std::isfinite(exp2_approx(200.0f)) && exp2_approx(200.0f) > 1e38f, "exp2 overflow clamps to 2^127");
   CHECK(std::isnan(exp2_approx(NAN)), "exp2(NaN)");
   CHECK(exp2_approx(0.0f) == 1.0f, "exp2(0) = %g", exp2_approx(0.0f));
 }
