@@ -106,7 +106,7 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     use_cuda = want_cuda(cuda_home)
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: ATen's at::parallel_for is an inline `omp parallel` in OpenMP builds of torch
     # (the pip wheels), so without it the CPU ops would run on one thread; the libgomp.so.1
     # this links against is the one torch has already loaded. It also enables the CPU

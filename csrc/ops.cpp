@@ -1,9 +1,8 @@
-// gptext's op library: every schema, the CPU implementations, and the Python module that
-// loads them. The CUDA implementations register in cuda_ops.cpp when the extension is built
-// with CUDA. Autograd formulas and fake (meta) implementations are registered from Python
-// (gptext/ops.py).
+// gptext's op library: every schema and the CPU implementations. The CUDA implementations
+// register in cuda_ops.cpp when the extension is built with CUDA; the Python module that
+// loads them, with a fast entry point per op, is python_module.cpp. Autograd formulas and
+// fake (meta) implementations are registered from Python (gptext/ops.py).
 #include <ATen/Parallel.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -220,10 +219,4 @@ TORCH_LIBRARY_IMPL(gptext, CPU, m) {
   m.impl("attention", &gptext::attention_cpu);
   m.impl("attention_backward", &gptext::attention_backward_cpu);
   m.impl("_linear_backend", &gptext::linear_backend_cpu);
-}
-
-// Importing gptext._C runs the registrations above; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "gptext's compiled ops (see torch.ops.gptext)", -1, nullptr};
-  return PyModule_Create(&module);
 }

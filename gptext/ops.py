@@ -25,7 +25,7 @@ import torch
 from . import reference
 
 try:
-    from . import _C  # noqa: F401  (importing it registers torch.ops.gptext)
+    from . import _C  # importing it registers torch.ops.gptext
 
     _EXTENSION_ERROR = None
 except ImportError as error:  # not built: everything still runs on the reference
@@ -73,35 +73,28 @@ def _observed(op: str):
     return wrap
 
 
-# torch.library's autograd registration puts a Python wrapper in front of every call of a
-# compiled op, about 6 us even under no_grad: more than a decode-sized kernel takes on a GPU.
-# When no gradient can flow, _compiled() dispatches below autograd, straight to the kernel.
-_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
-
-
 # The ops' default overloads, looked up once (an attribute lookup on torch.ops per call
-# costs more than a small kernel on the CPU).
+# costs more than a small kernel on the CPU): torch.compile traces these.
 _OVERLOADS: dict = {}
+# Outside torch.compile, each op is called through gptext._C._call_<op>, which goes through
+# the same dispatcher (autograd, fake tensors, dispatch modes and the profiler all still
+# apply) for about 3 us less per call than an OpOverload on a CPU, and below autograd when
+# no gradient can flow: torch.library's autograd wrapper costs several us more, even under
+# no_grad. See csrc/python_module.cpp.
+_DIRECT: dict = {}
 
 
 def _compiled(op: str, *args):
-    """torch.ops.gptext.<op>(*args), without the autograd wrapper when nothing needs a grad."""
-    fn = _OVERLOADS.get(op)
+    """torch.ops.gptext.<op>(*args), by the shortest path that keeps its meaning."""
+    if torch.compiler.is_compiling():
+        fn = _OVERLOADS.get(op)
+        if fn is None:
+            fn = _OVERLOADS[op] = getattr(torch.ops.gptext, op).default
+        return fn(*args)
+    fn = _DIRECT.get(op)
     if fn is None:
-        fn = _OVERLOADS[op] = getattr(torch.ops.gptext, op).default
-    if _BELOW_AUTOGRAD is None or torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(args)):
-        return fn(*args)
-    with _BELOW_AUTOGRAD():
-        return fn(*args)
-
-
-def _any_requires_grad(args) -> bool:
-    """Whether a tensor argument requires grad; a tensor subclass (a parameter, a fake or a
-    functional tensor) counts as one, so that it keeps the full path."""
-    for a in args:  # a loop, not any(genexpr): this runs on every op call
-        if isinstance(a, torch.Tensor) and (a.requires_grad or type(a) is not torch.Tensor):
-            return True
-    return False
+        fn = _DIRECT[op] = getattr(_C, "_call_" + op)
+    return fn(*args)
 
 
 # ---- backend selection -------------------------------------------------------------------
@@ -406,7 +399,7 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     if causal and (x.dim() < 2 or dim % x.dim() != x.dim() - 1):
         raise ValueError("gptext.ops.softmax: causal masking needs scores shaped (..., q_len, k_len) and dim=-1")
     if _use_kernels("softmax", x):
-        return _compiled("softmax", x, dim, scale, causal, window)
+        return _compiled("softmax", x, dim, scale, bool(causal), window)
     return reference.softmax(x, dim, scale=scale, causal=causal, window=window)
 
 
@@ -486,7 +479,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if window and not causal:
         raise ValueError("gptext.ops.attention: a window needs causal=True")
     if _attention_kernels(q):
-        return _compiled("attention", q, k, v, causal, window, sinks, scale, kv_starts, kv_lens)[0]
+        return _compiled("attention", q, k, v, bool(causal), window, sinks, scale, kv_starts, kv_lens)[0]
     return reference.attention(q, k, v, causal, window, sinks, scale, kv_starts=kv_starts, kv_lens=kv_lens)
 
 

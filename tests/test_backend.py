@@ -138,3 +138,44 @@ def test_calls_without_grad_skip_autograd_and_agree(device):
         assert gptext.ops.softmax(leaf).grad_fn is None
     weight = torch.nn.Parameter(torch.randn(4, 16, device=device))  # a subclass: the full path
     assert gptext.ops.linear(x, weight).grad_fn is not None
+
+
+def test_direct_calls_keep_the_dispatchers_meaning():
+    # ops.py calls the compiled ops through gptext._C._call_<op>, which goes through the
+    # dispatcher: the profiler records the op, a dispatch mode sees it, fake tensors get a
+    # fake result (the fake implementation), and a bad argument is a TypeError.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(4, 8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        gptext.ops.softmax(x)
+    assert "gptext::softmax" in {event.name for event in prof.events()}
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        out = gptext.ops.layernorm(x, torch.ones(8), None)
+    assert "gptext.layernorm.default" in seen.ops
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (8,)))
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(2, 3, 5, 16))
+        result = gptext.ops.attention(fake, fake, fake)
+    assert type(result).__name__ == "FakeTensor" and result.shape == (2, 3, 5, 16)
+
+    with pytest.raises(TypeError, match="takes 5 arguments"):
+        gptext._C._call_softmax(x, -1)
+    with pytest.raises(TypeError, match="argument 1 must be a Tensor"):
+        gptext._C._call_softmax([1.0], -1, 1.0, False, 0)
+    with pytest.raises(TypeError, match="argument 4 must be a bool"):
+        gptext._C._call_softmax(x, -1, 1.0, 1, 0)
+    with pytest.raises(TypeError):
+        gptext._C._call_linear(x, torch.randn(3, 8), None, 7, None)

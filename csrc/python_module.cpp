@@ -1,0 +1,246 @@
+// gptext._C, the Python module: importing it runs the op registrations (ops.cpp,
+// cuda_ops.cpp), and it holds one fast entry point per public op, `_call_<op>`, which
+// gptext/ops.py calls in place of torch.ops.gptext.<op> outside torch.compile.
+//
+// An entry point parses its Python arguments itself and calls the op through the
+// dispatcher's typed handle, so every dispatch key still applies (the autograd formula,
+// fake and functional tensors, dispatch modes, the profiler's records). What it saves is
+// the overhead around that: calling an OpOverload from Python costs about 3 us more than
+// the kernel on a CPU (argument matching against the schema, boxing into IValues), and the
+// autograd wrapper that torch.library puts in front of the op costs several more even
+// when no gradient can flow. When none can (grad mode off, or no tensor argument needing
+// one), the call goes below autograd, straight to the kernel, as the Python path did with
+// torch._C._AutoDispatchBelowAutograd. The GIL is released around the call, as torch's
+// own bindings release it.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace gptext {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// ---- arguments --------------------------------------------------------------------------
+
+// The arguments of one call, read one by one from Python's fastcall array; a bad one
+// raises TypeError naming the op and the argument's position (c10::TypeError, which
+// HANDLE_TH_ERRORS turns into Python's). ops.py has checked them
+// already: these checks only keep a direct caller from crashing the process.
+class Args {
+ public:
+  Args(const char* op, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t expected) : op_(op), args_(args) {
+    TORCH_CHECK_TYPE(nargs == expected, "gptext._C._call_", op, " takes ", expected, " arguments, got ", nargs);
+  }
+
+  const at::Tensor& tensor() {
+    PyObject* obj = next();
+    if (!THPVariable_Check(obj)) bad("a Tensor");
+    note_tensor(obj);
+    return THPVariable_Unpack(obj);
+  }
+  OptTensor optional_tensor() {
+    if (peek() == Py_None) {
+      next();
+      return std::nullopt;
+    }
+    return tensor();
+  }
+  // Any int-like (__index__) or float-like (__float__) value, as Python's own conversions
+  // take them; their TypeError propagates.
+  int64_t integer() {
+    const long long value = PyLong_AsLongLong(next());
+    if (value == -1 && PyErr_Occurred()) throw python_error();
+    return value;
+  }
+  double real() {
+    const double value = PyFloat_AsDouble(next());
+    if (value == -1.0 && PyErr_Occurred()) throw python_error();
+    return value;
+  }
+  bool boolean() {
+    PyObject* obj = next();
+    if (!PyBool_Check(obj)) bad("a bool");
+    return obj == Py_True;
+  }
+  std::string string() {
+    PyObject* obj = next();
+    if (!PyUnicode_Check(obj)) bad("a str");
+    Py_ssize_t size = 0;
+    const char* data = PyUnicode_AsUTF8AndSize(obj, &size);
+    if (data == nullptr) throw python_error();
+    return std::string(data, size_t(size));
+  }
+
+  // Whether the call must go through autograd: grad mode is on and some tensor argument
+  // requires grad or is a tensor subclass (a fake or functional tensor, which keeps the
+  // full path; nn.Parameter counts as a plain tensor).
+  bool needs_autograd() const { return c10::GradMode::is_enabled() && autograd_; }
+
+ private:
+  PyObject* peek() const { return args_[index_]; }
+  PyObject* next() { return args_[index_++]; }
+  [[noreturn]] void bad(const char* what) const {
+    TORCH_CHECK_TYPE(false, "gptext._C._call_", op_, ": argument ", index_, " must be ", what, ", not ",
+                     Py_TYPE(args_[index_ - 1])->tp_name);
+  }
+  void note_tensor(PyObject* obj) {
+    autograd_ = autograd_ || !THPVariable_CheckExact(obj) || THPVariable_Unpack(obj).requires_grad();
+  }
+
+  const char* op_;
+  PyObject* const* args_;
+  Py_ssize_t index_ = 0;
+  bool autograd_ = false;
+};
+
+// ---- calling the op ---------------------------------------------------------------------
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// op(args...) through the dispatcher, below autograd when no gradient can flow, without
+// the GIL.
+template <typename Sig, typename... A>
+auto dispatch(const c10::TypedOperatorHandle<Sig>& op, bool needs_autograd, const A&... args) {
+  pybind11::gil_scoped_release no_gil;
+  if (needs_autograd) return op.call(args...);
+  at::AutoDispatchBelowAutograd below_autograd;
+  return op.call(args...);
+}
+
+PyObject* wrap(at::Tensor t) { return THPVariable_Wrap(std::move(t)); }
+
+template <typename... T>
+PyObject* wrap(std::tuple<T...> values) {
+  constexpr Py_ssize_t n = sizeof...(T);
+  PyObject* tuple = PyTuple_New(n);
+  if (tuple == nullptr) throw python_error();
+  Py_ssize_t i = 0;
+  std::apply([&](auto&... t) { ((PyTuple_SET_ITEM(tuple, i++, THPVariable_Wrap(std::move(t)))), ...); }, values);
+  return tuple;
+}
+
+// ---- the entry points -------------------------------------------------------------------
+
+PyObject* call_softmax(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, int64_t, double, bool, int64_t)>("gptext::softmax");
+  Args a("softmax", argv, argc, 5);
+  const at::Tensor& x = a.tensor();
+  const int64_t dim = a.integer();
+  const double scale = a.real();
+  const bool causal = a.boolean();
+  const int64_t window = a.integer();
+  return wrap(dispatch(op, a.needs_autograd(), x, dim, scale, causal, window));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_layernorm(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  static const auto op = typed_op<Out(const at::Tensor&, const at::Tensor&, const OptTensor&, double)>(
+      "gptext::layernorm");
+  Args a("layernorm", argv, argc, 4);
+  const at::Tensor& x = a.tensor();
+  const at::Tensor& weight = a.tensor();
+  const OptTensor bias = a.optional_tensor();
+  const double eps = a.real();
+  return wrap(dispatch(op, a.needs_autograd(), x, weight, bias, eps));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_layernorm_residual(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static const auto op =
+      typed_op<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double)>(
+          "gptext::layernorm_residual");
+  Args a("layernorm_residual", argv, argc, 5);
+  const at::Tensor& x = a.tensor();
+  const at::Tensor& residual = a.tensor();
+  const at::Tensor& weight = a.tensor();
+  const OptTensor bias = a.optional_tensor();
+  const double eps = a.real();
+  return wrap(dispatch(op, a.needs_autograd(), x, residual, weight, bias, eps));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_linear(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                             const std::string&, const OptTensor&)>("gptext::linear");
+  Args a("linear", argv, argc, 5);
+  const at::Tensor& x = a.tensor();
+  const at::Tensor& weight = a.tensor();
+  const OptTensor bias = a.optional_tensor();
+  const std::string activation = a.string();
+  const OptTensor residual = a.optional_tensor();
+  return wrap(dispatch(op, a.needs_autograd(), x, weight, bias, activation, residual));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_ffn(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                             const at::Tensor&, const OptTensor&, const OptTensor&)>("gptext::ffn");
+  Args a("ffn", argv, argc, 6);
+  const at::Tensor& x = a.tensor();
+  const at::Tensor& w_fc = a.tensor();
+  const OptTensor b_fc = a.optional_tensor();
+  const at::Tensor& w_proj = a.tensor();
+  const OptTensor b_proj = a.optional_tensor();
+  const OptTensor residual = a.optional_tensor();
+  return wrap(dispatch(op, a.needs_autograd(), x, w_fc, b_fc, w_proj, b_proj, residual));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* call_attention(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
+  using Out = std::tuple<at::Tensor, at::Tensor>;
+  static const auto op =
+      typed_op<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, int64_t, const OptTensor&, double,
+                   const OptTensor&, const OptTensor&)>("gptext::attention");
+  Args a("attention", argv, argc, 9);
+  const at::Tensor& q = a.tensor();
+  const at::Tensor& k = a.tensor();
+  const at::Tensor& v = a.tensor();
+  const bool causal = a.boolean();
+  const int64_t window = a.integer();
+  const OptTensor sinks = a.optional_tensor();
+  const double scale = a.real();
+  const OptTensor kv_starts = a.optional_tensor();
+  const OptTensor kv_lens = a.optional_tensor();
+  return wrap(dispatch(op, a.needs_autograd(), q, k, v, causal, window, sinks, scale, kv_starts, kv_lens));
+  END_HANDLE_TH_ERRORS
+}
+
+#define GPTEXT_FASTCALL(fn) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn))
+PyMethodDef methods[] = {
+    {"_call_softmax", GPTEXT_FASTCALL(call_softmax), METH_FASTCALL, "torch.ops.gptext.softmax, called directly"},
+    {"_call_layernorm", GPTEXT_FASTCALL(call_layernorm), METH_FASTCALL, "torch.ops.gptext.layernorm, called directly"},
+    {"_call_layernorm_residual", GPTEXT_FASTCALL(call_layernorm_residual), METH_FASTCALL,
+     "torch.ops.gptext.layernorm_residual, called directly"},
+    {"_call_linear", GPTEXT_FASTCALL(call_linear), METH_FASTCALL, "torch.ops.gptext.linear, called directly"},
+    {"_call_ffn", GPTEXT_FASTCALL(call_ffn), METH_FASTCALL, "torch.ops.gptext.ffn, called directly"},
+    {"_call_attention", GPTEXT_FASTCALL(call_attention), METH_FASTCALL, "torch.ops.gptext.attention, called directly"},
+    {nullptr, nullptr, 0, nullptr},
+};
+#undef GPTEXT_FASTCALL
+
+}  // namespace
+}  // namespace gptext
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "gptext's compiled ops (see torch.ops.gptext)", -1,
+                               gptext::methods};
+  return PyModule_Create(&module);
+}
