@@ -11,15 +11,20 @@
 #   bench        python3 -m bench --full --device cuda --out OUTDIR
 #   memcheck     compute-sanitizer --tool memcheck  over build/native/test_kernels --small
 #   racecheck    compute-sanitizer --tool racecheck over build/native/test_kernels --small
+#   ncu          Nsight Compute on the kernels furthest from their targets (ncu.txt): the
+#                WMMA GEMM's 128x128 and 128x256 tiles at 4096^3 in bf16 (from
+#                test_kernels --bench) and the attention forward and backward kernels at
+#                T = 4096, D = 64 (bench.one); where ncu is missing or may not read the
+#                GPU's counters, the step says so and the suite goes on
 #   pytest_all   python3 -m pytest -q (the whole suite: about 100 s on an H100 host)
 # Each step runs under `timeout` and the script goes on whatever it returns. The benchmark
 # runs before the sanitizers and the whole test suite, so that the headline figures come
 # back even when those run out of time; the steps before it never eat into the time kept
 # for it.
 #
-# Writes at most 6 files into OUTDIR: gpu_suite.json (commit, date, device, versions, each
+# Writes at most 7 files into OUTDIR: gpu_suite.json (commit, date, device, versions, each
 # step's status, seconds and log tail, the bench JSON's path), suite.log (every step's
-# log), gemm_tiles.txt, and the bench's results.json, speedup.png and roofline.png.
+# log), gemm_tiles.txt, ncu.txt, and the bench's results.json, speedup.png and roofline.png.
 #
 # The commit is $2, else $GPTEXT_COMMIT, else git's HEAD (a copy of the repository
 # without .git has none). Without a GPU (nvidia-smi or torch.cuda missing) the GPU steps
@@ -46,7 +51,7 @@ OUT=$(cd "$OUT" && pwd)
 
 export PY=${PYTHON:-python3}
 BUDGET=${SUITE_BUDGET:-570}
-STEPS=${SUITE_STEPS:-build,pytest_cuda,ctest,gemm_tiles,bench,memcheck,racecheck,pytest_all}
+STEPS=${SUITE_STEPS:-build,pytest_cuda,ctest,gemm_tiles,bench,memcheck,racecheck,ncu,pytest_all}
 COMMIT=${2:-${GPTEXT_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}}
 export GPTEXT_COMMIT=$COMMIT
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -158,6 +163,41 @@ fi
 run_step bench 270 0 "\"\$PY\" -m bench $BENCH_ARGS --out '$OUT'"
 sanitize_step memcheck memcheck
 sanitize_step racecheck racecheck
+# Nsight Compute: where the time of the GEMM and attention kernels goes (each unit's
+# throughput against its peak, memory traffic, stall reasons, occupancy). One kernel launch
+# each; the GEMM's warm-up launch is skipped.
+ncu_tool() {
+  command -v ncu 2> /dev/null || ls /usr/local/cuda*/bin/ncu 2> /dev/null | head -n 1 || true
+}
+ncu_profiles() {
+  set -eo pipefail
+  local sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
+                  --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats)
+  {
+    for tile in "128, 128," "128, 256,"; do
+      "$NCU" "${sections[@]}" --kernel-name-base demangled --launch-skip 1 --launch-count 1 \
+        -k "regex:gemm_wmma_kernel<__nv_bfloat16.*TileConfig<$tile" build/native/test_kernels --bench
+    done
+    "$NCU" "${sections[@]}" --launch-count 1 -k attention_fwd_kernel \
+      "$PY" -m bench.one attention "1x16/16x4096x4096x64 causal" bf16 --calls 1
+    for kernel in attention_dkdv_kernel attention_dq_kernel; do
+      "$NCU" "${sections[@]}" --launch-count 1 -k "$kernel" \
+        "$PY" -m bench.one attention_bwd "1x16/16x4096x4096x64 causal" bf16 --calls 1
+    done
+  } 2>&1 | tee "$OUT/ncu.txt"
+}
+export -f ncu_profiles
+export NCU OUT
+NCU=$(ncu_tool)
+if [ "$GPU" -eq 0 ]; then
+  record ncu skipped 0 "no GPU on this host"
+elif [ -z "$NCU" ]; then
+  record ncu unavailable 0 "ncu not on PATH or under /usr/local/cuda*/bin"
+elif [ ! -x build/native/test_kernels ]; then
+  record ncu skipped 0 "build/native/test_kernels was not built (see the ctest step)"
+else
+  run_step ncu 120 100 ncu_profiles
+fi
 gpu_step pytest_all 180 0 '"$PY" -m pytest -q --tb=short -rfE'
 
 # The summary is written with the standard library only, so that it is there even when
