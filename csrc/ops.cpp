@@ -70,12 +70,15 @@ std::string build_info() {
   info += cpu::isa_name(cpu::supported_isa());
   info += "\", \"cpu_bf16_gemm\": \"";
   info += cpu::bf16_dot_product() ? "bf16" : "fp32";
+  info += "\", \"cpu_stream_bytes\": ";
+  info += std::to_string(cpu::stream_min_traffic());
+  info += ", \"";
 #ifdef GPTEXT_WITH_CUDA
-  info += "\", \"cuda\": true, \"cuda_arch_list\": \"" GPTEXT_CUDA_ARCHES "\", \"cuda_runtime\": ";
+  info += "cuda\": true, \"cuda_arch_list\": \"" GPTEXT_CUDA_ARCHES "\", \"cuda_runtime\": ";
   info += std::to_string(kernels::kernels_cuda_version());
   info += "}";
 #else
-  info += "\", \"cuda\": false, \"cuda_arch_list\": \"\", \"cuda_runtime\": 0}";
+  info += "cuda\": false, \"cuda_arch_list\": \"\", \"cuda_runtime\": 0}";
 #endif
   return info;
 }

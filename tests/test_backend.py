@@ -85,6 +85,7 @@ def test_build_info():
     assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
     assert info["cpu_isa_supported"] in ("avx512", "avx2", "baseline")
     assert info["cpu_bf16_gemm"] == "fp32" or info["cpu_isa"] == "avx512"
+    assert info["cpu_stream_bytes"] > 0
     assert info["devices"][0] == {"device": "cpu", "kernels": True}
     if info["cuda"]:
         assert info["cuda_arch_list"] and info["cuda_runtime"] > 0
@@ -99,6 +100,19 @@ def test_gemm_policy_from_environment(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={"GPTEXT_GEMM": "cublas", "PATH": ""},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "cublas"
+
+
+@pytest.mark.parametrize("setting,expected", [("12345", 12345), ("lots", None), ("-1", None)])
+def test_cpu_stream_threshold_from_environment(setting, expected):
+    # GPTEXT_CPU_STREAM_BYTES replaces the last-level cache size as the traffic from which
+    # the CPU kernels stream their outputs; a value that is not a positive integer is ignored.
+    import subprocess
+    import sys
+
+    code = "import gptext; print(gptext.build_info()['cpu_stream_bytes'])"
+    out = subprocess.run([sys.executable, "-c", code], env={"GPTEXT_CPU_STREAM_BYTES": setting, "PATH": ""},
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout) == (expected or gptext.build_info()["cpu_stream_bytes"])
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512", "sse9"])
@@ -136,7 +150,7 @@ def test_calls_without_grad_skip_autograd_and_agree(device):
     assert leaf.grad is not None and leaf.grad.shape == leaf.shape
     with torch.no_grad():
         assert gptext.ops.softmax(leaf).grad_fn is None
-    weight = torch.nn.Parameter(torch.randn(4, 16, device=device))  # a subclass: the full path
+    weight = torch.nn.Parameter(torch.randn(4, 16, device=device))  # requires grad: the autograd path
     assert gptext.ops.linear(x, weight).grad_fn is not None
 
 

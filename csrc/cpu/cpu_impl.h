@@ -267,17 +267,6 @@ inline void stream_fence() {
 #endif
 }
 
-// A call that moves at least this many bytes (inputs read plus outputs written) writes its
-// outputs with streaming stores where the build has them: its data can't all stay in the
-// last-level cache (32 MB on the 2-thread AMD EPYC host measured), so the outputs would be
-// evicted before the next op reads them anyway. Below it, the outputs (often a reused,
-// cache-resident buffer) are better left to ordinary stores. Measured there against eager
-// PyTorch, streamed / not streamed: fp32 layernorm_residual 4096x768 (48 MB) 1.34-1.51x /
-// 1.17-1.23x, fp32 softmax 4096x1024 (32 MB) 1.20-1.24x / 1.03-1.11x; fp32 softmax
-// 16384x128 (16 MB) 0.64-0.85x / 1.12-1.14x, bf16 layernorm_residual 4096x768 (24 MB)
-// 0.99-1.11x / 1.14-1.16x.
-constexpr int64_t kStreamMinTraffic = int64_t(32) << 20;
-
 template <typename Fn>
 void dispatch(DType dtype, Fn&& fn) {
   switch (dtype) {
@@ -1018,12 +1007,12 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
 }
 
 // dispatch(), plus whether the outputs are streamed: when the call moves at least
-// kStreamMinTraffic bytes (`tensors` rows x cols tensors read or written):
+// stream_min_traffic() bytes (`tensors` rows x cols tensors read or written):
 // fn(format tag, std::integral_constant<bool, stream>).
 template <typename Fn>
 void dispatch_streamed(DType dtype, int64_t rows, int64_t cols, int tensors, Fn&& fn) {
   dispatch(dtype, [&](auto tag) {
-    if (rows * cols * tensors * int64_t(sizeof(typename decltype(tag)::storage)) >= kStreamMinTraffic) {
+    if (rows * cols * tensors * int64_t(sizeof(typename decltype(tag)::storage)) >= stream_min_traffic()) {
       fn(tag, std::true_type{});
     } else {
       fn(tag, std::false_type{});

@@ -54,6 +54,19 @@ constexpr int64_t kSkinnyMaxRows = 8;
 bool bf16_dot_product();
 constexpr int64_t kSkinnyMaxRowsNativeBf16 = 1;
 
+// A call that moves at least this many bytes (inputs read plus outputs written) writes its
+// outputs with streaming stores where the build has them: its data can't all stay in the
+// last-level cache, so the outputs would be evicted before the next op reads them anyway,
+// and a streaming store saves reading each output line into the cache first. Below it, the
+// outputs (often a reused, cache-resident buffer) are better left to ordinary stores. The
+// last-level cache's size as the C library reports it (sysconf), else 32 MB; the
+// environment variable GPTEXT_CPU_STREAM_BYTES overrides it (read once). Measured on an
+// AMD EPYC host with a 32 MB L3, against eager PyTorch, streamed / not streamed: fp32
+// layernorm_residual 4096x768 (48 MB) 1.34-1.51x / 1.17-1.23x, fp32 softmax 4096x1024
+// (32 MB) 1.20-1.24x / 1.03-1.11x; fp32 softmax 16384x128 (16 MB) 0.64-0.85x /
+// 1.12-1.14x, bf16 layernorm_residual 4096x768 (24 MB) 0.99-1.11x / 1.14-1.16x.
+int64_t stream_min_traffic();
+
 // The builds of the kernels, in the order of what they need of the processor.
 enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 const char* isa_name(Isa isa);

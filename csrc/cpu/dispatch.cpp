@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <string>
 
+#include <unistd.h>
+
 #include "cpu_kernels.h"
 
 namespace gptext::cpu {
@@ -58,6 +60,22 @@ bool bf16_dot_product() {
 #else
   return false;
 #endif
+}
+
+int64_t stream_min_traffic() {
+  static const int64_t bytes = [] {
+    if (const char* env = std::getenv("GPTEXT_CPU_STREAM_BYTES")) {
+      char* end = nullptr;
+      const long long value = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && value > 0) return int64_t(value);
+    }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (l3 > 0) return int64_t(l3);
+#endif
+    return int64_t(32) << 20;
+  }();
+  return bytes;
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
