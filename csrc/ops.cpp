@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   AttentionProblem p = attention_problem(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens);
   const AttentionArgs& a = p.args;
   const int64_t tasks = cpu::attention_forward_tasks(a);
-  const int64_t rows_per_task = cpu::attention_forward_blocked_rows(a) ? cpu::kAttentionRowBlock : 1;
+  const int64_t rows_per_task = cpu::attention_forward_blocked_rows(a) ? cpu::attention_forward_row_block(a) : 1;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(rows_per_task * a.k_len * a.head_dim, 1));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { cpu::attention_forward(p.dtype, a, begin, end); });
   return {p.out, p.lse};

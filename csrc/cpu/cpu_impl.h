@@ -674,12 +674,25 @@ void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t tas
 // ---- Blocked forward: several query rows against each key block ----------------------
 // Rows of one (batch, kv head) as the GPU kernel numbers them: row r is query r % q_len of
 // query head kv * group + r / q_len, so a decode step's grouped heads share a block. A task
-// is kRowBlock such rows. Per block of kKeyBlock keys the task converts the keys once into
-// a transposed fp32 tile and the values into fp32 rows, then runs each group of kMicroRows
-// rows through two register-blocked products: S = Q K^T (a broadcast query element times
-// eight keys at a time, no horizontal sums) and O += P V. Each key is then loaded once per
-// kMicroRows rows instead of once per row.
-constexpr int64_t kRowBlock = kAttentionRowBlock, kKeyBlock = 64, kMicroRows = 4;
+// is R = attention_forward_row_block rows (16 or 32, vector lanes below). The forward holds
+// their queries transposed, qt[d][r] (scaled into
+// the exp2 domain), so that per block of kKeyBlock keys the scores come out transposed too:
+//   S^T = K Q^T  (kMicroKeys keys at a time: a broadcast key element times the block's
+//                 R query elements, one or two vectors), read from the key rows in place;
+// then each key's R scores are a row of vectors with a row per lane, and the online
+// softmax runs over the rows at once (their maxima, rescalings, exponentials and sums are
+// whole-vector operations, not one row's short loops); and
+//   O += P V     (kMicroRows rows at a time: a broadcast probability times a value row).
+// The backward keeps rows of scores (S = Q K^T against a transposed key tile), kRowBlock
+// rows at a time.
+constexpr int64_t kRowBlock = 16, kKeyBlock = 64, kMicroRows = 4;
+// 8 keys of one 16-lane zmm accumulator each with AVX-512; 4 keys of two ymm ones with AVX2
+// (8 would need all 16 ymm registers for accumulators alone).
+#ifdef GPTEXT_CPU_AVX512
+constexpr int64_t kMicroKeys = 8;
+#else
+constexpr int64_t kMicroKeys = 4;
+#endif
 
 struct RowRef {
   int64_t head, t;
@@ -705,18 +718,50 @@ inline KeyRange row_block(const AttentionArgs& a, int64_t b, int64_t kv, int64_t
 }
 
 // The register-blocked product both directions of attention use:
-//   c[r][:cols] (+)= sum over i < k of a[r * a_stride + i] * b_row(i)[:cols]   for r < MR
-// (c's rows c_stride apart; accumulate: add to c, else overwrite it). With AVX2 each step
-// of i broadcasts one a value per row against 16 columns of b's row, into 2 x MR
-// accumulators that stay in registers for the whole sum. The AVX-512 build runs the same
-// 256-bit code: attention pads its tiles to 16 columns, and on the cores measured (AMD
-// Zen 4, which splits 512-bit FMAs in two) one zmm accumulator per row leaves the FMA
-// chains too few to hide their latency.
-template <int MR, typename RowB>
-inline void tile_product(const float* a, int64_t a_stride, RowB&& b_row, int64_t k, int64_t cols, float* c,
-                         int64_t c_stride, bool accumulate) {
+//   c[r][:cols] (+)= sum over i < k of a(r, i) * b_row(i)[:cols]   for r < MR
+// (c's rows c_stride apart; accumulate: add to c, else overwrite it). Each step of i
+// broadcasts one a value per row against a strip of b's row, into accumulators that stay
+// in registers for the whole sum: in the AVX-512 build strips of 32 columns (two zmm
+// registers a row) and then of 16 (one), in the AVX2 build strips of 16 (two ymm registers
+// a row). The 2 x MR chains of the wide strips (MR chains of the 16-column zmm one, which
+// its callers run with MR = 8) keep enough FMAs in flight to hide their latency on cores
+// with two FMA units (AMD Zen 4 splits a 512-bit FMA over both: a zmm strip runs there as
+// fast as two ymm ones; Intel's server cores have two 512-bit units).
+template <int MR, typename A, typename RowB>
+inline void tile_product_at(A&& a, RowB&& b_row, int64_t k, int64_t cols, float* c, int64_t c_stride,
+                            bool accumulate) {
   int64_t col = 0;
-#ifdef GPTEXT_CPU_AVX2
+#ifdef GPTEXT_CPU_AVX512
+  for (; col + 32 <= cols; col += 32) {
+    __m512 acc[MR][2];
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * c_stride + col) : _mm512_setzero_ps();
+      acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * c_stride + col + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const float* b = b_row(i) + col;
+      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 ai = _mm512_set1_ps(a(r, i));
+        acc[r][0] = _mm512_fmadd_ps(ai, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(ai, b1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      _mm512_storeu_ps(c + r * c_stride + col, acc[r][0]);
+      _mm512_storeu_ps(c + r * c_stride + col + 16, acc[r][1]);
+    }
+  }
+  for (; col + 16 <= cols; col += 16) {
+    __m512 acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = accumulate ? _mm512_loadu_ps(c + r * c_stride + col) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; ++i) {
+      const __m512 b0 = _mm512_loadu_ps(b_row(i) + col);
+      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a(r, i)), b0, acc[r]);
+    }
+    for (int r = 0; r < MR; ++r) _mm512_storeu_ps(c + r * c_stride + col, acc[r]);
+  }
+#elif defined(GPTEXT_CPU_AVX2)
   for (; col + 16 <= cols; col += 16) {
     __m256 acc[MR][2];
     for (int r = 0; r < MR; ++r) {
@@ -727,7 +772,7 @@ inline void tile_product(const float* a, int64_t a_stride, RowB&& b_row, int64_t
       const float* b = b_row(i) + col;
       const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
       for (int r = 0; r < MR; ++r) {
-        const __m256 ai = _mm256_broadcast_ss(a + r * a_stride + i);
+        const __m256 ai = _mm256_set1_ps(a(r, i));
         acc[r][0] = _mm256_fmadd_ps(ai, b0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(ai, b1, acc[r][1]);
       }
@@ -742,12 +787,20 @@ inline void tile_product(const float* a, int64_t a_stride, RowB&& b_row, int64_t
     float* out = c + r * c_stride;
     if (!accumulate) std::fill(out + col, out + cols, 0.0f);
     for (int64_t i = 0; i < k; ++i) {
-      const float ai = a[r * a_stride + i];
+      const float ai = a(r, i);
       const float* b = b_row(i);
 #pragma omp simd
       for (int64_t j = col; j < cols; ++j) out[j] += ai * b[j];
     }
   }
+}
+
+// tile_product_at with a(r, i) = a[r * a_stride + i].
+template <int MR, typename RowB>
+inline void tile_product(const float* a, int64_t a_stride, RowB&& b_row, int64_t k, int64_t cols, float* c,
+                         int64_t c_stride, bool accumulate) {
+  tile_product_at<MR>([a, a_stride](int r, int64_t i) { return a[r * a_stride + i]; }, b_row, k, cols, c, c_stride,
+                      accumulate);
 }
 
 // scores[r][j] = q[r] . kt[:, j] for r < MR, j < columns (kt: dim x kKeyBlock, transposed
@@ -764,104 +817,124 @@ inline void values_tile(const float* p, int64_t p_stride, const float* const* v,
   tile_product<MR>(p, p_stride, [v](int64_t j) { return v[j]; }, n, dim, acc, dim, true);
 }
 
-template <typename Fn>
-inline void with_micro_rows(int64_t rows, Fn&& fn) {
-  switch (rows) {
-    case 1:
-      return fn(std::integral_constant<int, 1>{});
-    case 2:
-      return fn(std::integral_constant<int, 2>{});
-    case 3:
-      return fn(std::integral_constant<int, 3>{});
-    default:
-      return fn(std::integral_constant<int, 4>{});
+// fn(std::integral_constant<int, m>) with m = min(count, N), count >= 1: a micro-kernel's
+// row count as a compile-time constant.
+template <int N, typename Fn>
+inline void with_count(int64_t count, Fn&& fn) {
+  if constexpr (N > 1) {
+    if (count < N) return with_count<N - 1>(count, fn);
   }
+  fn(std::integral_constant<int, N>{});
 }
 
-template <typename Fmt>
+template <typename Fn>
+inline void with_micro_rows(int64_t rows, Fn&& fn) {
+  with_count<kMicroRows>(rows, fn);
+}
+
+template <typename Fmt, int64_t R>
 void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64_t task_end) {
   using T = typename Fmt::storage;
   const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = group * a.q_len;
-  const int64_t row_tiles = (rows + kRowBlock - 1) / kRowBlock;
-  std::unique_ptr<float[]> memory(new float[size_t(2 * kRowBlock * dim + kRowBlock * kKeyBlock +
-                                                   dim * kKeyBlock + kKeyBlock * dim)]);
-  float* q = memory.get();                     // kRowBlock x dim, scaled into the exp2 domain
-  float* acc = q + kRowBlock * dim;            // kRowBlock x dim
-  float* scores = acc + kRowBlock * dim;       // kRowBlock x kKeyBlock, then probabilities
-  float* kt = scores + kRowBlock * kKeyBlock;  // dim x kKeyBlock: the key block, transposed
-  float* vbuf = kt + dim * kKeyBlock;          // kKeyBlock x dim: the value block in fp32
+  const int64_t row_tiles = (rows + R - 1) / R;
+  std::unique_ptr<float[]> memory(new float[size_t(2 * dim * R + kKeyBlock * R + 2 * kKeyBlock * dim)]);
+  float* qt = memory.get();       // dim x R: the rows' queries, transposed, scaled into the exp2 domain
+  float* acc = qt + dim * R;      // R x dim
+  float* st = acc + R * dim;      // kKeyBlock x R: scores, then probabilities, transposed
+  float* kbuf = st + kKeyBlock * R;  // kKeyBlock x dim: 16-bit keys in fp32
+  float* vbuf = kbuf + kKeyBlock * dim;  // kKeyBlock x dim: 16-bit values in fp32
+  const float* krow[kKeyBlock];
   const float* vrow[kKeyBlock];
-  RowRef ref[kRowBlock];
-  float m[kRowBlock], l[kRowBlock];
+  RowRef ref[R];
+  // Per row (lane): running max and sum, and its key range; lanes past the task's rows
+  // have no keys.
+  float m[R], l[R];
+  int64_t kb[R], ke[R];
+  const float k2 = a.scale * kLog2e;
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t r0 = (task % row_tiles) * kRowBlock, kv = (task / row_tiles) % a.kv_heads;
+    const int64_t r0 = (task % row_tiles) * R, kv = (task / row_tiles) % a.kv_heads;
     const int64_t b = task / (row_tiles * a.kv_heads);
-    const int64_t nr = std::min(kRowBlock, rows - r0);
+    const int64_t nr = std::min(R, rows - r0);
     const KeyRange span = row_block(a, b, kv, r0, nr, ref);
-    const int64_t lo = span.begin, hi = span.end;
-    for (int64_t r = 0; r < nr; ++r) {
-      const RowRef& row = ref[r];
-      float* qr = q + r * dim;
-      load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, row.head, row.t), qr, dim);
-      const float k = a.scale * kLog2e;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) qr[d] *= k;
-      std::fill(acc + r * dim, acc + (r + 1) * dim, 0.0f);
-      m[r] = a.sinks != nullptr ? a.sinks[row.head] * kLog2e : -INFINITY;
-      l[r] = a.sinks != nullptr ? 1.0f : 0.0f;
+    for (int64_t r = 0; r < R; ++r) {
+      float* staged = acc;  // a row's query in fp32, before it is transposed
+      if (r < nr) load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, ref[r].head, ref[r].t), staged, dim);
+      for (int64_t d = 0; d < dim; ++d) qt[d * R + r] = r < nr ? staged[d] * k2 : 0.0f;
+      m[r] = r < nr && a.sinks != nullptr ? a.sinks[ref[r].head] * kLog2e : -INFINITY;
+      l[r] = r < nr && a.sinks != nullptr ? 1.0f : 0.0f;
+      kb[r] = r < nr ? ref[r].keys.begin : 0;
+      ke[r] = r < nr ? ref[r].keys.end : 0;
     }
-    for (int64_t j0 = lo; j0 < hi; j0 += kKeyBlock) {
-      const int64_t n = std::min(kKeyBlock, hi - j0);
-      const int64_t columns = (n + 15) / 16 * 16;
-      // The key block, transposed (zero columns from n to a multiple of 16), and the value
-      // rows in fp32.
-      for (int64_t j = 0; j < columns; ++j) {
-        if (j < n) {
-          const T* key = row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j0 + j);
-          float* staged = vbuf + j * dim;  // reused below for the value row
-          load_rows<Fmt>(key, staged, dim);
-          for (int64_t d = 0; d < dim; ++d) kt[d * kKeyBlock + j] = staged[d];
-        } else {
-          for (int64_t d = 0; d < dim; ++d) kt[d * kKeyBlock + j] = 0.0f;
-        }
-      }
+    std::fill(acc, acc + R * dim, 0.0f);
+    for (int64_t j0 = span.begin; j0 < span.end; j0 += kKeyBlock) {
+      const int64_t n = std::min(kKeyBlock, span.end - j0);
       for (int64_t j = 0; j < n; ++j) {
+        const T* key = row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j0 + j);
         const T* value = row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, j0 + j);
         if constexpr (std::is_same_v<Fmt, F32>) {
+          krow[j] = key;
           vrow[j] = value;
         } else {
+          load_rows<Fmt>(key, kbuf + j * dim, dim);
           load_rows<Fmt>(value, vbuf + j * dim, dim);
+          krow[j] = kbuf + j * dim;
           vrow[j] = vbuf + j * dim;
         }
       }
-      for (int64_t r = 0; r < nr; r += kMicroRows) {
-        with_micro_rows(std::min(kMicroRows, nr - r), [&](auto mr) {
-          constexpr int MR = decltype(mr)::value;
-          float* s = scores + r * kKeyBlock;
-          scores_tile<MR>(q + r * dim, dim, kt, columns, s);
-          for (int i = 0; i < MR; ++i) {
-            float* si = s + i * kKeyBlock;
-            const KeyRange keys = ref[r + i].keys;
-            // This row's keys within the block: [jb, je) (possibly empty).
-            const int64_t jb = std::clamp<int64_t>(keys.begin - j0, 0, n);
-            const int64_t je = std::clamp<int64_t>(keys.end - j0, jb, n);
-            // Keys outside the row's range score -inf, so the exponentials below need no
-            // condition (a conditional loop does not vectorise).
-            std::fill(si, si + jb, -INFINITY);
-            std::fill(si + je, si + n, -INFINITY);
-            const float block_max = reduce_row(si + jb, je - jb, -INFINITY, identity, max_of);
-            float& mi = m[r + i];
-            if (block_max > mi) {
-              const float correction = softmax_exp(mi, block_max, 1.0f);
-              l[r + i] *= correction;
-              float* ai = acc + (r + i) * dim;
+      for (int64_t j = 0; j < n; j += kMicroKeys) {
+        with_count<kMicroKeys>(n - j, [&](auto mk) {
+          constexpr int MK = decltype(mk)::value;
+          const float* const* keys = krow + j;
+          tile_product_at<MK>([keys](int i, int64_t d) { return keys[i][d]; }, [qt](int64_t d) { return qt + d * R; },
+                              dim, R, st + j * R, R, false);
+        });
+      }
+      // Keys outside a row's range score -inf (only blocks at an edge of some row's range
+      // need the test); then each row's block max, a lane of bm.
+      bool edge = false;
+      for (int64_t r = 0; r < nr; ++r) edge = edge || kb[r] > j0 || ke[r] < j0 + n;
+      float bm[R];
+      std::fill(bm, bm + R, -INFINITY);
+      for (int64_t j = 0; j < n; ++j) {
+        float* sj = st + j * R;
+        if (edge) {
+          const int64_t key = j0 + j;
 #pragma omp simd
-              for (int64_t d = 0; d < dim; ++d) ai[d] *= correction;
-              mi = block_max;
-            }
-            l[r + i] += exp_row(si, si, n, mi, 1.0f);
-          }
-          values_tile<MR>(s, kKeyBlock, vrow, n, dim, acc + r * dim);
+          for (int64_t r = 0; r < R; ++r) sj[r] = (key >= kb[r]) & (key < ke[r]) ? sj[r] : -INFINITY;
+        }
+#pragma omp simd
+        for (int64_t r = 0; r < R; ++r) bm[r] = max_of(bm[r], sj[r]);
+      }
+      // A row whose max rises rescales its sum and output by 2^(old max - new max).
+      float correction[R];
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r) {
+        const float raised = max_of(m[r], bm[r]);
+        correction[r] = softmax_exp(m[r], raised, 1.0f);
+        l[r] *= correction[r];
+        m[r] = raised;
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        if (correction[r] == 1.0f) continue;
+        float* ar = acc + r * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) ar[d] *= correction[r];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        float* sj = st + j * R;
+#pragma omp simd
+        for (int64_t r = 0; r < R; ++r) {
+          const float p = softmax_exp(sj[r], m[r], 1.0f);
+          sj[r] = p;
+          l[r] += p;
+        }
+      }
+      for (int64_t r = 0; r < nr; r += kMicroRows) {
+        with_micro_rows(nr - r, [&](auto mr) {
+          constexpr int MR = decltype(mr)::value;
+          const float* p = st + r;  // row r + i's probability for key j at p[j * R + i]
+          tile_product_at<MR>([p](int i, int64_t j) { return p[j * R + i]; }, [&vrow](int64_t j) { return vrow[j]; }, n,
+                              dim, acc + r * dim, dim, true);
         });
       }
     }
@@ -1045,7 +1118,11 @@ void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_e
 void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end) {
   dispatch(dtype, [&](auto tag) {
     if (attention_forward_blocked_rows(args)) {
-      attention_forward_blocked<decltype(tag)>(args, task_begin, task_end);
+      if (attention_forward_row_block(args) == 16) {
+        attention_forward_blocked<decltype(tag), 16>(args, task_begin, task_end);
+      } else {
+        attention_forward_blocked<decltype(tag), 32>(args, task_begin, task_end);
+      }
     } else {
       attention_forward_t<decltype(tag)>(args, task_begin, task_end);
     }

@@ -30,17 +30,21 @@ namespace gptext::cpu {
 GPTEXT_CPU_KERNELS
 
 // attention_forward's tasks: with at least this many query rows per (batch, kv head) (query
-// heads of a group x queries), blocks of rows share each key block (one task per block of
-// 16 rows of a (batch, kv head)); with fewer (a decode step without grouped heads), one
-// task per query row.
-constexpr int64_t kAttentionBlockedMinRows = 4, kAttentionRowBlock = 16;
+// heads of a group x queries), blocks of rows share each key block: one task per block of
+// 32 rows of a (batch, kv head), or of 16 where there are no more than 16 rows (a decode
+// step of grouped heads), since every row of a block costs a vector lane whether it exists
+// or not. With fewer (a decode step without grouped heads), one task per query row.
+constexpr int64_t kAttentionBlockedMinRows = 4;
 inline bool attention_forward_blocked_rows(const AttentionArgs& a) {
   return (a.heads / a.kv_heads) * a.q_len >= kAttentionBlockedMinRows;
 }
+inline int64_t attention_forward_row_block(const AttentionArgs& a) {
+  return (a.heads / a.kv_heads) * a.q_len <= 16 ? 16 : 32;
+}
 inline int64_t attention_forward_tasks(const AttentionArgs& a) {
   if (!attention_forward_blocked_rows(a)) return a.batch * a.heads * a.q_len;
-  const int64_t rows = (a.heads / a.kv_heads) * a.q_len;
-  return a.batch * a.kv_heads * ((rows + kAttentionRowBlock - 1) / kAttentionRowBlock);
+  const int64_t rows = (a.heads / a.kv_heads) * a.q_len, block = attention_forward_row_block(a);
+  return a.batch * a.kv_heads * ((rows + block - 1) / block);
 }
 
 // Up to this many rows, `linear` streams the weight once in skinny_gemm (decode steps)
