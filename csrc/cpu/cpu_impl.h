@@ -721,66 +721,45 @@ inline KeyRange row_block(const AttentionArgs& a, int64_t b, int64_t kv, int64_t
 //   c[r][:cols] (+)= sum over i < k of a(r, i) * b_row(i)[:cols]   for r < MR
 // (c's rows c_stride apart; accumulate: add to c, else overwrite it). Each step of i
 // broadcasts one a value per row against a strip of b's row, into accumulators that stay
-// in registers for the whole sum: in the AVX-512 build strips of 32 columns (two zmm
-// registers a row) and then of 16 (one), in the AVX2 build strips of 16 (two ymm registers
-// a row). The 2 x MR chains of the wide strips (MR chains of the 16-column zmm one, which
-// its callers run with MR = 8) keep enough FMAs in flight to hide their latency on cores
-// with two FMA units (AMD Zen 4 splits a 512-bit FMA over both: a zmm strip runs there as
-// fast as two ymm ones; Intel's server cores have two 512-bit units).
+// in registers for the whole sum: strips of two vectors a row (32 columns with AVX-512, 16
+// with AVX2), then of one. The 2 x MR chains of the wide strips (MR chains of the narrow
+// one, which the forward's scores run with MR = 8 under AVX-512) keep enough FMAs in
+// flight to hide their latency on cores with two FMA units (AMD Zen 4 splits a 512-bit FMA
+// over both: a zmm strip runs there as fast as two ymm ones; Intel's server cores have two
+// 512-bit units).
 template <int MR, typename A, typename RowB>
 inline void tile_product_at(A&& a, RowB&& b_row, int64_t k, int64_t cols, float* c, int64_t c_stride,
                             bool accumulate) {
   int64_t col = 0;
-#ifdef GPTEXT_CPU_AVX512
-  for (; col + 32 <= cols; col += 32) {
-    __m512 acc[MR][2];
+#ifdef GPTEXT_CPU_AVX2
+  for (; col + 2 * kW <= cols; col += 2 * kW) {
+    Vec::f32 acc[MR][2];
     for (int r = 0; r < MR; ++r) {
-      acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * c_stride + col) : _mm512_setzero_ps();
-      acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * c_stride + col + 16) : _mm512_setzero_ps();
+      for (int h = 0; h < 2; ++h) {
+        acc[r][h] = accumulate ? Vec::load(c + r * c_stride + col + h * kW) : Vec::zero();
+      }
     }
     for (int64_t i = 0; i < k; ++i) {
       const float* b = b_row(i) + col;
-      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+      const Vec::f32 b0 = Vec::load(b), b1 = Vec::load(b + kW);
       for (int r = 0; r < MR; ++r) {
-        const __m512 ai = _mm512_set1_ps(a(r, i));
-        acc[r][0] = _mm512_fmadd_ps(ai, b0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(ai, b1, acc[r][1]);
+        const Vec::f32 ai = Vec::splat(a(r, i));
+        acc[r][0] = Vec::fmadd(ai, b0, acc[r][0]);
+        acc[r][1] = Vec::fmadd(ai, b1, acc[r][1]);
       }
     }
     for (int r = 0; r < MR; ++r) {
-      _mm512_storeu_ps(c + r * c_stride + col, acc[r][0]);
-      _mm512_storeu_ps(c + r * c_stride + col + 16, acc[r][1]);
+      for (int h = 0; h < 2; ++h) Vec::store(c + r * c_stride + col + h * kW, acc[r][h]);
     }
   }
-  for (; col + 16 <= cols; col += 16) {
-    __m512 acc[MR];
-    for (int r = 0; r < MR; ++r) acc[r] = accumulate ? _mm512_loadu_ps(c + r * c_stride + col) : _mm512_setzero_ps();
+  for (; col + kW <= cols; col += kW) {
+    Vec::f32 acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = accumulate ? Vec::load(c + r * c_stride + col) : Vec::zero();
     for (int64_t i = 0; i < k; ++i) {
-      const __m512 b0 = _mm512_loadu_ps(b_row(i) + col);
-      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a(r, i)), b0, acc[r]);
+      const Vec::f32 b0 = Vec::load(b_row(i) + col);
+      for (int r = 0; r < MR; ++r) acc[r] = Vec::fmadd(Vec::splat(a(r, i)), b0, acc[r]);
     }
-    for (int r = 0; r < MR; ++r) _mm512_storeu_ps(c + r * c_stride + col, acc[r]);
-  }
-#elif defined(GPTEXT_CPU_AVX2)
-  for (; col + 16 <= cols; col += 16) {
-    __m256 acc[MR][2];
-    for (int r = 0; r < MR; ++r) {
-      acc[r][0] = accumulate ? _mm256_loadu_ps(c + r * c_stride + col) : _mm256_setzero_ps();
-      acc[r][1] = accumulate ? _mm256_loadu_ps(c + r * c_stride + col + 8) : _mm256_setzero_ps();
-    }
-    for (int64_t i = 0; i < k; ++i) {
-      const float* b = b_row(i) + col;
-      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-      for (int r = 0; r < MR; ++r) {
-        const __m256 ai = _mm256_set1_ps(a(r, i));
-        acc[r][0] = _mm256_fmadd_ps(ai, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(ai, b1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < MR; ++r) {
-      _mm256_storeu_ps(c + r * c_stride + col, acc[r][0]);
-      _mm256_storeu_ps(c + r * c_stride + col + 8, acc[r][1]);
-    }
+    for (int r = 0; r < MR; ++r) Vec::store(c + r * c_stride + col, acc[r]);
   }
 #endif
   for (int r = 0; r < MR; ++r) {
