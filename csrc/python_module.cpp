@@ -21,6 +21,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace gptext {
 namespace {
@@ -131,107 +132,69 @@ PyObject* wrap(std::tuple<T...> values) {
 
 // ---- the entry points -------------------------------------------------------------------
 
-PyObject* call_softmax(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
-  HANDLE_TH_ERRORS
-  static const auto op = typed_op<at::Tensor(const at::Tensor&, int64_t, double, bool, int64_t)>("gptext::softmax");
-  Args a("softmax", argv, argc, 5);
-  const at::Tensor& x = a.tensor();
-  const int64_t dim = a.integer();
-  const double scale = a.real();
-  const bool causal = a.boolean();
-  const int64_t window = a.integer();
-  return wrap(dispatch(op, a.needs_autograd(), x, dim, scale, causal, window));
-  END_HANDLE_TH_ERRORS
+// An argument of C++ type P, read from Python.
+template <typename P>
+auto parse(Args& a) {
+  using T = std::decay_t<P>;
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    return a.tensor();  // a reference, copied into the call's tuple
+  } else if constexpr (std::is_same_v<T, OptTensor>) {
+    return a.optional_tensor();
+  } else if constexpr (std::is_same_v<T, int64_t>) {
+    return a.integer();
+  } else if constexpr (std::is_same_v<T, double>) {
+    return a.real();
+  } else if constexpr (std::is_same_v<T, bool>) {
+    return a.boolean();
+  } else {
+    static_assert(std::is_same_v<T, std::string>, "an argument type the entry points do not parse");
+    return a.string();
+  }
 }
 
-PyObject* call_layernorm(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
-  HANDLE_TH_ERRORS
-  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-  static const auto op = typed_op<Out(const at::Tensor&, const at::Tensor&, const OptTensor&, double)>(
-      "gptext::layernorm");
-  Args a("layernorm", argv, argc, 4);
-  const at::Tensor& x = a.tensor();
-  const at::Tensor& weight = a.tensor();
-  const OptTensor bias = a.optional_tensor();
-  const double eps = a.real();
-  return wrap(dispatch(op, a.needs_autograd(), x, weight, bias, eps));
-  END_HANDLE_TH_ERRORS
-}
+template <const char* Name, typename Sig>
+struct Entry;
 
-PyObject* call_layernorm_residual(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
-  HANDLE_TH_ERRORS
-  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-  static const auto op =
-      typed_op<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double)>(
-          "gptext::layernorm_residual");
-  Args a("layernorm_residual", argv, argc, 5);
-  const at::Tensor& x = a.tensor();
-  const at::Tensor& residual = a.tensor();
-  const at::Tensor& weight = a.tensor();
-  const OptTensor bias = a.optional_tensor();
-  const double eps = a.real();
-  return wrap(dispatch(op, a.needs_autograd(), x, residual, weight, bias, eps));
-  END_HANDLE_TH_ERRORS
-}
+// gptext._C._call_<Name>(*args): the op gptext::<Name> with schema signature R(P...), its
+// arguments parsed in order (a braced initialiser evaluates left to right).
+template <const char* Name, typename R, typename... P>
+struct Entry<Name, R(P...)> {
+  static PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+    HANDLE_TH_ERRORS
+    static const auto op = typed_op<R(P...)>((std::string("gptext::") + Name).c_str());
+    Args a(Name, argv, argc, Py_ssize_t(sizeof...(P)));
+    const std::tuple<std::decay_t<P>...> values{parse<P>(a)...};
+    const bool needs_autograd = a.needs_autograd();
+    return wrap(std::apply([&](const auto&... v) { return dispatch(op, needs_autograd, v...); }, values));
+    END_HANDLE_TH_ERRORS
+  }
+};
 
-PyObject* call_linear(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
-  HANDLE_TH_ERRORS
-  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                             const std::string&, const OptTensor&)>("gptext::linear");
-  Args a("linear", argv, argc, 5);
-  const at::Tensor& x = a.tensor();
-  const at::Tensor& weight = a.tensor();
-  const OptTensor bias = a.optional_tensor();
-  const std::string activation = a.string();
-  const OptTensor residual = a.optional_tensor();
-  return wrap(dispatch(op, a.needs_autograd(), x, weight, bias, activation, residual));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* call_ffn(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
-  HANDLE_TH_ERRORS
-  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                             const at::Tensor&, const OptTensor&, const OptTensor&)>("gptext::ffn");
-  Args a("ffn", argv, argc, 6);
-  const at::Tensor& x = a.tensor();
-  const at::Tensor& w_fc = a.tensor();
-  const OptTensor b_fc = a.optional_tensor();
-  const at::Tensor& w_proj = a.tensor();
-  const OptTensor b_proj = a.optional_tensor();
-  const OptTensor residual = a.optional_tensor();
-  return wrap(dispatch(op, a.needs_autograd(), x, w_fc, b_fc, w_proj, b_proj, residual));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* call_attention(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
-  HANDLE_TH_ERRORS
-  using Out = std::tuple<at::Tensor, at::Tensor>;
-  static const auto op =
-      typed_op<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, int64_t, const OptTensor&, double,
-                   const OptTensor&, const OptTensor&)>("gptext::attention");
-  Args a("attention", argv, argc, 9);
-  const at::Tensor& q = a.tensor();
-  const at::Tensor& k = a.tensor();
-  const at::Tensor& v = a.tensor();
-  const bool causal = a.boolean();
-  const int64_t window = a.integer();
-  const OptTensor sinks = a.optional_tensor();
-  const double scale = a.real();
-  const OptTensor kv_starts = a.optional_tensor();
-  const OptTensor kv_lens = a.optional_tensor();
-  return wrap(dispatch(op, a.needs_autograd(), q, k, v, causal, window, sinks, scale, kv_starts, kv_lens));
-  END_HANDLE_TH_ERRORS
-}
+using Tensor = const at::Tensor&;
+using Optional = const OptTensor&;
+constexpr char kSoftmax[] = "softmax", kLayernorm[] = "layernorm", kLayernormResidual[] = "layernorm_residual",
+               kLinear[] = "linear", kFfn[] = "ffn", kAttention[] = "attention";
+// The schemas of csrc/ops.cpp, as C++ signatures (typed_op checks them when first called).
+using Softmax = Entry<kSoftmax, at::Tensor(Tensor, int64_t, double, bool, int64_t)>;
+using Layernorm = Entry<kLayernorm, std::tuple<at::Tensor, at::Tensor, at::Tensor>(Tensor, Tensor, Optional, double)>;
+using LayernormResidual =
+    Entry<kLayernormResidual,
+          std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(Tensor, Tensor, Tensor, Optional, double)>;
+using Linear = Entry<kLinear, at::Tensor(Tensor, Tensor, Optional, const std::string&, Optional)>;
+using Ffn = Entry<kFfn, at::Tensor(Tensor, Tensor, Optional, Tensor, Optional, Optional)>;
+using Attention = Entry<kAttention, std::tuple<at::Tensor, at::Tensor>(Tensor, Tensor, Tensor, bool, int64_t, Optional,
+                                                                        double, Optional, Optional)>;
 
 #define GPTEXT_FASTCALL(fn) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn))
 PyMethodDef methods[] = {
-    {"_call_softmax", GPTEXT_FASTCALL(call_softmax), METH_FASTCALL, "torch.ops.gptext.softmax, called directly"},
-    {"_call_layernorm", GPTEXT_FASTCALL(call_layernorm), METH_FASTCALL, "torch.ops.gptext.layernorm, called directly"},
-    {"_call_layernorm_residual", GPTEXT_FASTCALL(call_layernorm_residual), METH_FASTCALL,
+    {"_call_softmax", GPTEXT_FASTCALL(Softmax::call), METH_FASTCALL, "torch.ops.gptext.softmax, called directly"},
+    {"_call_layernorm", GPTEXT_FASTCALL(Layernorm::call), METH_FASTCALL, "torch.ops.gptext.layernorm, called directly"},
+    {"_call_layernorm_residual", GPTEXT_FASTCALL(LayernormResidual::call), METH_FASTCALL,
      "torch.ops.gptext.layernorm_residual, called directly"},
-    {"_call_linear", GPTEXT_FASTCALL(call_linear), METH_FASTCALL, "torch.ops.gptext.linear, called directly"},
-    {"_call_ffn", GPTEXT_FASTCALL(call_ffn), METH_FASTCALL, "torch.ops.gptext.ffn, called directly"},
-    {"_call_attention", GPTEXT_FASTCALL(call_attention), METH_FASTCALL, "torch.ops.gptext.attention, called directly"},
+    {"_call_linear", GPTEXT_FASTCALL(Linear::call), METH_FASTCALL, "torch.ops.gptext.linear, called directly"},
+    {"_call_ffn", GPTEXT_FASTCALL(Ffn::call), METH_FASTCALL, "torch.ops.gptext.ffn, called directly"},
+    {"_call_attention", GPTEXT_FASTCALL(Attention::call), METH_FASTCALL,
+     "torch.ops.gptext.attention, called directly"},
     {nullptr, nullptr, 0, nullptr},
 };
 #undef GPTEXT_FASTCALL
