@@ -820,8 +820,21 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
   float* qt = memory.get();       // dim x R: the rows' queries, transposed, scaled into the exp2 domain
   float* acc = qt + dim * R;      // R x dim
   float* st = acc + R * dim;      // kKeyBlock x R: scores, then probabilities, transposed
-  float* kbuf = st + kKeyBlock * R;  // kKeyBlock x dim: 16-bit keys in fp32
-  float* vbuf = kbuf + kKeyBlock * dim;  // kKeyBlock x dim: 16-bit values in fp32
+  float* kbuf = st + kKeyBlock * R;  // kKeyBlock x dim: a block's 16-bit keys in fp32
+  float* vbuf = kbuf + kKeyBlock * dim;  // kKeyBlock x dim: a block's 16-bit values in fp32
+  // 16-bit keys and values are converted to fp32 once per (batch, kv head) rather than once
+  // per task when this thread runs several row tiles of one: cached[j] says whether key j
+  // of the current (batch, kv head) is in kcache / vcache.
+  constexpr bool k16 = !std::is_same_v<Fmt, F32>;
+  const bool cache = k16 && row_tiles > 1 && task_end - task_begin > 1;
+  std::vector<float> kcache, vcache;
+  std::vector<char> cached;
+  if (cache) {
+    kcache.resize(size_t(a.k_len * dim));
+    vcache.resize(size_t(a.k_len * dim));
+    cached.resize(size_t(a.k_len));
+  }
+  int64_t cached_for = -1;  // the (batch, kv head) the cache holds
   const float* krow[kKeyBlock];
   const float* vrow[kKeyBlock];
   RowRef ref[R];
@@ -835,6 +848,10 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
     const int64_t b = task / (row_tiles * a.kv_heads);
     const int64_t nr = std::min(R, rows - r0);
     const KeyRange span = row_block(a, b, kv, r0, nr, ref);
+    if (cache && cached_for != b * a.kv_heads + kv) {
+      std::fill(cached.begin(), cached.end(), 0);
+      cached_for = b * a.kv_heads + kv;
+    }
     for (int64_t r = 0; r < R; ++r) {
       float* staged = acc;  // a row's query in fp32, before it is transposed
       if (r < nr) load_rows<Fmt>(row_of(static_cast<const T*>(a.q), a.q_stride, b, ref[r].head, ref[r].t), staged, dim);
@@ -850,14 +867,19 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
       for (int64_t j = 0; j < n; ++j) {
         const T* key = row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j0 + j);
         const T* value = row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, j0 + j);
-        if constexpr (std::is_same_v<Fmt, F32>) {
+        if constexpr (!k16) {
           krow[j] = key;
           vrow[j] = value;
         } else {
-          load_rows<Fmt>(key, kbuf + j * dim, dim);
-          load_rows<Fmt>(value, vbuf + j * dim, dim);
-          krow[j] = kbuf + j * dim;
-          vrow[j] = vbuf + j * dim;
+          float* kf = cache ? kcache.data() + (j0 + j) * dim : kbuf + j * dim;
+          float* vf = cache ? vcache.data() + (j0 + j) * dim : vbuf + j * dim;
+          if (!cache || !cached[size_t(j0 + j)]) {
+            load_rows<Fmt>(key, kf, dim);
+            load_rows<Fmt>(value, vf, dim);
+            if (cache) cached[size_t(j0 + j)] = 1;
+          }
+          krow[j] = kf;
+          vrow[j] = vf;
         }
       }
       for (int64_t j = 0; j < n; j += kMicroKeys) {
