@@ -70,6 +70,8 @@ std::string build_info() {
   info += cpu::isa_name(cpu::supported_isa());
   info += "\", \"cpu_bf16_gemm\": \"";
   info += cpu::bf16_dot_product() ? "bf16" : "fp32";
+  info += "\", \"cpu_f16_gemm\": \"";
+  info += cpu::fp16_arithmetic() ? "fp16" : "fp32";
   info += "\", \"cpu_stream_bytes\": ";
   info += std::to_string(cpu::stream_min_traffic());
   info += ", \"";
@@ -120,15 +122,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cp
 // epilogue fused, split over threads by output column. More rows: ATen's CPU GEMM (MKL /
 // oneDNN / OpenBLAS, with the bias folded in), then gptext's epilogue in place for the
 // activation and the residual. That GEMM runs in fp32 whatever the storage type (ATen's
-// 16-bit CPU GEMM is far slower where the CPU has no 16-bit matrix instructions), and the
-// result is rounded once, at the end; except bf16 on a processor with bf16 dot products,
-// whose GEMM runs in bf16 (fp32 accumulation, the product rounded to bf16 before the
-// epilogue, as eager PyTorch rounds it): 3x faster than in fp32 at 512x768->2304 on Zen 4.
+// 16-bit CPU GEMM is far slower where the CPU has no 16-bit arithmetic), and the result is
+// rounded once, at the end; except where the processor computes in the storage type (bf16
+// dot products, fp16 arithmetic: cpu_kernels.h), whose GEMM then runs in it (fp32
+// accumulation, the product rounded before the epilogue, as eager PyTorch rounds it): 3x
+// faster than in fp32 at 512x768->2304 in bf16 on Zen 4, 2x at 16x768->3072 in fp16 on a
+// Xeon.
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const std::string& activation, const std::optional<at::Tensor>& residual) {
   LinearProblem p = linear_problem("linear", x, weight, bias, activation, residual);
-  const bool native_bf16 = p.dtype == DType::BF16 && cpu::bf16_dot_product();
-  if (p.args.m <= (native_bf16 ? cpu::kSkinnyMaxRowsNativeBf16 : cpu::kSkinnyMaxRows)) {
+  const bool native = (p.dtype == DType::BF16 && cpu::bf16_dot_product()) ||
+                      (p.dtype == DType::F16 && cpu::fp16_arithmetic());
+  const int64_t skinny_rows = !native                   ? cpu::kSkinnyMaxRows
+                              : p.dtype == DType::BF16 ? cpu::kSkinnyMaxRowsNativeBf16
+                                                       : cpu::kSkinnyMaxRowsNativeF16;
+  if (p.args.m <= skinny_rows) {
     at::Tensor out = at::empty({p.args.m, p.args.n}, p.x2d.options());
     GemmArgs args = p.args;
     args.c = out.data_ptr();
@@ -136,7 +144,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
     at::parallel_for(0, args.n, grain, [&](int64_t begin, int64_t end) { cpu::skinny_gemm(p.dtype, args, begin, end); });
     return out.view(p.out_shape);
   }
-  auto compute_type = [native_bf16](const at::Tensor& t) { return t.defined() && !native_bf16 ? t.to(at::kFloat) : t; };
+  auto compute_type = [native](const at::Tensor& t) { return t.defined() && !native ? t.to(at::kFloat) : t; };
   const at::Tensor xc = compute_type(p.x2d), weightc = compute_type(p.weight), biasc = compute_type(p.bias),
                    residualc = compute_type(p.residual);
   at::Tensor out = biasc.defined() ? at::addmm(biasc, xc, weightc.t()) : at::mm(xc, weightc.t());
@@ -146,7 +154,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
     epilogue.bias = nullptr;  // already added by addmm
     epilogue.residual = residualc.defined() ? residualc.data_ptr() : nullptr;
     parallel_rows(epilogue.m, epilogue.n, [&](int64_t begin, int64_t end) {
-      cpu::epilogue_rows(native_bf16 ? DType::BF16 : DType::F32, epilogue, begin, end);
+      cpu::epilogue_rows(native ? p.dtype : DType::F32, epilogue, begin, end);
     });
   }
   return out.to(x.scalar_type()).view(p.out_shape);

@@ -85,6 +85,7 @@ def test_build_info():
     assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
     assert info["cpu_isa_supported"] in ("avx512", "avx2", "baseline")
     assert info["cpu_bf16_gemm"] == "fp32" or info["cpu_isa"] == "avx512"
+    assert info["cpu_f16_gemm"] == "fp32" or info["cpu_isa"] == "avx512"
     assert info["cpu_stream_bytes"] > 0
     assert info["devices"][0] == {"device": "cpu", "kernels": True}
     if info["cuda"]:

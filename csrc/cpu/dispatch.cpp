@@ -62,6 +62,15 @@ bool bf16_dot_product() {
 #endif
 }
 
+bool fp16_arithmetic() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool supported = active_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512fp16");
+  return supported;
+#else
+  return false;
+#endif
+}
+
 int64_t stream_min_traffic() {
   static const int64_t bytes = [] {
     if (const char* env = std::getenv("GPTEXT_CPU_STREAM_BYTES")) {
