@@ -674,15 +674,15 @@ void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t tas
 // ---- Blocked forward: several query rows against each key block ----------------------
 // Rows of one (batch, kv head) as the GPU kernel numbers them: row r is query r % q_len of
 // query head kv * group + r / q_len, so a decode step's grouped heads share a block. A task
-// is R = attention_forward_row_block rows (16 or 32, vector lanes below). The forward holds
-// their queries transposed, qt[d][r] (scaled into
-// the exp2 domain), so that per block of kKeyBlock keys the scores come out transposed too:
-//   S^T = K Q^T  (kMicroKeys keys at a time: a broadcast key element times the block's
-//                 R query elements, one or two vectors), read from the key rows in place;
-// then each key's R scores are a row of vectors with a row per lane, and the online
-// softmax runs over the rows at once (their maxima, rescalings, exponentials and sums are
-// whole-vector operations, not one row's short loops); and
-//   O += P V     (kMicroRows rows at a time: a broadcast probability times a value row).
+// is R = attention_forward_row_block rows (16 or 32: the lanes of the vectors below). The
+// forward holds their queries transposed, qt[d][r], scaled into the exp2 domain, so that
+// per block of kKeyBlock keys the scores come out transposed too:
+//   S^T = K Q^T  kMicroKeys keys at a time, a broadcast key element times the R query
+//                elements of one d; keys are read in place (fp32) or from fp32 copies;
+// each key's R scores are then one or two vectors with a row per lane, and the online
+// softmax runs over all the rows at once (their maxima, rescalings, exponentials and sums
+// are whole-vector operations, not one row's short loops); and
+//   O += P V     kMicroRows rows at a time, a broadcast probability times a value row.
 // The backward keeps rows of scores (S = Q K^T against a transposed key tile), kRowBlock
 // rows at a time.
 constexpr int64_t kRowBlock = 16, kKeyBlock = 64, kMicroRows = 4;

@@ -76,7 +76,8 @@ constexpr int64_t kSkinnyMaxRowsNativeF16 = 4;
 // AMD EPYC host with a 32 MB L3, against eager PyTorch, streamed / not streamed: fp32
 // layernorm_residual 4096x768 (48 MB) 1.34-1.51x / 1.17-1.23x, fp32 softmax 4096x1024
 // (32 MB) 1.20-1.24x / 1.03-1.11x; fp32 softmax 16384x128 (16 MB) 0.64-0.85x /
-// 1.12-1.14x, bf16 layernorm_residual 4096x768 (24 MB) 0.99-1.11x / 1.14-1.16x.
+// 1.12-1.14x, bf16 layernorm_residual 4096x768 (24 MB) 0.99-1.11x / 1.14-1.16x. On an
+// Intel Xeon with a 300 MB L3: fp32 softmax 256x50257 (103 MB) 0.91x / 1.10x.
 int64_t stream_min_traffic();
 
 // The builds of the kernels, in the order of what they need of the processor.
