@@ -51,24 +51,23 @@ Isa active_isa() {
   return isa;
 }
 
-bool bf16_dot_product() {
+// Whether the processor has the named AVX-512 extension and the AVX-512 build is in use
+// (so that GPTEXT_CPU_ISA=avx2 runs what a processor without AVX-512 would). A macro, as
+// __builtin_cpu_supports takes only a string literal.
 #if defined(__x86_64__) || defined(_M_X64)
-  // Only with the AVX-512 build in use, so that GPTEXT_CPU_ISA=avx2 runs what a processor
-  // without AVX-512 would.
-  static const bool supported = active_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512bf16");
-  return supported;
+#define GPTEXT_AVX512_WITH(feature) (active_isa() == Isa::Avx512 && __builtin_cpu_supports(feature))
 #else
-  return false;
+#define GPTEXT_AVX512_WITH(feature) false
 #endif
+
+bool bf16_dot_product() {
+  static const bool supported = GPTEXT_AVX512_WITH("avx512bf16");
+  return supported;
 }
 
 bool fp16_arithmetic() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool supported = active_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512fp16");
+  static const bool supported = GPTEXT_AVX512_WITH("avx512fp16");
   return supported;
-#else
-  return false;
-#endif
 }
 
 int64_t stream_min_traffic() {
