@@ -5,6 +5,9 @@ present, they run against the compiled kernels (backend "kernels"), so kernels t
 not built for that GPU fail loudly instead of silently testing the reference.
 """
 
+import functools
+import platform
+
 import pytest
 import torch
 
@@ -25,10 +28,43 @@ TOLERANCES = {
 }
 
 
+@functools.cache
+def machine() -> str:
+    """The processor, the CPU kernel build in use and the thread count, for failure messages:
+    a kernel's result can depend on which build the processor selects."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    info = gptext.build_info()
+    return f"{name}; gptext CPU build {info.get('cpu_isa')}; {torch.get_num_threads()} threads"
+
+
 def assert_close(actual, expected, dtype=None, scale=1.0):
-    """Compares with the tolerance of `dtype` (default: actual's), widened by `scale`."""
+    """Compares with the tolerance of `dtype` (default: actual's), widened by `scale`.
+    The two may differ in width (an fp32 result against a float64 oracle): both are compared
+    in the wider one."""
     rtol, atol = TOLERANCES[dtype or actual.dtype]
-    torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale)
+    wide = torch.promote_types(actual.dtype, expected.dtype)
+    torch.testing.assert_close(actual.to(wide), expected.to(wide), rtol=rtol * scale, atol=atol * scale,
+                               msg=lambda m: f"{m}\non {machine()}")
+
+
+def oracle(fn, *args, **kwargs):
+    """fn (a reference) with its fp32 tensor arguments in float64, so that an fp32 kernel is
+    compared with the exact result rather than with another fp32 computation whose rounding
+    depends on this machine's BLAS. 16-bit arguments are passed as they are: the reference
+    computes them in fp32 and rounds its result to their format, as the kernels do (and
+    fp32 side inputs, such as attention sinks, stay fp32 with them)."""
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if first.dtype != torch.float32:
+        return fn(*args, **kwargs)
+
+    def wide(x):
+        return x.double() if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x
+    return fn(*map(wide, args), **{k: wide(v) for k, v in kwargs.items()})
 
 
 def pytest_collection_modifyitems(config, items):
