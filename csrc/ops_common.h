@@ -239,6 +239,8 @@ inline AttentionProblem attention_problem(const at::Tensor& q, const at::Tensor&
                     "causal=True, got window=", window);
   const int64_t batch = q.size(0), heads = q.size(1);
   if (sinks.has_value()) {
+    TORCH_CHECK_TYPE(sinks->is_floating_point(), "gptext.ops.attention: sinks must be a floating-point tensor, got ",
+                     sinks->scalar_type());
     TORCH_CHECK_VALUE(sinks->device() == q.device() && sinks->dim() == 1 && sinks->size(0) == heads,
                       "gptext.ops.attention: sinks must be a (", heads, ",) tensor on ", q.device(), ", got ",
                       sinks->sizes(), " on ", sinks->device());

@@ -32,8 +32,9 @@ using OptTensor = std::optional<at::Tensor>;
 
 // The arguments of one call, read one by one from Python's fastcall array; a bad one
 // raises TypeError naming the op and the argument's position (c10::TypeError, which
-// HANDLE_TH_ERRORS turns into Python's). ops.py has checked them
-// already: these checks only keep a direct caller from crashing the process.
+// HANDLE_TH_ERRORS turns into Python's). On a CPU, ops.py calls these before its own checks
+// (ops._direct) and, on a TypeError, ValueError or IndexError from here or from the op's C++
+// checks, runs its checks and conversions to raise the error in the op's words or call again.
 class Args {
  public:
   Args(const char* op, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t expected) : op_(op), args_(args) {

@@ -159,6 +159,7 @@ def test_model_scale_default_and_errors():
         (dict(window=3, causal=False), ValueError, "needs causal"),
         (dict(scale=-1.0), ValueError, "scale"),
         (dict(sinks=torch.zeros(3)), ValueError, "sinks"),
+        (dict(sinks=torch.zeros(4, dtype=torch.long)), TypeError, "sinks must be a floating-point"),
         (dict(kv_lens=torch.tensor([2.0])), ValueError, "kv_lens"),
         (dict(kv_starts=torch.tensor([0, 1])), ValueError, "kv_starts"),
     ]

@@ -194,3 +194,29 @@ def test_direct_calls_keep_the_dispatchers_meaning():
         gptext._C._call_softmax(x, -1, 1.0, 1, 0)
     with pytest.raises(TypeError):
         gptext._C._call_linear(x, torch.randn(3, 8), None, 7, None)
+
+
+def test_cpu_calls_skip_the_python_checks_and_errors_keep_their_words(monkeypatch):
+    # A valid CPU call goes straight to the entry point, whose C++ checks stand in for the
+    # Python ones; an argument they reject (here a non-bool `causal`) sends the call through
+    # the Python checks and conversions, with the same result; a bad one raises there.
+    x = torch.randn(2, 8)
+    checked = []
+    check = ops._check_tensor
+    monkeypatch.setattr(ops, "_check_tensor", lambda op, name, *rest: (checked.append(name), check(op, name, *rest)))
+    w = torch.randn(8)
+    gptext.ops.softmax(x, causal=True)
+    gptext.ops.layernorm(x, w)
+    gptext.ops.layernorm_residual(x, x, w, w)
+    gptext.ops.linear(x, torch.randn(3, 8), activation="gelu")
+    gptext.ops.ffn(x, torch.randn(16, 8), None, torch.randn(8, 16), None)
+    gptext.ops.attention(*(torch.randn(1, 2, 4, 8) for _ in range(3)), window=2)
+    assert checked == []
+    torch.testing.assert_close(gptext.ops.softmax(x, causal=1, scale=2), gptext.ops.softmax(x, causal=True, scale=2.0))
+    assert checked == ["x"]
+    with pytest.raises(ValueError, match=r"gptext\.ops\.softmax: scale must be a positive finite number"):
+        gptext.ops.softmax(x, scale=-1.0)
+    with pytest.raises(TypeError, match=r"gptext\.ops\.layernorm: weight must be a torch\.Tensor"):
+        gptext.ops.layernorm(x, [1.0] * 8)
+    with pytest.raises(ValueError, match=r"gptext\.ops\.linear: residual is on meta"):
+        gptext.ops.linear(x, torch.randn(3, 8), residual=torch.empty(2, 3, device="meta"))
