@@ -731,6 +731,33 @@ template <int MR, typename A, typename RowB>
 inline void tile_product_at(A&& a, RowB&& b_row, int64_t k, int64_t cols, float* c, int64_t c_stride,
                             bool accumulate) {
   int64_t col = 0;
+#ifdef GPTEXT_CPU_AVX512
+  // Up to 4 rows: strips of four vectors (64 columns, a whole head of 64), 16 accumulators
+  // of the 32 zmm registers: per step, 4 loads of b and MR broadcasts feed 4 x MR FMAs,
+  // where two-vector strips need 2 + MR for 2 x MR.
+  if constexpr (MR <= 4) {
+    for (; col + 4 * kW <= cols; col += 4 * kW) {
+      Vec::f32 acc[MR][4];
+      for (int r = 0; r < MR; ++r) {
+        for (int h = 0; h < 4; ++h) {
+          acc[r][h] = accumulate ? Vec::load(c + r * c_stride + col + h * kW) : Vec::zero();
+        }
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        const float* b = b_row(i) + col;
+        Vec::f32 bv[4];
+        for (int h = 0; h < 4; ++h) bv[h] = Vec::load(b + h * kW);
+        for (int r = 0; r < MR; ++r) {
+          const Vec::f32 ai = Vec::splat(a(r, i));
+          for (int h = 0; h < 4; ++h) acc[r][h] = Vec::fmadd(ai, bv[h], acc[r][h]);
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        for (int h = 0; h < 4; ++h) Vec::store(c + r * c_stride + col + h * kW, acc[r][h]);
+      }
+    }
+  }
+#endif
 #ifdef GPTEXT_CPU_AVX2
   for (; col + 2 * kW <= cols; col += 2 * kW) {
     Vec::f32 acc[MR][2];
