@@ -4,6 +4,7 @@ names, the correctness tolerance, rates, fractions of the device's limits, speed
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -117,14 +118,36 @@ def _value(entry: dict, key: str) -> float | None:
     return value["median"] if isinstance(value, dict) else value
 
 
+def paired_speedup(competitor: dict | None, gptext: dict | None) -> float | None:
+    """The median over rounds of competitor time / gptext time, from two "time" records
+    measured in the same alternating rounds (their i-th samples come from one round), else
+    None. On a shared machine whose speed changes from minute to minute, each round's ratio
+    compares the two at the same moment, and the median of those ratios moves far less than
+    the ratio of the medians."""
+    if not (isinstance(competitor, dict) and isinstance(gptext, dict)):
+        return None
+    if not (competitor.get("interleaved") and gptext.get("interleaved")):
+        return None
+    ours, theirs = gptext.get("samples") or [], competitor.get("samples") or []
+    if not ours or len(ours) != len(theirs) or min(ours) <= 0:
+        return None
+    return statistics.median(t / g for t, g in zip(theirs, ours))
+
+
 def speedup_over(entries: list[dict], entry: dict, key: str = "time") -> float | None:
-    """gptext's speed-up over one competitor's entry of a case, by median "time" or by
-    "tokens_per_s". entries are the case's entries so far, gptext's first, then its other
-    implementations (pinned GEMM policies), then the competitors: none while any gptext
-    implementation has failed, so that a wrong result is never counted as a win."""
+    """gptext's speed-up over one competitor's entry of a case: by "time", the median of the
+    per-round ratios where both were timed in the same rounds (paired_speedup), else the
+    ratio of the median times; or by "tokens_per_s". entries are the case's entries so far,
+    gptext's first, then its other implementations (pinned GEMM policies), then the
+    competitors: none while any gptext implementation has failed, so that a wrong result
+    is never counted as a win."""
     headline = entries[0]
     if entry is headline or headline["competitor"] != "gptext" or any(e["status"] in FAILED for e in entries):
         return None
+    if key == "time":
+        paired = paired_speedup(entry.get("time"), headline.get("time"))
+        if paired is not None:
+            return paired
     return speedup(_value(entry, key), _value(headline, key), higher_is_better=key == "tokens_per_s")
 
 

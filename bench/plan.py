@@ -35,8 +35,9 @@ class Timing:
 
     def measure_together(self, fns, device, flush_l2: bool = False, contexts=None) -> list[dict]:
         """profiling.measure_interleaved(fns): the competitors of one case in alternating
-        rounds, each as the results file stores it (seconds)."""
-        return [{"median": m.median, "p10": m.p10, "p90": m.p90, "samples": m.samples}
+        rounds, each as the results file stores it (seconds). "interleaved" marks samples
+        taken round by round with the others', whose i-th samples are then a pair."""
+        return [{"median": m.median, "p10": m.p10, "p90": m.p90, "samples": m.samples, "interleaved": len(fns) > 1}
                 for m in profiling.measure_interleaved(fns, device, warmup=self.warmup, repeats=self.repeats,
                                                        max_seconds=self.max_seconds, flush_l2=flush_l2,
                                                        contexts=contexts)]

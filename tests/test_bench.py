@@ -84,6 +84,24 @@ def test_rates_fractions_and_speedups():
     assert metrics.decode_rate(128, 1, 1.0, 1.5) is None  # noise: no rate rather than a wrong one
 
 
+def test_speedup_pairs_the_rounds_of_interleaved_timings():
+    # Round by round the competitor takes twice gptext's time while the machine's speed
+    # swings: the paired median is 2.0, whatever the medians say (set apart here, 8x, to
+    # tell the two answers apart).
+    gptext_t = {"median": 1.0, "samples": [1.0, 1.0, 4.0, 4.0, 1.0], "interleaved": True}
+    other_t = {"median": 8.0, "samples": [2.0, 2.0, 8.0, 8.0, 2.0], "interleaved": True}
+    entries = [{"competitor": "gptext", "status": "ok", "time": gptext_t},
+               {"competitor": "eager", "status": "ok", "time": other_t}]
+    assert metrics.speedup_over(entries, entries[1]) == 2.0
+    # Not timed in the same rounds (or of different lengths): the ratio of the medians.
+    alone = dict(other_t, interleaved=False)
+    unpaired = {**entries[1], "time": alone}
+    assert metrics.speedup_over([entries[0], unpaired], unpaired) == 8.0
+    short = {**entries[1], "time": dict(other_t, samples=[2.0])}
+    assert metrics.speedup_over([entries[0], short], short) == 8.0
+    assert metrics.paired_speedup(None, gptext_t) is None
+
+
 def test_dtype_names():
     assert metrics.parse_dtype("BF16") == "bfloat16" and metrics.parse_dtype("float32") == "float32"
     with pytest.raises(ValueError):
