@@ -717,12 +717,38 @@ inline KeyRange row_block(const AttentionArgs& a, int64_t b, int64_t kv, int64_t
   return lo < hi ? KeyRange{lo, hi} : KeyRange{0, 0};
 }
 
+#ifdef GPTEXT_CPU_AVX2
+// One strip of tile_product_at: columns [col, col + W * kW) of c's MR rows, in MR x W
+// accumulators that stay in registers for the whole sum over i.
+template <int MR, int W, typename A, typename RowB>
+GPTEXT_CPU_INLINE void tile_strip(A& a, RowB& b_row, int64_t k, int64_t col, float* c, int64_t c_stride,
+                                  bool accumulate) {
+  Vec::f32 acc[MR][W];
+  for (int r = 0; r < MR; ++r) {
+    for (int h = 0; h < W; ++h) acc[r][h] = accumulate ? Vec::load(c + r * c_stride + col + h * kW) : Vec::zero();
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    const float* b = b_row(i) + col;
+    Vec::f32 bv[W];
+    for (int h = 0; h < W; ++h) bv[h] = Vec::load(b + h * kW);
+    for (int r = 0; r < MR; ++r) {
+      const Vec::f32 ai = Vec::splat(a(r, i));
+      for (int h = 0; h < W; ++h) acc[r][h] = Vec::fmadd(ai, bv[h], acc[r][h]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int h = 0; h < W; ++h) Vec::store(c + r * c_stride + col + h * kW, acc[r][h]);
+  }
+}
+#endif
+
 // The register-blocked product both directions of attention use:
 //   c[r][:cols] (+)= sum over i < k of a(r, i) * b_row(i)[:cols]   for r < MR
 // (c's rows c_stride apart; accumulate: add to c, else overwrite it). Each step of i
 // broadcasts one a value per row against a strip of b's row, into accumulators that stay
-// in registers for the whole sum: strips of two vectors a row (32 columns with AVX-512, 16
-// with AVX2), then of one. The 2 x MR chains of the wide strips (MR chains of the narrow
+// in registers for the whole sum (tile_strip): with AVX-512 and up to 4 rows, strips of
+// four vectors a row (64 columns); then of two (32 columns with AVX-512, 16 with AVX2),
+// then of one. The 2 x MR chains of the wide strips (MR chains of the narrow
 // one, which the forward's scores run with MR = 8 under AVX-512) keep enough FMAs in
 // flight to hide their latency on cores with two FMA units (AMD Zen 4 splits a 512-bit FMA
 // over both: a zmm strip runs there as fast as two ymm ones; Intel's server cores have two
@@ -736,58 +762,12 @@ inline void tile_product_at(A&& a, RowB&& b_row, int64_t k, int64_t cols, float*
   // of the 32 zmm registers: per step, 4 loads of b and MR broadcasts feed 4 x MR FMAs,
   // where two-vector strips need 2 + MR for 2 x MR.
   if constexpr (MR <= 4) {
-    for (; col + 4 * kW <= cols; col += 4 * kW) {
-      Vec::f32 acc[MR][4];
-      for (int r = 0; r < MR; ++r) {
-        for (int h = 0; h < 4; ++h) {
-          acc[r][h] = accumulate ? Vec::load(c + r * c_stride + col + h * kW) : Vec::zero();
-        }
-      }
-      for (int64_t i = 0; i < k; ++i) {
-        const float* b = b_row(i) + col;
-        Vec::f32 bv[4];
-        for (int h = 0; h < 4; ++h) bv[h] = Vec::load(b + h * kW);
-        for (int r = 0; r < MR; ++r) {
-          const Vec::f32 ai = Vec::splat(a(r, i));
-          for (int h = 0; h < 4; ++h) acc[r][h] = Vec::fmadd(ai, bv[h], acc[r][h]);
-        }
-      }
-      for (int r = 0; r < MR; ++r) {
-        for (int h = 0; h < 4; ++h) Vec::store(c + r * c_stride + col + h * kW, acc[r][h]);
-      }
-    }
+    for (; col + 4 * kW <= cols; col += 4 * kW) tile_strip<MR, 4>(a, b_row, k, col, c, c_stride, accumulate);
   }
 #endif
 #ifdef GPTEXT_CPU_AVX2
-  for (; col + 2 * kW <= cols; col += 2 * kW) {
-    Vec::f32 acc[MR][2];
-    for (int r = 0; r < MR; ++r) {
-      for (int h = 0; h < 2; ++h) {
-        acc[r][h] = accumulate ? Vec::load(c + r * c_stride + col + h * kW) : Vec::zero();
-      }
-    }
-    for (int64_t i = 0; i < k; ++i) {
-      const float* b = b_row(i) + col;
-      const Vec::f32 b0 = Vec::load(b), b1 = Vec::load(b + kW);
-      for (int r = 0; r < MR; ++r) {
-        const Vec::f32 ai = Vec::splat(a(r, i));
-        acc[r][0] = Vec::fmadd(ai, b0, acc[r][0]);
-        acc[r][1] = Vec::fmadd(ai, b1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < MR; ++r) {
-      for (int h = 0; h < 2; ++h) Vec::store(c + r * c_stride + col + h * kW, acc[r][h]);
-    }
-  }
-  for (; col + kW <= cols; col += kW) {
-    Vec::f32 acc[MR];
-    for (int r = 0; r < MR; ++r) acc[r] = accumulate ? Vec::load(c + r * c_stride + col) : Vec::zero();
-    for (int64_t i = 0; i < k; ++i) {
-      const Vec::f32 b0 = Vec::load(b_row(i) + col);
-      for (int r = 0; r < MR; ++r) acc[r] = Vec::fmadd(Vec::splat(a(r, i)), b0, acc[r]);
-    }
-    for (int r = 0; r < MR; ++r) Vec::store(c + r * c_stride + col, acc[r]);
-  }
+  for (; col + 2 * kW <= cols; col += 2 * kW) tile_strip<MR, 2>(a, b_row, k, col, c, c_stride, accumulate);
+  for (; col + kW <= cols; col += kW) tile_strip<MR, 1>(a, b_row, k, col, c, c_stride, accumulate);
 #endif
   for (int r = 0; r < MR; ++r) {
     float* out = c + r * c_stride;
