@@ -345,7 +345,7 @@ def _check_ffn(x, w_fc, b_fc, w_proj, b_proj, residual) -> None:
         _check_shape("ffn", "residual", residual, x.shape)
 
 
-def _check_attention(q, k, v, window, sinks, scale, kv_starts, kv_lens) -> None:
+def _check_attention(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens) -> None:
     op = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(op, name, t, None if name == "q" else q)
@@ -366,6 +366,8 @@ def _check_attention(q, k, v, window, sinks, scale, kv_starts, kv_lens) -> None:
         raise ValueError(f"gptext.ops.attention: scale must be a positive finite number, got {scale}")
     if window < 0:
         raise ValueError(f"gptext.ops.attention: window must be a positive number of keys or None, got {window}")
+    if window and not causal:
+        raise ValueError("gptext.ops.attention: a window needs causal=True")
     if sinks is not None:
         _check_tensor(op, "sinks", sinks)
         if sinks.shape != (q.shape[1],) or sinks.device != q.device:
@@ -554,9 +556,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 def _attention(q, k, v, causal=True, window=None, sinks=None, scale=None, *, kv_starts=None, kv_lens=None):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     window = 0 if window is None else int(window)
-    _check_attention(q, k, v, window, sinks, scale, kv_starts, kv_lens)
-    if window and not causal:
-        raise ValueError("gptext.ops.attention: a window needs causal=True")
+    _check_attention(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens)
     if _attention_kernels(q):
         return _compiled("attention", q, k, v, bool(causal), window, sinks, scale, kv_starts, kv_lens)[0]
     return reference.attention(q, k, v, causal, window, sinks, scale, kv_starts=kv_starts, kv_lens=kv_lens)
@@ -662,7 +662,7 @@ def _register_compiled_ops() -> None:
 
     @torch.library.register_fake(lib + "attention")
     def _attention_fake(q, k, v, causal=True, window=0, sinks=None, scale=1.0, kv_starts=None, kv_lens=None):
-        _check_attention(q, k, v, window, sinks, scale, kv_starts, kv_lens)
+        _check_attention(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens)
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     def _attention_setup(ctx, inputs, output):
