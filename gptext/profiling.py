@@ -23,7 +23,7 @@ import torch
 from . import ops
 
 __all__ = ["DeviceLimits", "Measurement", "OpRecord", "device_limits", "format_profile", "measure",
-           "measure_interleaved", "profile_forward", "record_ops"]
+           "measure_interleaved", "profile_forward", "record_ops", "round_orders"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -77,9 +77,10 @@ def measure_interleaved(fns, device: torch.device | str = "cpu", *, warmup: int 
                         max_seconds: float = 2.0, flush_l2: bool = False, contexts=None) -> list[Measurement]:
     """Times several functions in alternating rounds (one call of each per round), so that
     a slow spell of a shared machine falls on all of them alike rather than on whichever
-    was being timed then: the ratios between them stay fair. The order rotates from round
-    to round, so that each follows each of the others equally often (what ran just before
-    decides what is still in the cache). Each warms up first (stopping
+    was being timed then: the ratios between them stay fair. The order changes from round
+    to round (round_orders), so that each follows each of the others equally often: what
+    ran just before decides what is still in the caches and predictors, and a small call
+    timed right after a large one is slower for it. Each warms up first (stopping
     once its warm-up has taken max_seconds); then at least 3 rounds, at most `repeats`,
     stopping early once the rounds have taken max_seconds per function. contexts: a context
     manager factory per function (or None), entered around each of its calls, outside the
@@ -100,14 +101,24 @@ def measure_interleaved(fns, device: torch.device | str = "cpu", *, warmup: int 
     samples: list[list[float]] = [[] for _ in fns]
     flush = _L2Flush(device) if flush_l2 and device.type == "cuda" else None
     budget_end = time.perf_counter() + max_seconds * len(fns)
+    orders = round_orders(len(fns))
     rounds = 0
     while rounds < repeats and (rounds < 3 or time.perf_counter() < budget_end):
-        for i in range(len(fns)):
-            k = (rounds + i) % len(fns)
+        for k in orders[rounds % len(orders)]:
             with contexts[k]():
                 samples[k].append(_timed_call(fns[k], device, flush))
         rounds += 1
     return [Measurement.of(times) for times in samples]
+
+
+def round_orders(n: int) -> list[list[int]]:
+    """Orders of n competitors, one per round, in which each follows each of the others
+    equally often within a round (a balanced Latin square: n rounds for even n, 2n for odd
+    n, where each order also runs reversed). Turning one fixed order from round to round
+    would not do that: each competitor would nearly always follow the same one."""
+    first = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]
+    orders = [[(a + r) % n for a in first] for r in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
 
 
 def _timed_call(fn, device: torch.device, flush) -> float:

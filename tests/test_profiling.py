@@ -1,6 +1,7 @@
 """gptext.profiling (the timing harness, device limits, per-op records) and the profile and
 demo commands."""
 
+import collections
 import subprocess
 import sys
 
@@ -45,11 +46,29 @@ def test_measure_interleaved_alternates_and_times_outside_contexts():
                                          contexts=[lambda: Mark("A"), None])
     assert len(a.samples) == len(b.samples) == 4
     calls = [entry for entry in log if entry in ("a", "b")]
-    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2  # a warm-up each, then rounds in rotating order
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2  # a warm-up each, then rounds in alternating order
     assert log[:3] == ["enter A", "a", "exit A"]  # a's calls run inside its context, b's in none
     assert log.count("enter A") == 5 and log.count("exit A") == 5
     with pytest.raises(ValueError, match="contexts"):
         profiling.measure_interleaved(fns, "cpu", contexts=[None])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_round_orders_let_each_follow_each_other_equally_often(n):
+    orders = profiling.round_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    follows = collections.Counter((order[i], order[i + 1]) for order in orders for i in range(n - 1))
+    assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert len(set(follows.values())) <= 1  # every ordered pair equally often
+
+
+def test_measure_interleaved_rounds_follow_the_balanced_orders():
+    log = []
+    fns = [lambda name=name: log.append(name) for name in "abc"]
+    profiling.measure_interleaved(fns, "cpu", warmup=1, repeats=6, max_seconds=10)
+    rounds = [log[3 + 3 * r:6 + 3 * r] for r in range(6)]
+    predecessors = collections.Counter((r[i], r[i + 1]) for r in rounds for i in range(2))
+    assert len(predecessors) == 6 and set(predecessors.values()) == {2}  # a after b as often as after c, ...
 
 
 def test_device_limits_on_cpu():
