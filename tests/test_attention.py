@@ -63,6 +63,22 @@ def test_cpu_any_head_dim(kernels, dtype, dim):
     assert_close(out.float(), oracle(reference.attention, q, k, v, scale=0.3), dtype, scale=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [8, 16, 32, 48, 64, 80, 128, 144, 256])
+def test_cpu_decode_rows_any_head_dim_and_cache_length(kernels, dtype, dim):
+    """A decode step without grouped heads (one query row per kv head: the CPU's per-row
+    path, which holds whole-vector heads in registers) over caches of every length around
+    its 16- and 64-key steps, with sinks, a window, padding and a partly filled cache."""
+    for k_len in [1, 2, 15, 16, 17, 63, 64, 65, 130]:
+        q, k, v = qkv(2, 3, 3, 1, k_len, dim, dtype, "cpu", seed=k_len)
+        for kwargs in [dict(), dict(sinks=torch.tensor([-1.0, 0.5, 3.0])), dict(window=9),
+                       dict(kv_starts=torch.tensor([0, k_len // 2]), kv_lens=torch.tensor([k_len, k_len]))]:
+            out = gptext.ops.attention(q, k, v, **kwargs)
+            assert_close(out.float(), oracle(reference.attention, q, k, v, **kwargs), dtype, scale=2)
+    q, k, v = qkv(1, 2, 2, 2, 40, dim, dtype, "cpu")  # two queries a head; a cache filled to 0 keys
+    assert (gptext.ops.attention(q, k, v, kv_lens=torch.tensor([0])) == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_16bit_gradients(kernels, dtype):
     q, k, v = qkv(1, 4, 2, 9, 13, 20, dtype, "cpu")
@@ -128,7 +144,7 @@ def test_empty(kernels, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
-@pytest.mark.parametrize("shape", [(2, 4, 2, 19, 19), (1, 8, 1, 3, 70), (1, 2, 2, 70, 70)],
+@pytest.mark.parametrize("shape", [(2, 4, 2, 19, 19), (1, 8, 1, 3, 70), (1, 2, 2, 70, 70), (2, 3, 3, 2, 70)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gradients(kernels, device, opts, shape):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

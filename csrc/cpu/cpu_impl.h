@@ -72,6 +72,23 @@ struct Vec {
   // NaN v leaves acc as it was, as max_of does.
   static f32 max(f32 v, f32 acc) { return _mm512_max_ps(v, acc); }
   static float sum(f32 v) { return _mm512_reduce_add_ps(v); }
+  // Lane j of the result is the sum of v[j]'s lanes: kWidth sums in 15 adds, by a
+  // butterfly of unpacks and 128-bit lane shuffles, where a horizontal sum per vector
+  // would take 4 dependent steps each.
+  static f32 sum_each(const f32 (&v)[kWidth]) {
+    f32 pairs[8], quads[4], halves[2];
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a b a b] partial sums of v[2i], v[2i + 1]
+      pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a b c d]
+      const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+      quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; ++i)  // 128-bit lanes 0+1 and 2+3 of quads[2i], then of quads[2i + 1]
+      halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                                _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
+  }
   static float max_lanes(f32 v) { return _mm512_reduce_max_ps(v); }  // v holds no NaN
   static f32 from_f16(u16 h) { return _mm512_cvtph_ps(h); }
   static u16 to_f16(f32 v) { return _mm512_cvtps_ph(v, kNearest); }
@@ -114,6 +131,18 @@ struct Vec {
     const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
     return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+  }
+  // Lane j of the result is the sum of v[j]'s lanes (as the AVX-512 one: 7 adds).
+  static f32 sum_each(const f32 (&v)[kWidth]) {
+    f32 pairs[4], quads[2];
+    for (int i = 0; i < 4; ++i)
+      pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 2; ++i) {
+      const __m256d a = _mm256_castps_pd(pairs[2 * i]), b = _mm256_castps_pd(pairs[2 * i + 1]);
+      quads[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
+                         _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
   }
   static f32 from_f16(u16 h) { return _mm256_cvtph_ps(h); }
   static u16 to_f16(f32 v) { return _mm256_cvtps_ph(v, kNearest); }
@@ -470,12 +499,13 @@ void epilogue_rows_t(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
   });
 }
 
-// Whether the dot products below load through Lanes explicitly. Only for fp16, whose
-// scalar conversion the vectoriser cannot turn into F16C instructions; GCC's vectorised
-// `omp simd` loops were measured faster for fp32 and bf16 (attention prefill 0.73-0.89x
-// with explicit lanes).
+// Whether the dot products below load through Lanes explicitly: for the 16-bit formats.
+// GCC cannot turn fp16's scalar conversion into F16C instructions, and for bf16 the
+// explicit loops were measured a little faster in the skinny GEMM (1x768->2304: 2.0x
+// against 1.8x over F.linear) and in decode attention at head sizes off the vector width.
+// fp32 keeps GCC's vectorised `omp simd` loops.
 template <typename Fmt>
-constexpr bool kExplicitLanes = std::is_same_v<Fmt, F16>;
+constexpr bool kExplicitLanes = !std::is_same_v<Fmt, F32>;
 
 // x . y over n values.
 template <typename Fmt>
@@ -615,12 +645,128 @@ inline T* row_of(T* base, const int64_t* stride, int64_t b, int64_t h, int64_t t
   return base + b * stride[0] + h * stride[1] + t * stride[2];
 }
 
+#ifdef GPTEXT_CPU_AVX2
+// attention_forward_t's pass for a head of NV vectors (head_dim = NV * kW), the query and
+// the output accumulator held in registers. The scores come kW keys at a time: each key's
+// products summed lane-wise, then the kW partial vectors folded into one vector of kW
+// scores (Vec::sum_each), not a horizontal sum per key. The online softmax steps over
+// kKeys keys, keeping its running sum as a vector; value rows are added into two sets of
+// accumulators (even and odd keys) when NV is small, so that the FMAs of one key do not
+// wait on the previous key's.
+template <typename Fmt, int NV>
+void attention_row_vectors(const AttentionArgs& a, int64_t task) {
+  using T = typename Fmt::storage;
+  using L = Lanes<Fmt>;
+  constexpr int64_t kKeys = 4 * kW;
+  constexpr int kSets = NV <= 4 ? 2 : 1;
+  const int64_t group = a.heads / a.kv_heads;
+  const int64_t t = task % a.q_len, h = (task / a.q_len) % a.heads, b = task / (a.q_len * a.heads);
+  const T* const q_row = row_of(static_cast<const T*>(a.q), a.q_stride, b, h, t);
+  const T* const k_rows = row_of(static_cast<const T*>(a.k), a.k_stride, b, h / group, 0);
+  const T* const v_rows = row_of(static_cast<const T*>(a.v), a.v_stride, b, h / group, 0);
+  const int64_t k_step = a.k_stride[2], v_step = a.v_stride[2];
+  const Vec::f32 q_scale = Vec::splat(a.scale * kLog2e);
+  Vec::f32 q[NV], acc[kSets][NV];
+  for (int i = 0; i < NV; ++i) {
+    q[i] = Vec::mul(L::load(q_row + i * kW), q_scale);
+    for (int set = 0; set < kSets; ++set) acc[set][i] = Vec::zero();
+  }
+  float m = a.sinks != nullptr ? a.sinks[h] * kLog2e : -INFINITY;
+  float l_sink = a.sinks != nullptr ? 1.0f : 0.0f;
+  Vec::f32 l = Vec::zero();
+  alignas(64) float p[kKeys];
+  const KeyRange keys = attention_row_keys(a, b, t);
+  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
+    const int64_t n = std::min(kKeys, keys.end - j0), chunks = (n + kW - 1) / kW;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t in_chunk = std::min<int64_t>(kW, n - c * kW);
+      Vec::f32 part[kW];
+#pragma GCC unroll 16
+      for (int j = 0; j < kW; ++j) {
+        if (j < in_chunk) {
+          const T* const key = k_rows + (j0 + c * kW + j) * k_step;
+          Vec::f32 sum = Vec::mul(q[0], L::load(key));
+          for (int i = 1; i < NV; ++i) sum = Vec::fmadd(q[i], L::load(key + i * kW), sum);
+          part[j] = sum;
+        } else {
+          part[j] = Vec::zero();
+        }
+      }
+      Vec::store(p + c * kW, Vec::sum_each(part));
+      for (int64_t j = in_chunk; j < kW; ++j) p[c * kW + j] = -INFINITY;
+    }
+    Vec::f32 block_max = Vec::splat(-INFINITY);
+    for (int64_t c = 0; c < chunks; ++c) block_max = Vec::max(Vec::load(p + c * kW), block_max);
+    const float new_max = Vec::max_lanes(block_max);
+    if (new_max > m) {
+      const float correction = softmax_exp(m, new_max, 1.0f);
+      const Vec::f32 c = Vec::splat(correction);
+      l_sink *= correction;
+      l = Vec::mul(l, c);
+      for (int set = 0; set < kSets; ++set)
+        for (int i = 0; i < NV; ++i) acc[set][i] = Vec::mul(acc[set][i], c);
+      m = new_max;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < chunks * kW; ++j) p[j] = softmax_exp(p[j], m, 1.0f);
+    for (int64_t c = 0; c < chunks; ++c) l = Vec::add(l, Vec::load(p + c * kW));
+    int64_t j = 0;
+    for (; j + kSets <= n; j += kSets) {
+      for (int set = 0; set < kSets; ++set) {
+        const Vec::f32 w = Vec::splat(p[j + set]);
+        const T* const value = v_rows + (j0 + j + set) * v_step;
+        for (int i = 0; i < NV; ++i) acc[set][i] = Vec::fmadd(w, L::load(value + i * kW), acc[set][i]);
+      }
+    }
+    for (; j < n; ++j) {
+      const Vec::f32 w = Vec::splat(p[j]);
+      const T* const value = v_rows + (j0 + j) * v_step;
+      for (int i = 0; i < NV; ++i) acc[0][i] = Vec::fmadd(w, L::load(value + i * kW), acc[0][i]);
+    }
+  }
+  const float total = l_sink + Vec::sum(l);
+  const Vec::f32 inv = Vec::splat(softmax_inv_sum(total));
+  T* const out_row = row_of(static_cast<T*>(a.out), a.out_stride, b, h, t);
+  for (int i = 0; i < NV; ++i) {
+    Vec::f32 sum = acc[0][i];
+    for (int set = 1; set < kSets; ++set) sum = Vec::add(sum, acc[set][i]);
+    L::template put<false>(out_row + i * kW, L::pack(Vec::mul(sum, inv)));
+  }
+  if (a.lse != nullptr) a.lse[task] = total > 0.0f ? (m + std::log2(total)) / kLog2e : -INFINITY;
+}
+
+// attention_row_vectors<Fmt, NV> for head_dim = NV * kW, NV <= 8: whether it served the
+// tasks (false for any other head size).
+template <typename Fmt>
+bool attention_rows_in_registers(const AttentionArgs& a, int64_t task_begin, int64_t task_end) {
+  if (a.head_dim % kW != 0) return false;
+  auto run = [&](auto nv) {
+    for (int64_t task = task_begin; task < task_end; ++task) attention_row_vectors<Fmt, decltype(nv)::value>(a, task);
+    return true;
+  };
+  switch (a.head_dim / kW) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 5: return run(std::integral_constant<int, 5>{});
+    case 6: return run(std::integral_constant<int, 6>{});
+    case 7: return run(std::integral_constant<int, 7>{});
+    case 8: return run(std::integral_constant<int, 8>{});
+    default: return false;
+  }
+}
+#endif
+
 // One query row per task (task = (b * heads + h) * q_len + t): a flash-style pass over the
-// row's keys in blocks, keeping the running max and sum (exp2 domain, scale folded into q)
+// row's keys in blocks (attention_row_vectors where the head is a few whole vectors), keeping the running max and sum (exp2 domain, scale folded into q)
 // and rescaling the output accumulator when the max grows. A sink starts the row as a
 // virtual key with no value: max = sink, sum = 1.
 template <typename Fmt>
 void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t task_end) {
+#ifdef GPTEXT_CPU_AVX2
+  if (attention_rows_in_registers<Fmt>(a, task_begin, task_end)) return;
+#endif
   using T = typename Fmt::storage;
   constexpr int64_t kBlock = 64;
   const int64_t dim = a.head_dim, group = a.heads / a.kv_heads;
