@@ -44,6 +44,22 @@ def test_matches_reference(kernels, device, dtype, m, n, k, activation):
         assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8])
+def test_cpu_few_rows_every_epilogue(kernels, dtype, m):
+    """Decode-sized products (the CPU's skinny GEMM: row tiles, 64-column epilogue blocks)
+    with K off the vector width, N off the 4-row and 64-column steps, and each combination
+    of bias, activation and residual."""
+    for n, k in [(131, 37), (64, 100), (7, 16)]:
+        x, w, b, r = _operands(m, n, k, dtype, "cpu", seed=n)
+        for bias in (None, b):
+            for residual in (None, r):
+                for activation in (None, "gelu"):
+                    y = gptext.ops.linear(x, w, bias, activation, residual=residual)
+                    expected = reference.linear(x, w, bias, activation, residual).float()
+                    assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_optional_parts_and_batch_dims(kernels, device, dtype):

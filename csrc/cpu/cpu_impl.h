@@ -598,16 +598,53 @@ inline void axpy_rows(float* acc, const float (&p)[R], const typename Fmt::stora
   }
 }
 
+#ifdef GPTEXT_CPU_AVX2
+// Rows of a tile of the skinny product: MR rows of x against four weight rows in 4 * MR
+// accumulators (16 in the AVX-512 build, 8 in the AVX2 one: half its registers).
+constexpr int kSkinnyTileRows = kW / 4;
+
+// out[mr * ldo + r] = x[mr] . w[r] for mr < MR, r < 4 (x rows ldx apart, fp32): each
+// vector of k loads four weight vectors and MR x vectors for 4 * MR FMAs, and the 4 * MR
+// sums come out of one Vec::sum_each, not a horizontal sum each.
+template <typename Fmt, int MR>
+inline void dot_tile(const float* x, int64_t ldx, const typename Fmt::storage* const (&w)[4], int64_t k, float* out,
+                     int64_t ldo) {
+  static_assert(4 * MR <= kW, "a tile's sums fill at most one vector");
+  Vec::f32 acc[kW];
+  for (Vec::f32& v : acc) v = Vec::zero();
+  int64_t i = 0;
+  for (; i + kW <= k; i += kW) {
+    Vec::f32 wv[4];
+    for (int r = 0; r < 4; ++r) wv[r] = Lanes<Fmt>::load(w[r] + i);
+    for (int mr = 0; mr < MR; ++mr) {
+      const Vec::f32 xv = Vec::load(x + mr * ldx + i);
+      for (int r = 0; r < 4; ++r) acc[mr * 4 + r] = Vec::fmadd(xv, wv[r], acc[mr * 4 + r]);
+    }
+  }
+  alignas(64) float sums[kW];
+  Vec::store(sums, Vec::sum_each(acc));
+  for (; i < k; ++i) {
+    for (int mr = 0; mr < MR; ++mr)
+      for (int r = 0; r < 4; ++r) sums[mr * 4 + r] += x[mr * ldx + i] * Fmt::load(w[r][i]);
+  }
+  for (int mr = 0; mr < MR; ++mr)
+    for (int r = 0; r < 4; ++r) out[mr * ldo + r] = sums[mr * 4 + r];
+}
+#endif
+
 // The product for few rows of a (decode: one row per sequence) with the epilogue fused:
 // c[m, n] = act(a[m, :] . b[n, :] + bias[n]) + residual[m, n] for output columns
 // [n_begin, n_end). Memory bound on reading b (the weight), so it streams each weight row
-// once for all m, four rows at a time: four independent accumulators keep the FMA units
-// busy while the loads stream in. a is converted to fp32 once per call.
-template <typename Fmt, Activation ACT>
+// once for all m, four rows at a time: a tile of rows of a against them (dot_tile), or for
+// a single row four independent accumulators (dot4_rows). a is converted to fp32 once per
+// call. The sums of kChunk columns gather in an fp32 block, and the epilogue then runs
+// over each row of it a vector at a time (GELU included), rounding once.
+template <typename Fmt, Activation ACT, bool kBias, bool kResidual>
 void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   using T = typename Fmt::storage;
+  constexpr int64_t kChunk = 64;
   const int64_t k = a.k;
-  std::vector<float> x(size_t(a.m * k));
+  std::vector<float> x(size_t(a.m * k)), sums(size_t(a.m * kChunk));
   for (int64_t m = 0; m < a.m; ++m) {
     load_rows<Fmt>(static_cast<const T*>(a.a) + m * a.lda, x.data() + m * k, k);
   }
@@ -615,28 +652,51 @@ void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   const T* bias = static_cast<const T*>(a.bias);
   const T* residual = static_cast<const T*>(a.residual);
   T* c = static_cast<T*>(a.c);
-  auto finish = [&](int64_t m, int64_t n, float acc) {
-    const float b = bias != nullptr ? Fmt::load(bias[n]) : 0.0f;
-    const float r = residual != nullptr ? Fmt::load(residual[m * a.ldc + n]) : 0.0f;
-    c[m * a.ldc + n] = Fmt::store(linear_epilogue(acc, b, ACT, r));
-  };
-  int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) {
-    const T* const rows[4] = {w + n * a.ldb, w + (n + 1) * a.ldb, w + (n + 2) * a.ldb, w + (n + 3) * a.ldb};
-    for (int64_t m = 0; m < a.m; ++m) {
-      float sums[4];
-      dot4_rows<Fmt>(x.data() + m * k, rows, k, sums);
-      for (int r = 0; r < 4; ++r) finish(m, n + r, sums[r]);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
+    const int64_t width = std::min(kChunk, n_end - n0);
+    int64_t j = 0;
+    for (; j + 4 <= width; j += 4) {
+      const T* const rows[4] = {w + (n0 + j) * a.ldb, w + (n0 + j + 1) * a.ldb, w + (n0 + j + 2) * a.ldb,
+                                w + (n0 + j + 3) * a.ldb};
+      int64_t m = 0;
+#ifdef GPTEXT_CPU_AVX2
+      for (; m + kSkinnyTileRows <= a.m; m += kSkinnyTileRows) {
+        dot_tile<Fmt, kSkinnyTileRows>(x.data() + m * k, k, rows, k, sums.data() + m * kChunk + j, kChunk);
+      }
+      if constexpr (kSkinnyTileRows > 2) {
+        for (; m + 2 <= a.m; m += 2) dot_tile<Fmt, 2>(x.data() + m * k, k, rows, k, sums.data() + m * kChunk + j, kChunk);
+      }
+#endif
+      for (; m < a.m; ++m) dot4_rows<Fmt>(x.data() + m * k, rows, k, sums.data() + m * kChunk + j);
     }
-  }
-  for (; n < n_end; ++n) {
-    for (int64_t m = 0; m < a.m; ++m) finish(m, n, dot_row<Fmt>(x.data() + m * k, w + n * a.ldb, k));
+    for (; j < width; ++j) {
+      for (int64_t m = 0; m < a.m; ++m) {
+        sums[size_t(m * kChunk + j)] = dot_row<Fmt>(x.data() + m * k, w + (n0 + j) * a.ldb, k);
+      }
+    }
+    for (int64_t m = 0; m < a.m; ++m) {
+      const float* row = sums.data() + m * kChunk;
+      const T* bias_row = kBias ? bias + n0 : nullptr;
+      const T* residual_row = kResidual ? residual + m * a.ldc + n0 : nullptr;
+      store_rows_fn<Fmt>(c + m * a.ldc + n0, width, [=](int64_t i) {
+        return linear_epilogue(row[i], kBias ? Fmt::load(bias_row[i]) : 0.0f, ACT,
+                               kResidual ? Fmt::load(residual_row[i]) : 0.0f);
+      });
+    }
   }
 }
 
 template <typename Fmt>
 void skinny_gemm_t(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
-  dispatch_activation(a.act, [&](auto act) { skinny_gemm_act<Fmt, decltype(act)::value>(a, n_begin, n_end); });
+  dispatch_activation(a.act, [&](auto act) {
+    constexpr Activation kAct = decltype(act)::value;
+    if (a.bias != nullptr) {
+      if (a.residual != nullptr) return skinny_gemm_act<Fmt, kAct, true, true>(a, n_begin, n_end);
+      return skinny_gemm_act<Fmt, kAct, true, false>(a, n_begin, n_end);
+    }
+    if (a.residual != nullptr) return skinny_gemm_act<Fmt, kAct, false, true>(a, n_begin, n_end);
+    return skinny_gemm_act<Fmt, kAct, false, false>(a, n_begin, n_end);
+  });
 }
 
 // Row t of head h of batch b of a (batch, head, position, dim) tensor with these strides.

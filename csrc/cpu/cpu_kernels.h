@@ -52,19 +52,20 @@ inline int64_t attention_forward_tasks(const AttentionArgs& a) {
 constexpr int64_t kSkinnyMaxRows = 8;
 
 // Whether the processor multiplies bf16 pairs natively (AVX512_BF16's dot products, which
-// ATen's oneDNN GEMM uses) and the AVX-512 build is in use: then a bf16 GEMM is faster in
-// bf16 than converted to fp32, and linear keeps skinny_gemm for single rows only (measured
-// on AMD Zen 4).
+// ATen's oneDNN GEMM uses) and the AVX-512 build is in use: then a bf16 GEMM of more than
+// kSkinnyMaxRowsNativeBf16 rows runs in bf16 rather than converted to fp32 (3x faster at
+// 512x768->2304 on AMD Zen 4). On an Intel Xeon with AMX the skinny GEMM's row tiles were
+// 1.5-1.8x faster than oneDNN's bf16 GEMM at 2-4 rows and even with it at 8.
 bool bf16_dot_product();
-constexpr int64_t kSkinnyMaxRowsNativeBf16 = 1;
+constexpr int64_t kSkinnyMaxRowsNativeBf16 = 4;
 
 // The same for fp16: whether the processor computes in fp16 (AVX512_FP16, which ATen's
 // oneDNN fp16 GEMM uses; fp32 accumulation) and the AVX-512 build is in use. Then an fp16
 // GEMM of more than kSkinnyMaxRowsNativeF16 rows runs in fp16 (measured on an Intel Xeon:
 // 16x768->3072 0.78 ms in fp16 against 1.58 ms converted to fp32), fewer rows in the
-// skinny GEMM (1.0-2.1x faster than ATen's fp16 GEMM at 1-4 rows there).
+// skinny GEMM (1.5-2.5x faster than ATen's fp16 GEMM at 2-8 rows there).
 bool fp16_arithmetic();
-constexpr int64_t kSkinnyMaxRowsNativeF16 = 4;
+constexpr int64_t kSkinnyMaxRowsNativeF16 = 8;
 
 // A call that moves at least this many bytes (inputs read plus outputs written) writes its
 // outputs with streaming stores where the build has them: its data can't all stay in the
