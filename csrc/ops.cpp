@@ -72,7 +72,9 @@ std::string build_info() {
   info += cpu::bf16_dot_product() ? "bf16" : "fp32";
   info += "\", \"cpu_f16_gemm\": \"";
   info += cpu::fp16_arithmetic() ? "fp16" : "fp32";
-  info += "\", \"cpu_stream_bytes\": ";
+  info += "\", \"cpu_amx\": ";
+  info += cpu::amx_bf16() ? "true" : "false";
+  info += ", \"cpu_stream_bytes\": ";
   info += std::to_string(cpu::stream_min_traffic());
   info += ", \"";
 #ifdef GPTEXT_WITH_CUDA

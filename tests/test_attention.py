@@ -79,9 +79,31 @@ def test_cpu_decode_rows_any_head_dim_and_cache_length(kernels, dtype, dim):
     assert (gptext.ops.attention(q, k, v, kv_lens=torch.tensor([0])) == 0).all()
 
 
+@pytest.mark.parametrize("dim", [32, 96, 160, 256])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_cpu_bf16_prefill_any_tile_dim(kernels, dim, opts):
+    """bf16 prefill with at least 32 query rows per kv head: on a processor with AMX it runs
+    on tiles (build_info()["cpu_amx"]), 32-key blocks and 16-row chunks, so lengths off
+    both, head sizes of 1-8 32-dim tiles, and a padded, partly filled cache."""
+    assert isinstance(gptext.build_info()["cpu_amx"], bool)
+    for shape in [(1, 2, 2, 45, 45), (2, 4, 1, 9, 77), (1, 3, 3, 33, 100)]:
+        q, k, v = qkv(*shape, dim, torch.bfloat16, "cpu", seed=dim)
+        kwargs = _options(opts, shape[1], "cpu")
+        out = gptext.ops.attention(q, k, v, **kwargs)
+        assert_close(out.float(), oracle(reference.attention, q, k, v, **kwargs), torch.bfloat16, scale=2)
+    q, k, v = qkv(2, 4, 2, 20, 70, dim, torch.bfloat16, "cpu")
+    starts, lens = torch.tensor([0, 33]), torch.tensor([70, 50])
+    out = gptext.ops.attention(q, k, v, kv_starts=starts, kv_lens=lens)
+    assert_close(out.float(), oracle(reference.attention, q, k, v, kv_starts=starts, kv_lens=lens), torch.bfloat16,
+                 scale=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_16bit_gradients(kernels, dtype):
-    q, k, v = qkv(1, 4, 2, 9, 13, 20, dtype, "cpu")
+@pytest.mark.parametrize("shape", [(1, 4, 2, 9, 13, 20), (1, 4, 2, 20, 40, 64)], ids=["rows", "tiles"])
+def test_cpu_16bit_gradients(kernels, dtype, shape):
+    """Backward from the forward's log-sum-exp: per row, and (40 rows a kv head, bf16) from
+    the AMX forward where the processor has it."""
+    q, k, v = qkv(*shape, dtype, "cpu")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_leaves = [t.clone().float().requires_grad_() for t in (q, k, v)]
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)

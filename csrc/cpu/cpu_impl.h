@@ -90,6 +90,16 @@ struct Vec {
                          _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
   }
   static float max_lanes(f32 v) { return _mm512_reduce_max_ps(v); }  // v holds no NaN
+  // exp2_approx (common.cuh) of 16 lanes, step for step (max and min keep a NaN lane NaN).
+  static f32 exp2(f32 x) {
+    const f32 xc = _mm512_min_ps(splat(127.0f), _mm512_max_ps(splat(-127.0f), x));
+    const f32 shifted = _mm512_add_ps(xc, splat(12582912.0f));
+    const f32 f = _mm512_sub_ps(xc, _mm512_sub_ps(shifted, splat(12582912.0f)));
+    f32 p = splat(1.5345812e-4f);
+    for (float c : {1.3399931e-3f, 9.6184890e-3f, 5.5503288e-2f, 0.24022647f, 0.69314721f, 1.0f}) p = fmadd(p, f, splat(c));
+    const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+  }
   static f32 from_f16(u16 h) { return _mm512_cvtph_ps(h); }
   static u16 to_f16(f32 v) { return _mm512_cvtps_ph(v, kNearest); }
   static f32 from_bf16(u16 h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
@@ -1165,6 +1175,287 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
   }
 }
 
+#ifdef GPTEXT_CPU_AVX512
+// ---- bf16 forward on AMX tiles ----------------------------------------------------------
+// Where the processor has AMX (amx_bf16()), a bf16 pass with at least kAmxMinRows query
+// rows per (batch, kv head) runs its two products on tiles: 16 rows of 64 bytes each, 8
+// of them, and TDPBF16PS, which multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x
+// 16 fp32 sums in one instruction (pairs of bf16 along the sum, "VNNI" layout for the
+// second operand). Per block of kAmxKeys keys and 16 query rows:
+//   S = Q K^T     tiles 0 and 1 (16 keys each), over head_dim / 32 pairs of a Q tile (the
+//                 rows' queries, unscaled bf16) and a packed key tile;
+//   online softmax per row on the stored scores, in fp32 vectors; P rounded to bf16, as
+//                 the GPU's PV product takes it;
+//   P V           tiles 4-7 (16 dims each) from the P tile and packed value tiles, then
+//                 added into the fp32 output rows after their rescaling.
+// Keys and values are packed once per (batch, kv head) a thread works on: keys as 16 x 16
+// tiles of 32-bit pairs (row i: dims 2i, 2i + 1 of 16 keys), values as tiles whose row i
+// holds keys 2i, 2i + 1 of 16 dims, interleaved. Tile numbers are immediates, hence the
+// spelled-out tiles 4-7.
+constexpr int64_t kAmxMinRows = 32, kAmxKeys = 32, kAmxMaxDim = 256;
+
+inline bool attention_forward_on_amx(const AttentionArgs& a) {
+  return (a.heads / a.kv_heads) * a.q_len >= kAmxMinRows && a.head_dim % 32 == 0 && a.head_dim <= kAmxMaxDim &&
+         amx_bf16();
+}
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline uint32_t bf16_pair(const uint16_t* p) {
+  uint32_t word;
+  std::memcpy(&word, p, sizeof word);  // rows need not be 4-byte aligned
+  return word;
+}
+
+// Keys [0, n) of one (batch, kv head), rows `step` apart, into `padded` / 16 x dim / 32
+// tiles (keys past n as zeros).
+inline void amx_pack_keys(const uint16_t* k, int64_t step, int64_t n, int64_t padded, int64_t dim, uint32_t* out) {
+  const int64_t chunks = dim / 32;
+  for (int64_t kb = 0; kb < padded / 16; ++kb) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint32_t* tile = out + (kb * chunks + c) * 256;
+      for (int64_t key = 0; key < 16; ++key) {
+        const int64_t j = kb * 16 + key;
+        const uint16_t* row = k + j * step + c * 32;
+        for (int64_t i = 0; i < 16; ++i) tile[i * 16 + key] = j < n ? bf16_pair(row + 2 * i) : 0u;
+      }
+    }
+  }
+}
+
+// Values [0, n) into `padded` / 32 x dim / 16 tiles: row i of a tile holds, for its 16
+// dims, the values of keys 2i and 2i + 1 (low and high half of each 32-bit element).
+inline void amx_pack_values(const uint16_t* v, int64_t step, int64_t n, int64_t padded, int64_t dim, uint32_t* out) {
+  const int64_t dtiles = dim / 16;
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t jb = 0; jb < padded / 32; ++jb) {
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t j = jb * 32 + 2 * i;
+      for (int64_t e = 0; e < dtiles; ++e) {
+        const __m256i lo = j < n ? Vec::load(v + j * step + e * 16) : zero;
+        const __m256i hi = j + 1 < n ? Vec::load(v + (j + 1) * step + e * 16) : zero;
+        const __m512i word = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+        _mm512_storeu_si512(out + (jb * dtiles + e) * 256 + i * 16, word);
+      }
+    }
+  }
+}
+
+// The AVX-512 build's targets, repeated: a function's target attribute starts from the command
+// line's, not from the `#pragma GCC target` in force (GCC would not vectorise its loops).
+#define GPTEXT_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512,amx-tile,amx-bf16")))
+
+// S for one block of kAmxKeys keys and one or two 16-row chunks of queries (qbuf[0],
+// qbuf[1], rows dim apart): chunk 0 in tiles 0 and 1 (16 keys each), chunk 1 in tiles 4
+// and 5, per 32 dims a query tile for each (2, 6) against the block's two key tiles (3,
+// 7), which both chunks share; stored into sbuf[0], sbuf[1] (rows kAmxKeys apart).
+GPTEXT_AMX inline void amx_scores(const uint16_t* const (&qbuf)[2], bool pair, int64_t dim, const uint32_t* ktiles,
+                                  float* const (&sbuf)[2]) {
+  const int64_t chunks = dim / 32;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (pair) {
+    _tile_zero(4);
+    _tile_zero(5);
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(3, ktiles + c * 256, 64);
+    _tile_loadd(7, ktiles + (chunks + c) * 256, 64);
+    _tile_loadd(2, qbuf[0] + c * 32, dim * 2);
+    _tile_dpbf16ps(0, 2, 3);
+    _tile_dpbf16ps(1, 2, 7);
+    if (pair) {
+      _tile_loadd(6, qbuf[1] + c * 32, dim * 2);
+      _tile_dpbf16ps(4, 6, 3);
+      _tile_dpbf16ps(5, 6, 7);
+    }
+  }
+  _tile_stored(0, sbuf[0], kAmxKeys * 4);
+  _tile_stored(1, sbuf[0] + 16, kAmxKeys * 4);
+  if (pair) {
+    _tile_stored(4, sbuf[1], kAmxKeys * 4);
+    _tile_stored(5, sbuf[1] + 16, kAmxKeys * 4);
+  }
+}
+
+// obuf[e][r][:] = P V for the (up to four) 16-dim tiles e of vtiles: P in tile 2, the
+// products in tiles 4-7, each value tile loaded into its own tile (0, 1, 3, then 0 again)
+// and every product issued before the first store waits on one.
+GPTEXT_AMX inline void amx_values_product(const uint16_t* p, const uint32_t* vtiles, int64_t count, float* obuf) {
+  _tile_loadd(2, p, 64);
+  _tile_zero(4);
+  _tile_loadd(0, vtiles, 64);
+  _tile_dpbf16ps(4, 2, 0);
+  if (count > 1) {
+    _tile_zero(5);
+    _tile_loadd(1, vtiles + 256, 64);
+    _tile_dpbf16ps(5, 2, 1);
+  }
+  if (count > 2) {
+    _tile_zero(6);
+    _tile_loadd(3, vtiles + 512, 64);
+    _tile_dpbf16ps(6, 2, 3);
+  }
+  if (count > 3) {
+    _tile_zero(7);
+    _tile_loadd(0, vtiles + 768, 64);
+    _tile_dpbf16ps(7, 2, 0);
+  }
+  _tile_stored(4, obuf, 64);
+  if (count > 1) _tile_stored(5, obuf + 256, 64);
+  if (count > 2) _tile_stored(6, obuf + 512, 64);
+  if (count > 3) _tile_stored(7, obuf + 768, 64);
+}
+
+// One 16-row chunk of the AMX forward: its rows, their running max and sum, the last
+// block's rescaling, key ranges, and its buffers.
+struct AmxChunk {
+  RowRef ref[16];
+  float m[16], l[16], correction[16];
+  int64_t kb[16], ke[16];
+  int64_t rows = 0;
+  alignas(64) uint16_t q[16 * kAmxMaxDim];
+  alignas(64) float s[16 * kAmxKeys];
+  alignas(64) uint16_t p[16 * kAmxKeys];
+};
+
+// The blocked forward's tasks (R rows of a (batch, kv head) each), on AMX: a task's one or
+// two 16-row chunks go through each key block together (they share its key tiles, and
+// one chunk's softmax can run while the other's products are still in the tile unit).
+template <int64_t R>
+GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin, int64_t task_end) {
+  using T = uint16_t;
+  const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = group * a.q_len;
+  const int64_t row_tiles = (rows + R - 1) / R, chunks = dim / 32, dtiles = dim / 16;
+  const int64_t padded = (a.k_len + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
+  std::vector<uint32_t> kpack(size_t(padded * dim / 2)), vpack(size_t(padded * dim / 2));
+  int64_t packed_for = -1;
+  std::unique_ptr<AmxChunk[]> chunk(new AmxChunk[2]);
+  alignas(64) float obuf[4 * 256];
+  std::vector<float> acc(size_t(2 * 16 * dim));
+  AmxTileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  const Vec::f32 k2 = Vec::splat(a.scale * kLog2e), minus_inf = Vec::splat(-INFINITY);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const uint16_t* const qbufs[2] = {chunk[0].q, chunk[1].q};
+  float* const sbufs[2] = {chunk[0].s, chunk[1].s};
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t kv = (task / row_tiles) % a.kv_heads, b = task / (row_tiles * a.kv_heads);
+    if (packed_for != b * a.kv_heads + kv) {
+      amx_pack_keys(row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, 0), a.k_stride[2], a.k_len, padded, dim,
+                    kpack.data());
+      amx_pack_values(row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, 0), a.v_stride[2], a.k_len, padded, dim,
+                      vpack.data());
+      packed_for = b * a.kv_heads + kv;
+    }
+    const int64_t first = (task % row_tiles) * R, task_rows = std::min(R, rows - first);
+    const int64_t nchunks = (task_rows + 15) / 16;
+    int64_t span_begin = INT64_MAX, span_end = 0;
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      AmxChunk& c = chunk[size_t(ch)];
+      c.rows = std::min<int64_t>(16, task_rows - 16 * ch);
+      const KeyRange span = row_block(a, b, kv, first + 16 * ch, c.rows, c.ref);
+      if (span.begin < span.end) {
+        span_begin = std::min(span_begin, span.begin);
+        span_end = std::max(span_end, span.end);
+      }
+      for (int64_t r = 0; r < 16; ++r) {
+        T* q = c.q + r * dim;
+        const bool real = r < c.rows;
+        if (real) {
+          std::memcpy(q, row_of(static_cast<const T*>(a.q), a.q_stride, b, c.ref[r].head, c.ref[r].t), size_t(dim) * 2);
+        } else {
+          std::fill(q, q + dim, T(0));
+        }
+        c.m[r] = real && a.sinks != nullptr ? a.sinks[c.ref[r].head] * kLog2e : -INFINITY;
+        c.l[r] = real && a.sinks != nullptr ? 1.0f : 0.0f;
+        c.kb[r] = real ? c.ref[r].keys.begin : 0;
+        c.ke[r] = real ? c.ref[r].keys.end : 0;
+      }
+      std::fill(c.p, c.p + 16 * kAmxKeys, T(0));
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t j0 = span_begin < span_end ? span_begin / kAmxKeys * kAmxKeys : 0; j0 < span_end; j0 += kAmxKeys) {
+      if (j0 + kAmxKeys < span_end) {  // the next block's key and value tiles, into L1 while this one runs
+        const char* next_k = reinterpret_cast<const char*>(kpack.data() + ((j0 + kAmxKeys) / 16) * chunks * 256);
+        const char* next_v = reinterpret_cast<const char*>(vpack.data() + ((j0 + kAmxKeys) / kAmxKeys) * dtiles * 256);
+        for (int64_t byte = 0; byte < dim * kAmxKeys * 2; byte += 64) {
+          _mm_prefetch(next_k + byte, _MM_HINT_T0);
+          _mm_prefetch(next_v + byte, _MM_HINT_T0);
+        }
+      }
+      amx_scores(qbufs, nchunks > 1, dim, kpack.data() + (j0 / 16) * chunks * 256, sbufs);
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        AmxChunk& c = chunk[size_t(ch)];
+        for (int64_t r = 0; r < c.rows; ++r) {
+          const float* s = c.s + r * kAmxKeys;
+          Vec::f32 s0 = Vec::mul(Vec::load(s), k2), s1 = Vec::mul(Vec::load(s + 16), k2);
+          if (c.kb[r] > j0 || c.ke[r] < j0 + kAmxKeys) {  // keys outside the row's range score -inf
+            const __m512i key0 = _mm512_add_epi32(lane, _mm512_set1_epi32(int(j0))),
+                          key1 = _mm512_add_epi32(key0, _mm512_set1_epi32(16));
+            const __m512i lo = _mm512_set1_epi32(int(c.kb[r])), hi = _mm512_set1_epi32(int(c.ke[r]));
+            s0 = _mm512_mask_mov_ps(minus_inf, _mm512_cmpge_epi32_mask(key0, lo) & _mm512_cmplt_epi32_mask(key0, hi), s0);
+            s1 = _mm512_mask_mov_ps(minus_inf, _mm512_cmpge_epi32_mask(key1, lo) & _mm512_cmplt_epi32_mask(key1, hi), s1);
+          }
+          const float raised = max_of(c.m[r], Vec::max_lanes(Vec::max(s1, Vec::max(s0, minus_inf))));
+          c.correction[r] = softmax_exp(c.m[r], raised, 1.0f);
+          c.m[r] = raised;
+          // softmax_exp a vector at a time (GCC leaves an `omp simd` loop here scalar).
+          Vec::f32 p0 = Vec::zero(), p1 = Vec::zero();
+          if (raised != -INFINITY) {
+            p0 = Vec::exp2(_mm512_sub_ps(s0, Vec::splat(raised)));
+            p1 = Vec::exp2(_mm512_sub_ps(s1, Vec::splat(raised)));
+          }
+          c.l[r] = c.l[r] * c.correction[r] + Vec::sum(Vec::add(p0, p1));
+          Vec::store(c.p + r * kAmxKeys, Vec::to_bf16(p0));
+          Vec::store(c.p + r * kAmxKeys + 16, Vec::to_bf16(p1));
+        }
+      }
+      const uint32_t* vtiles = vpack.data() + (j0 / kAmxKeys) * dtiles * 256;
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const AmxChunk& c = chunk[size_t(ch)];
+        for (int64_t e0 = 0; e0 < dtiles; e0 += 4) {
+          const int64_t count = std::min<int64_t>(4, dtiles - e0);
+          amx_values_product(c.p, vtiles + e0 * 256, count, obuf);
+          for (int64_t r = 0; r < c.rows; ++r) {
+            const Vec::f32 scale = Vec::splat(c.correction[r]);
+            for (int64_t e = 0; e < count; ++e) {
+              float* out = acc.data() + (ch * 16 + r) * dim + (e0 + e) * 16;
+              Vec::store(out, Vec::fmadd(Vec::load(out), scale, Vec::load(obuf + e * 256 + r * 16)));
+            }
+          }
+        }
+      }
+    }
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const AmxChunk& c = chunk[size_t(ch)];
+      for (int64_t r = 0; r < c.rows; ++r) {
+        const Vec::f32 inv = Vec::splat(softmax_inv_sum(c.l[r]));
+        const float* ar = acc.data() + (ch * 16 + r) * dim;
+        T* out = row_of(static_cast<T*>(a.out), a.out_stride, b, c.ref[r].head, c.ref[r].t);
+        for (int64_t d = 0; d < dim; d += 16) Vec::store(out + d, Vec::to_bf16(Vec::mul(Vec::load(ar + d), inv)));
+        if (a.lse != nullptr) {
+          a.lse[(b * a.heads + c.ref[r].head) * a.q_len + c.ref[r].t] =
+              c.l[r] > 0.0f ? (c.m[r] + std::log2(c.l[r])) / kLog2e : -INFINITY;
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+#undef GPTEXT_AMX
+#endif
+
 // One (batch, kv head) per task, so that the key and value gradients, which every query
 // head of the group adds to, have a single writer. Its rows (query head of the group,
 // query) go in blocks of kRowBlock against kKeyBlock-key blocks, as in the blocked forward:
@@ -1330,6 +1621,12 @@ void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_e
 }
 
 void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end) {
+#ifdef GPTEXT_CPU_AVX512
+  if (dtype == DType::BF16 && attention_forward_on_amx(args)) {
+    if (attention_forward_row_block(args) == 16) return attention_forward_amx<16>(args, task_begin, task_end);
+    return attention_forward_amx<32>(args, task_begin, task_end);
+  }
+#endif
   dispatch(dtype, [&](auto tag) {
     if (attention_forward_blocked_rows(args)) {
       if (attention_forward_row_block(args) == 16) {

@@ -67,6 +67,12 @@ constexpr int64_t kSkinnyMaxRowsNativeBf16 = 4;
 bool fp16_arithmetic();
 constexpr int64_t kSkinnyMaxRowsNativeF16 = 8;
 
+// Whether bf16 attention forward passes with at least 32 query rows per (batch, kv head)
+// run on AMX tiles (attention_forward_amx): the processor has AMX-TILE and AMX-BF16, the
+// kernel granted this process the tile state (arch_prctl), the AVX-512 build is in use, and
+// the environment variable GPTEXT_CPU_AMX is not 0 (read once).
+bool amx_bf16();
+
 // A call that moves at least this many bytes (inputs read plus outputs written) writes its
 // outputs with streaming stores where the build has them: its data can't all stay in the
 // last-level cache, so the outputs would be evicted before the next op reads them anyway,

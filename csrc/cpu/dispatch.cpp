@@ -4,6 +4,10 @@
 #include <string>
 
 #include <unistd.h>
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#endif
 
 #include "cpu_kernels.h"
 
@@ -68,6 +72,25 @@ bool bf16_dot_product() {
 bool fp16_arithmetic() {
   static const bool supported = GPTEXT_AVX512_WITH("avx512fp16");
   return supported;
+}
+
+bool amx_bf16() {
+  static const bool usable = [] {
+#if defined(__x86_64__) && defined(__linux__)
+    if (active_isa() != Isa::Avx512) return false;
+    if (const char* env = std::getenv("GPTEXT_CPU_AMX"); env != nullptr && std::string(env) == "0") return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+    if (!amx_bf16 || !amx_tile) return false;
+    // Linux hands out the 8 KB tile state only to processes that ask for it.
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return usable;
 }
 
 int64_t stream_min_traffic() {
