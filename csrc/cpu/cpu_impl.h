@@ -1193,6 +1193,7 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
 // holds keys 2i, 2i + 1 of 16 dims, interleaved. Tile numbers are immediates, hence the
 // spelled-out tiles 4-7.
 constexpr int64_t kAmxMinRows = 32, kAmxKeys = 32, kAmxMaxDim = 256;
+static_assert(kAmxMinRows > 16, "AMX passes have 32-row tasks (attention_forward_row_block)");
 
 inline bool attention_forward_on_amx(const AttentionArgs& a) {
   return (a.heads / a.kv_heads) * a.q_len >= kAmxMinRows && a.head_dim % 32 == 0 && a.head_dim <= kAmxMaxDim &&
@@ -1622,10 +1623,8 @@ void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_e
 
 void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end) {
 #ifdef GPTEXT_CPU_AVX512
-  if (dtype == DType::BF16 && attention_forward_on_amx(args)) {
-    if (attention_forward_row_block(args) == 16) return attention_forward_amx<16>(args, task_begin, task_end);
-    return attention_forward_amx<32>(args, task_begin, task_end);
-  }
+  // (At least kAmxMinRows rows: the tasks are 32-row blocks.)
+  if (dtype == DType::BF16 && attention_forward_on_amx(args)) return attention_forward_amx<32>(args, task_begin, task_end);
 #endif
   dispatch(dtype, [&](auto tag) {
     if (attention_forward_blocked_rows(args)) {
