@@ -73,21 +73,24 @@ struct Vec {
   static f32 max(f32 v, f32 acc) { return _mm512_max_ps(v, acc); }
   static float sum(f32 v) { return _mm512_reduce_add_ps(v); }
   // Lane j of the result is the sum of v[j]'s lanes: kWidth sums in 15 adds, by a
-  // butterfly of unpacks and 128-bit lane shuffles, where a horizontal sum per vector
-  // would take 4 dependent steps each.
-  static f32 sum_each(const f32 (&v)[kWidth]) {
+  // butterfly of unpacks and 128-bit lane shuffles (fold_each), where a horizontal sum per
+  // vector would take 4 dependent steps each.
+  static f32 sum_each(const f32 (&v)[kWidth]) { return fold_each(v, [](f32 a, f32 b) { return _mm512_add_ps(a, b); }); }
+  // Lane j of the result is the largest of v[j]'s lanes (v holds no NaN).
+  static f32 max_each(const f32 (&v)[kWidth]) { return fold_each(v, [](f32 a, f32 b) { return _mm512_max_ps(a, b); }); }
+  template <typename Op>
+  static f32 fold_each(const f32 (&v)[kWidth], Op op) {
     f32 pairs[8], quads[4], halves[2];
-    for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a b a b] partial sums of v[2i], v[2i + 1]
-      pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a b a b] partial results of v[2i], v[2i + 1]
+      pairs[i] = op(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
     for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a b c d]
       const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
-      quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+      quads[i] = op(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
     }
     for (int i = 0; i < 2; ++i)  // 128-bit lanes 0+1 and 2+3 of quads[2i], then of quads[2i + 1]
-      halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
-                                _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
-                         _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
+      halves[i] = op(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                     _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
+    return op(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88), _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
   }
   static float max_lanes(f32 v) { return _mm512_reduce_max_ps(v); }  // v holds no NaN
   // exp2_approx (common.cuh) of 16 lanes, step for step (max and min keep a NaN lane NaN).
@@ -1318,7 +1321,9 @@ GPTEXT_AMX inline void amx_values_product(const uint16_t* p, const uint32_t* vti
 // block's rescaling, key ranges, and its buffers.
 struct AmxChunk {
   RowRef ref[16];
-  float m[16], l[16], correction[16];
+  alignas(64) float m[16];
+  alignas(64) float l[16];
+  alignas(64) float correction[16];
   int64_t kb[16], ke[16];
   int64_t rows = 0;
   alignas(64) uint16_t q[16 * kAmxMaxDim];
@@ -1398,29 +1403,51 @@ GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin
       amx_scores(qbufs, nchunks > 1, dim, kpack.data() + (j0 / 16) * chunks * 256, sbufs);
       for (int64_t ch = 0; ch < nchunks; ++ch) {
         AmxChunk& c = chunk[size_t(ch)];
-        for (int64_t r = 0; r < c.rows; ++r) {
+        // Each row's scores scaled and masked in place, and its block max: the 16 rows'
+        // maxima, sums and rescalings are then vectors with a row per lane (Vec::max_each,
+        // Vec::sum_each), not 16 horizontal reductions each.
+        Vec::f32 row_max[16];
+        for (int64_t r = 0; r < 16; ++r) {
+          float* s = c.s + r * kAmxKeys;
+          Vec::f32 s0 = minus_inf, s1 = minus_inf;
+          if (r < c.rows) {
+            s0 = Vec::mul(Vec::load(s), k2);
+            s1 = Vec::mul(Vec::load(s + 16), k2);
+            if (c.kb[r] > j0 || c.ke[r] < j0 + kAmxKeys) {  // keys outside the row's range score -inf
+              const __m512i key0 = _mm512_add_epi32(lane, _mm512_set1_epi32(int(j0))),
+                            key1 = _mm512_add_epi32(key0, _mm512_set1_epi32(16));
+              const __m512i lo = _mm512_set1_epi32(int(c.kb[r])), hi = _mm512_set1_epi32(int(c.ke[r]));
+              s0 = _mm512_mask_mov_ps(minus_inf, _mm512_cmpge_epi32_mask(key0, lo) & _mm512_cmplt_epi32_mask(key0, hi),
+                                      s0);
+              s1 = _mm512_mask_mov_ps(minus_inf, _mm512_cmpge_epi32_mask(key1, lo) & _mm512_cmplt_epi32_mask(key1, hi),
+                                      s1);
+            }
+          }
+          Vec::store(s, s0);
+          Vec::store(s + 16, s1);
+          row_max[r] = Vec::max(s1, Vec::max(s0, minus_inf));
+        }
+        // max_of(m, block max) per row; the rescaling 2^(m - raised), 0 where the row has
+        // no finite max yet (softmax_exp's rule).
+        const Vec::f32 old_max = Vec::load(c.m);
+        const Vec::f32 raised = Vec::max(Vec::max_each(row_max), old_max);
+        const __mmask16 seen = _mm512_cmp_ps_mask(raised, minus_inf, _CMP_NEQ_OQ);
+        const Vec::f32 correction = _mm512_maskz_mov_ps(seen, Vec::exp2(_mm512_sub_ps(old_max, raised)));
+        Vec::store(c.m, raised);
+        Vec::store(c.correction, correction);
+        Vec::f32 row_sum[16];
+        for (int64_t r = 0; r < 16; ++r) {
           const float* s = c.s + r * kAmxKeys;
-          Vec::f32 s0 = Vec::mul(Vec::load(s), k2), s1 = Vec::mul(Vec::load(s + 16), k2);
-          if (c.kb[r] > j0 || c.ke[r] < j0 + kAmxKeys) {  // keys outside the row's range score -inf
-            const __m512i key0 = _mm512_add_epi32(lane, _mm512_set1_epi32(int(j0))),
-                          key1 = _mm512_add_epi32(key0, _mm512_set1_epi32(16));
-            const __m512i lo = _mm512_set1_epi32(int(c.kb[r])), hi = _mm512_set1_epi32(int(c.ke[r]));
-            s0 = _mm512_mask_mov_ps(minus_inf, _mm512_cmpge_epi32_mask(key0, lo) & _mm512_cmplt_epi32_mask(key0, hi), s0);
-            s1 = _mm512_mask_mov_ps(minus_inf, _mm512_cmpge_epi32_mask(key1, lo) & _mm512_cmplt_epi32_mask(key1, hi), s1);
-          }
-          const float raised = max_of(c.m[r], Vec::max_lanes(Vec::max(s1, Vec::max(s0, minus_inf))));
-          c.correction[r] = softmax_exp(c.m[r], raised, 1.0f);
-          c.m[r] = raised;
-          // softmax_exp a vector at a time (GCC leaves an `omp simd` loop here scalar).
           Vec::f32 p0 = Vec::zero(), p1 = Vec::zero();
-          if (raised != -INFINITY) {
-            p0 = Vec::exp2(_mm512_sub_ps(s0, Vec::splat(raised)));
-            p1 = Vec::exp2(_mm512_sub_ps(s1, Vec::splat(raised)));
+          if (c.m[r] != -INFINITY) {
+            p0 = Vec::exp2(_mm512_sub_ps(Vec::load(s), Vec::splat(c.m[r])));
+            p1 = Vec::exp2(_mm512_sub_ps(Vec::load(s + 16), Vec::splat(c.m[r])));
           }
-          c.l[r] = c.l[r] * c.correction[r] + Vec::sum(Vec::add(p0, p1));
+          row_sum[r] = Vec::add(p0, p1);
           Vec::store(c.p + r * kAmxKeys, Vec::to_bf16(p0));
           Vec::store(c.p + r * kAmxKeys + 16, Vec::to_bf16(p1));
         }
+        Vec::store(c.l, Vec::fmadd(Vec::load(c.l), correction, Vec::sum_each(row_sum)));
       }
       const uint32_t* vtiles = vpack.data() + (j0 / kAmxKeys) * dtiles * 256;
       for (int64_t ch = 0; ch < nchunks; ++ch) {
