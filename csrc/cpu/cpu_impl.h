@@ -1008,11 +1008,13 @@ inline void tile_product(const float* a, int64_t a_stride, RowB&& b_row, int64_t
                       accumulate);
 }
 
-// scores[r][j] = q[r] . kt[:, j] for r < MR, j < columns (kt: dim x kKeyBlock, transposed
-// keys; scores' rows kKeyBlock apart).
+// scores[r][j] = q[r] . kt[:, j] for r < MR, j < columns (kt: dim rows of transposed keys,
+// kt_stride apart; scores' rows kKeyBlock apart).
 template <int MR>
-inline void scores_tile(const float* q, int64_t dim, const float* kt, int64_t columns, float* scores) {
-  tile_product<MR>(q, dim, [kt](int64_t d) { return kt + d * kKeyBlock; }, dim, columns, scores, kKeyBlock, false);
+inline void scores_tile(const float* q, int64_t dim, const float* kt, int64_t kt_stride, int64_t columns,
+                        float* scores) {
+  tile_product<MR>(q, dim, [kt, kt_stride](int64_t d) { return kt + d * kt_stride; }, dim, columns, scores, kKeyBlock,
+                   false);
 }
 
 // acc[r][:] += sum over j < n of p[r][j] * v[j][:] for r < MR (p's rows p_stride apart;
@@ -1500,9 +1502,15 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
   const int64_t grad_kv_stride[3] = {a.kv_heads * a.k_len * dim, a.k_len * dim, dim};
   const float score_scale = a.scale * kLog2e;
   std::vector<float> dk(static_cast<size_t>(a.k_len * dim)), dv(static_cast<size_t>(a.k_len * dim));
+  // The task's keys in fp32 (rows, for dQ += dS K) and its keys and values transposed
+  // (dim rows of k_pad, for S = Q K^T and dP = dO V^T), made once per task rather than
+  // once per row block; keys past k_len are zeros, 16 more than any block's products
+  // (which run 16 columns at a time from any key j0) can read.
+  const int64_t k_pad = a.k_len + 16;
+  std::vector<float> keys_fp32(static_cast<size_t>(a.k_len * dim)), kt(static_cast<size_t>(dim * k_pad)),
+      vt(static_cast<size_t>(dim * k_pad)), value(static_cast<size_t>(dim));
   std::unique_ptr<float[]> memory(new float[size_t(3 * kRowBlock * dim + 2 * kRowBlock * kKeyBlock +
-                                                   kMicroRows * kKeyBlock + 2 * kKeyBlock * kRowBlock +
-                                                   2 * dim * kKeyBlock + kKeyBlock * dim + dim)]);
+                                                   kMicroRows * kKeyBlock + 2 * kKeyBlock * kRowBlock)]);
   float* q = memory.get();                    // kRowBlock x dim
   float* dout = q + kRowBlock * dim;          // kRowBlock x dim
   float* dq = dout + kRowBlock * dim;         // kRowBlock x dim
@@ -1511,10 +1519,6 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
   float* dp = ds + kRowBlock * kKeyBlock;     // kMicroRows x kKeyBlock
   float* pt = dp + kMicroRows * kKeyBlock;    // kKeyBlock x kRowBlock: P transposed
   float* dst = pt + kKeyBlock * kRowBlock;    // kKeyBlock x kRowBlock: dS transposed
-  float* kt = dst + kKeyBlock * kRowBlock;    // dim x kKeyBlock: keys transposed
-  float* vt = kt + dim * kKeyBlock;           // dim x kKeyBlock: values transposed
-  float* keys_fp32 = vt + dim * kKeyBlock;    // kKeyBlock x dim
-  float* value = keys_fp32 + kKeyBlock * dim;  // one value row in fp32
   const float* key_rows[kKeyBlock];
   const float *q_rows[kRowBlock], *dout_rows[kRowBlock];
   RowRef ref[kRowBlock];
@@ -1523,11 +1527,21 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
     q_rows[i] = q + i * dim;
     dout_rows[i] = dout + i * dim;
   }
-  for (int64_t j = 0; j < kKeyBlock; ++j) key_rows[j] = keys_fp32 + j * dim;
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.kv_heads, kv = task % a.kv_heads;
     std::fill(dk.begin(), dk.end(), 0.0f);
     std::fill(dv.begin(), dv.end(), 0.0f);
+    std::fill(kt.begin(), kt.end(), 0.0f);
+    std::fill(vt.begin(), vt.end(), 0.0f);
+    for (int64_t j = 0; j < a.k_len; ++j) {
+      float* key = keys_fp32.data() + j * dim;
+      load_rows<Fmt>(row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j), key, dim);
+      load_rows<Fmt>(row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, j), value.data(), dim);
+      for (int64_t d = 0; d < dim; ++d) {
+        kt[size_t(d * k_pad + j)] = key[d];
+        vt[size_t(d * k_pad + j)] = value[size_t(d)];
+      }
+    }
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int64_t nr = std::min(kRowBlock, rows - r0);
       const KeyRange span = row_block(a, b, kv, r0, nr, ref);
@@ -1544,25 +1558,13 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
       }
       for (int64_t j0 = lo; j0 < hi; j0 += kKeyBlock) {
         const int64_t n = std::min(kKeyBlock, hi - j0);
-        const int64_t columns = (n + 15) / 16 * 16;
-        for (int64_t j = 0; j < columns; ++j) {
-          if (j < n) {
-            float* key = keys_fp32 + j * dim;
-            load_rows<Fmt>(row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j0 + j), key, dim);
-            load_rows<Fmt>(row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, j0 + j), value, dim);
-            for (int64_t d = 0; d < dim; ++d) {
-              kt[d * kKeyBlock + j] = key[d];
-              vt[d * kKeyBlock + j] = value[d];
-            }
-          } else {
-            for (int64_t d = 0; d < dim; ++d) kt[d * kKeyBlock + j] = vt[d * kKeyBlock + j] = 0.0f;
-          }
-        }
+        const int64_t columns = (n + 15) / 16 * 16;  // j0 + columns < k_len + 16 = k_pad
+        for (int64_t j = 0; j < n; ++j) key_rows[j] = keys_fp32.data() + (j0 + j) * dim;
         for (int64_t r = 0; r < nr; r += kMicroRows) {
           with_micro_rows(std::min(kMicroRows, nr - r), [&](auto mr) {
             constexpr int MR = decltype(mr)::value;
-            scores_tile<MR>(q + r * dim, dim, kt, columns, p + r * kKeyBlock);
-            scores_tile<MR>(dout + r * dim, dim, vt, columns, dp);
+            scores_tile<MR>(q + r * dim, dim, kt.data() + j0, k_pad, columns, p + r * kKeyBlock);
+            scores_tile<MR>(dout + r * dim, dim, vt.data() + j0, k_pad, columns, dp);
             for (int i = 0; i < MR; ++i) {
               const KeyRange keys = ref[r + i].keys;
               const int64_t jb = std::clamp<int64_t>(keys.begin - j0, 0, n);
