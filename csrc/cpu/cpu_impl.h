@@ -75,11 +75,11 @@ struct Vec {
   // Lane j of the result is the sum of v[j]'s lanes: kWidth sums in 15 adds, by a
   // butterfly of unpacks and 128-bit lane shuffles (fold_each), where a horizontal sum per
   // vector would take 4 dependent steps each.
-  static f32 sum_each(const f32 (&v)[kWidth]) { return fold_each(v, [](f32 a, f32 b) { return _mm512_add_ps(a, b); }); }
+  static f32 sum_each(const f32 (&v)[kWidth]) { return fold_each<add>(v); }
   // Lane j of the result is the largest of v[j]'s lanes (v holds no NaN).
-  static f32 max_each(const f32 (&v)[kWidth]) { return fold_each(v, [](f32 a, f32 b) { return _mm512_max_ps(a, b); }); }
-  template <typename Op>
-  static f32 fold_each(const f32 (&v)[kWidth], Op op) {
+  static f32 max_each(const f32 (&v)[kWidth]) { return fold_each<max>(v); }
+  template <f32 (*op)(f32, f32)>
+  static f32 fold_each(const f32 (&v)[kWidth]) {
     f32 pairs[8], quads[4], halves[2];
     for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a b a b] partial results of v[2i], v[2i + 1]
       pairs[i] = op(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
@@ -832,8 +832,9 @@ bool attention_rows_in_registers(const AttentionArgs& a, int64_t task_begin, int
 #endif
 
 // One query row per task (task = (b * heads + h) * q_len + t): a flash-style pass over the
-// row's keys in blocks (attention_row_vectors where the head is a few whole vectors), keeping the running max and sum (exp2 domain, scale folded into q)
-// and rescaling the output accumulator when the max grows. A sink starts the row as a
+// row's keys in blocks (attention_row_vectors where the head is a few whole vectors),
+// keeping the running max and sum (exp2 domain, scale folded into q) and rescaling the
+// output accumulator when the max grows. A sink starts the row as a
 // virtual key with no value: max = sink, sum = 1.
 template <typename Fmt>
 void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t task_end) {
@@ -1186,13 +1187,15 @@ void attention_forward_blocked(const AttentionArgs& a, int64_t task_begin, int64
 // rows per (batch, kv head) runs its two products on tiles: 16 rows of 64 bytes each, 8
 // of them, and TDPBF16PS, which multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x
 // 16 fp32 sums in one instruction (pairs of bf16 along the sum, "VNNI" layout for the
-// second operand). Per block of kAmxKeys keys and 16 query rows:
-//   S = Q K^T     tiles 0 and 1 (16 keys each), over head_dim / 32 pairs of a Q tile (the
-//                 rows' queries, unscaled bf16) and a packed key tile;
-//   online softmax per row on the stored scores, in fp32 vectors; P rounded to bf16, as
-//                 the GPU's PV product takes it;
-//   P V           tiles 4-7 (16 dims each) from the P tile and packed value tiles, then
-//                 added into the fp32 output rows after their rescaling.
+// second operand). A task (32 rows) is two chunks of 16; per block of kAmxKeys keys:
+//   S = Q K^T     per chunk two tiles (16 keys each), over head_dim / 32 pairs of a Q tile
+//                 (the rows' queries, unscaled bf16) and the block's packed key tiles,
+//                 which both chunks share (amx_scores);
+//   online softmax on the stored scores in fp32 vectors, the chunk's 16 rows at once for
+//                 their maxima, sums and rescalings; P rounded to bf16, as the GPU's PV
+//                 product takes it;
+//   P V           tiles 4-7 (16 dims each) from a chunk's P tile and packed value tiles,
+//                 then added into its fp32 output rows after their rescaling.
 // Keys and values are packed once per (batch, kv head) a thread works on: keys as 16 x 16
 // tiles of 32-bit pairs (row i: dims 2i, 2i + 1 of 16 keys), values as tiles whose row i
 // holds keys 2i, 2i + 1 of 16 dims, interleaved. Tile numbers are immediates, hence the
@@ -1333,12 +1336,12 @@ struct AmxChunk {
   alignas(64) uint16_t p[16 * kAmxKeys];
 };
 
-// The blocked forward's tasks (R rows of a (batch, kv head) each), on AMX: a task's one or
-// two 16-row chunks go through each key block together (they share its key tiles, and
-// one chunk's softmax can run while the other's products are still in the tile unit).
-template <int64_t R>
+// The blocked forward's tasks (R = 32 rows of a (batch, kv head) each), on AMX: a task's
+// one or two 16-row chunks go through each key block together (they share its key tiles,
+// and one chunk's softmax can run while the other's products are still in the tile unit).
 GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin, int64_t task_end) {
   using T = uint16_t;
+  constexpr int64_t R = 32;  // attention_forward_row_block for at least kAmxMinRows rows
   const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = group * a.q_len;
   const int64_t row_tiles = (rows + R - 1) / R, chunks = dim / 32, dtiles = dim / 16;
   const int64_t padded = (a.k_len + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
@@ -1531,9 +1534,7 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
     const int64_t b = task / a.kv_heads, kv = task % a.kv_heads;
     std::fill(dk.begin(), dk.end(), 0.0f);
     std::fill(dv.begin(), dv.end(), 0.0f);
-    std::fill(kt.begin(), kt.end(), 0.0f);
-    std::fill(vt.begin(), vt.end(), 0.0f);
-    for (int64_t j = 0; j < a.k_len; ++j) {
+    for (int64_t j = 0; j < a.k_len; ++j) {  // (columns k_len.. stay the zeros they were made with)
       float* key = keys_fp32.data() + j * dim;
       load_rows<Fmt>(row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, j), key, dim);
       load_rows<Fmt>(row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, j), value.data(), dim);
@@ -1652,8 +1653,7 @@ void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_e
 
 void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end) {
 #ifdef GPTEXT_CPU_AVX512
-  // (At least kAmxMinRows rows: the tasks are 32-row blocks.)
-  if (dtype == DType::BF16 && attention_forward_on_amx(args)) return attention_forward_amx<32>(args, task_begin, task_end);
+  if (dtype == DType::BF16 && attention_forward_on_amx(args)) return attention_forward_amx(args, task_begin, task_end);
 #endif
   dispatch(dtype, [&](auto tag) {
     if (attention_forward_blocked_rows(args)) {
