@@ -11,6 +11,10 @@ Inputs are checked here, the same way for both backends, and bad ones raise Valu
 TypeError / IndexError naming the argument. The compiled ops get autograd formulas (the
 reference formulas for now) and fake implementations, so they train and work under
 torch.compile; ``torch.library.opcheck`` passes on each.
+
+Each public op first offers its call to the extension's ``_try_<op>`` entry point, which
+serves a plain CPU tensor of a kernel dtype whose arguments pass the C++ checks and
+declines (None) anything else; a declined call takes the checked path here (``_<op>``).
 """
 
 from __future__ import annotations
@@ -56,9 +60,10 @@ ACTIVATIONS = (None, "none", "gelu", "relu")
 
 _backend = "auto"
 _warned: set[str] = set()
-# Set by gptext.profiling while it records: called as _observer(op, fn, args, kwargs) in
-# place of an op's checked implementation (fn, the _<op> below), to time it. While it is
-# set, every call of a public op goes there, not to the direct entry point (_direct).
+# Set by gptext.profiling while it records (_set_observer): called as
+# _observer(op, fn, args, kwargs) in place of an op's checked implementation (fn, the _<op>
+# below), to time it. While it is set, the _try_<op> entry points decline every call, so
+# each goes there.
 _observer = None
 
 
@@ -77,11 +82,11 @@ def _observed(op: str):
 # The ops' default overloads, looked up once (an attribute lookup on torch.ops per call
 # costs more than a small kernel on the CPU): torch.compile traces these.
 _OVERLOADS: dict = {}
-# Outside torch.compile, each op is called through gptext._C._call_<op>, which goes through
-# the same dispatcher (autograd, fake tensors, dispatch modes and the profiler all still
-# apply) for about 3 us less per call than an OpOverload on a CPU, and below autograd when
-# no gradient can flow: torch.library's autograd wrapper costs several us more, even under
-# no_grad. See csrc/python_module.cpp.
+# Outside torch.compile, the checked path calls each op through gptext._C._call_<op>, which
+# goes through the same dispatcher (autograd, fake tensors, dispatch modes and the profiler
+# all still apply) for about 3 us less per call than an OpOverload on a CPU, and below
+# autograd when no gradient can flow: torch.library's autograd wrapper costs several us
+# more, even under no_grad. See csrc/python_module.cpp.
 _DIRECT: dict = {}
 
 
@@ -98,6 +103,41 @@ def _compiled(op: str, *args):
     return fn(*args)
 
 
+def _declined(*args):
+    """A _try_<op> entry point's answer without the extension, and what torch.compile traces
+    in its place: None, the call goes through the checked path (which torch.compile traces
+    to the op's OpOverload)."""
+    return None
+
+
+if _EXTENSION_ERROR is None:
+    _try_softmax, _try_layernorm, _try_layernorm_residual, _try_linear, _try_ffn, _try_attention = (
+        _C._try_softmax, _C._try_layernorm, _C._try_layernorm_residual, _C._try_linear, _C._try_ffn,
+        _C._try_attention)
+    # A polyfill is looked up by the C function it stands for, so the ops below call the
+    # entry points themselves (not the wrappers this returns), with no is_compiling test.
+    for _entry in (_try_softmax, _try_layernorm, _try_layernorm_residual, _try_linear, _try_ffn, _try_attention):
+        torch.compiler.substitute_in_graph(_entry, skip_signature_check=True)(_declined)
+    del _entry
+else:
+    _try_softmax = _try_layernorm = _try_layernorm_residual = _try_linear = _try_ffn = _try_attention = _declined
+
+
+def _sync_direct() -> None:
+    """Tells the extension whether its _try_<op> entry points may serve calls: not on the
+    reference backend, nor while a profiling observer records."""
+    if _EXTENSION_ERROR is None:
+        _C._set_direct(_backend != "reference" and _observer is None)
+
+
+def _set_observer(observer):
+    """Installs gptext.profiling's observer (or None); returns the previous one."""
+    global _observer
+    previous, _observer = _observer, observer
+    _sync_direct()
+    return previous
+
+
 # ---- backend selection -------------------------------------------------------------------
 
 def set_backend(name: str) -> None:
@@ -106,6 +146,7 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"gptext backend must be one of {BACKENDS}, got {name!r}")
     _backend = name
+    _sync_direct()
 
 
 def get_backend() -> str:
@@ -166,24 +207,6 @@ def kernels_available(device: str | torch.device = "cuda") -> bool:
     if device.type == "cuda" and not torch.cuda.is_available():
         return False
     return _device_gap(device) is None
-
-
-def _direct(x) -> bool:
-    """Whether a call on x may go straight to the extension's entry point, _C._call_<op>,
-    before any check here: x a plain CPU tensor of a kernel dtype, the kernels not switched
-    off, outside torch.compile. The C++ side checks every argument itself (ops_common.h), and
-    an argument it rejects sends the call on to this module's checks, which then raise the
-    error in the op's own words. On a small CPU call these checks cost more than the kernel:
-    1x1024 softmax takes 1.6 us in the entry point and 2.5 us more through them."""
-    return (type(x) is torch.Tensor and x.is_cpu and _EXTENSION_ERROR is None and x.dtype in KERNEL_DTYPES
-            and _backend != "reference" and not _is_compiling())
-
-
-_is_compiling = torch.compiler.is_compiling
-
-
-# What a direct call raises for an argument that its C++ checks reject.
-_REJECTED = (TypeError, ValueError, IndexError)
 
 
 def _use_kernels(op: str, x: torch.Tensor) -> bool:
@@ -409,12 +432,8 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     decoding); `window` keeps only the last `window` keys of each query. Masked positions,
     and whole rows with nothing visible, come out as 0.
     """
-    if _observer is None and _direct(x):
-        try:
-            return _C._call_softmax(x, dim, 1.0 if scale is None else scale, causal, 0 if window is None else window)
-        except _REJECTED:
-            pass
-    return _softmax(x, dim, scale=scale, causal=causal, window=window)
+    y = _try_softmax(x, dim, 1.0 if scale is None else scale, causal, 0 if window is None else window)
+    return _softmax(x, dim, scale=scale, causal=causal, window=window) if y is None else y
 
 
 @_observed("softmax")
@@ -442,12 +461,8 @@ def _softmax(x, dim=-1, *, scale=None, causal=False, window=None):
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
               eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension (fp32 statistics, biased variance)."""
-    if _observer is None and _direct(x):
-        try:
-            return _C._call_layernorm(x, weight, bias, eps)[0]
-        except _REJECTED:
-            pass
-    return _layernorm(x, weight, bias, eps)
+    y = _try_layernorm(x, weight, bias, eps)
+    return _layernorm(x, weight, bias, eps) if y is None else y[0]
 
 
 @_observed("layernorm")
@@ -462,13 +477,8 @@ def layernorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
                        bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(layernorm(x + residual), x + residual) in one pass: the pre-LN block's residual add
     fused with the next norm. Returns (normed, new residual stream)."""
-    if _observer is None and _direct(x):
-        try:
-            out, total, _, _ = _C._call_layernorm_residual(x, residual, weight, bias, eps)
-            return out, total
-        except _REJECTED:
-            pass
-    return _layernorm_residual(x, residual, weight, bias, eps)
+    y = _try_layernorm_residual(x, residual, weight, bias, eps)
+    return _layernorm_residual(x, residual, weight, bias, eps) if y is None else (y[0], y[1])
 
 
 @_observed("layernorm_residual")
@@ -488,12 +498,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (tanh form) or 'relu'. On CUDA, bf16/fp16 run on gptext's WMMA kernel or cuBLAS as the
     GEMM policy decides (``set_gemm_policy``); fp32 runs on cuBLAS.
     """
-    if _observer is None and _direct(x):
-        try:
-            return _C._call_linear(x, weight, bias, activation or "none", residual)
-        except _REJECTED:
-            pass
-    return _linear(x, weight, bias, activation, residual)
+    y = _try_linear(x, weight, bias, activation or "none", residual)
+    return _linear(x, weight, bias, activation, residual) if y is None else y
 
 
 @_observed("linear")
@@ -508,12 +514,8 @@ def ffn(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
         b_proj: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """GPT-2's MLP, linear(gelu(linear(x, w_fc, b_fc)), w_proj, b_proj) (+ residual), as two
     GEMMs with fused epilogues (bias+GELU, then bias+residual)."""
-    if _observer is None and _direct(x):
-        try:
-            return _C._call_ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
-        except _REJECTED:
-            pass
-    return _ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
+    y = _try_ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
+    return _ffn(x, w_fc, b_fc, w_proj, b_proj, residual) if y is None else y
 
 
 @_observed("ffn")
@@ -543,13 +545,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     Strided inputs are read in place when head_dim is contiguous. A query with no visible
     key (and no sink) gets zeros.
     """
-    if _observer is None and _direct(q):
-        try:
-            return _C._call_attention(q, k, v, causal, 0 if window is None else window, sinks,
-                                      q.shape[-1] ** -0.5 if scale is None else scale, kv_starts, kv_lens)[0]
-        except _REJECTED:
-            pass
-    return _attention(q, k, v, causal, window, sinks, scale, kv_starts=kv_starts, kv_lens=kv_lens)
+    # (A q that is not a tensor passes scale None, which the entry point declines.)
+    y = _try_attention(q, k, v, causal, 0 if window is None else window, sinks,
+                       q.shape[-1] ** -0.5 if scale is None and isinstance(q, torch.Tensor) else scale,
+                       kv_starts, kv_lens)
+    return _attention(q, k, v, causal, window, sinks, scale, kv_starts=kv_starts, kv_lens=kv_lens) if y is None else y[0]
 
 
 @_observed("attention")
@@ -688,3 +688,4 @@ def _register_compiled_ops() -> None:
 
 if _extension_loaded():
     _register_compiled_ops()
+    _sync_direct()

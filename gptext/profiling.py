@@ -262,11 +262,11 @@ def record_ops(device: torch.device | str):
         records.append(OpRecord(op, *_cost(op, bound.arguments, out), seconds))
         return out
 
-    previous, ops._observer = ops._observer, observer
+    previous = ops._set_observer(observer)
     try:
         yield records
     finally:
-        ops._observer = previous
+        ops._set_observer(previous)
 
 
 @torch.no_grad()

@@ -63,6 +63,7 @@ def test_kernels_backend_refuses_what_it_cannot_serve():
 
 def test_missing_extension_is_explained(monkeypatch):
     monkeypatch.setattr(ops, "_EXTENSION_ERROR", "ImportError: no module gptext._C")
+    monkeypatch.setattr(ops, "_try_softmax", ops._declined)  # as the import sets it without gptext._C
     monkeypatch.setattr(ops, "_warned", set())
     assert not gptext.kernels_available("cpu")
     with gptext.backend("kernels"), pytest.raises(RuntimeError, match="gptext._C is not available"):
@@ -220,3 +221,43 @@ def test_cpu_calls_skip_the_python_checks_and_errors_keep_their_words(monkeypatc
         gptext.ops.layernorm(x, [1.0] * 8)
     with pytest.raises(ValueError, match=r"gptext\.ops\.linear: residual is on meta"):
         gptext.ops.linear(x, torch.randn(3, 8), residual=torch.empty(2, 3, device="meta"))
+
+
+def test_try_entry_points_serve_or_decline():
+    # gptext._C._try_<op> serves a valid call on a plain CPU tensor of a kernel dtype, and
+    # returns None (never raises) for anything else: the public op then takes its checked
+    # path. The direct path is off on the reference backend and while profiling records.
+    x, w = torch.randn(2, 8), torch.randn(8)
+    torch.testing.assert_close(gptext._C._try_softmax(x, -1, 1.0, False, 0), torch.softmax(x, -1))
+    assert gptext._C._direct()
+    declined = {
+        "int64 tensor": (torch.ones(2, 8, dtype=torch.int64), -1, 1.0, False, 0),
+        "float64 tensor": (x.double(), -1, 1.0, False, 0),
+        "meta tensor": (torch.empty(2, 8, device="meta"), -1, 1.0, False, 0),
+        "not a tensor": ([1.0], -1, 1.0, False, 0),
+        "too few arguments": (x, -1),
+        "a bool that is not a bool": (x, -1, 1.0, 1, 0),
+        "a float dim": (x, 0.5, 1.0, False, 0),
+        "dim out of range (IndexError)": (x, 2, 1.0, False, 0),
+        "a negative scale (ValueError)": (x, -1, -1.0, False, 0),
+    }
+    for why, args in declined.items():
+        assert gptext._C._try_softmax(*args) is None, why
+    assert gptext._C._try_linear(x, torch.randn(3, 7), None, "none", None) is None  # K mismatch
+    assert gptext._C._try_attention(torch.randn(1, 3, 4, 8), *(torch.randn(1, 2, 4, 8) for _ in range(2)),
+                                    True, 0, None, 0.5, None, None) is None  # 3 heads over 2 kv heads
+
+    class Tagged(torch.Tensor):
+        pass
+
+    assert gptext._C._try_layernorm(x.as_subclass(Tagged), w, None, 1e-5) is None
+    assert gptext._C._try_layernorm(torch.nn.Parameter(x), w, None, 1e-5) is not None
+    with gptext.backend("reference"):
+        assert not gptext._C._direct() and gptext._C._try_layernorm(x, w, None, 1e-5) is None
+    assert gptext._C._direct()
+    from gptext import profiling
+
+    with profiling.record_ops("cpu") as records:
+        assert not gptext._C._direct()
+        gptext.ops.softmax(x)
+    assert gptext._C._direct() and [r.op for r in records] == ["softmax"]
