@@ -66,6 +66,7 @@ struct Vec {
   static f32 zero() { return _mm512_setzero_ps(); }
   static f32 splat(float v) { return _mm512_set1_ps(v); }
   static f32 add(f32 a, f32 b) { return _mm512_add_ps(a, b); }
+  static f32 sub(f32 a, f32 b) { return _mm512_sub_ps(a, b); }
   static f32 mul(f32 a, f32 b) { return _mm512_mul_ps(a, b); }
   static f32 fmadd(f32 a, f32 b, f32 c) { return _mm512_fmadd_ps(a, b, c); }
   // v > acc ? v : acc per lane (vmaxps returns its second operand when either is NaN): a
@@ -132,6 +133,7 @@ struct Vec {
   static f32 zero() { return _mm256_setzero_ps(); }
   static f32 splat(float v) { return _mm256_set1_ps(v); }
   static f32 add(f32 a, f32 b) { return _mm256_add_ps(a, b); }
+  static f32 sub(f32 a, f32 b) { return _mm256_sub_ps(a, b); }
   static f32 mul(f32 a, f32 b) { return _mm256_mul_ps(a, b); }
   static f32 fmadd(f32 a, f32 b, f32 c) { return _mm256_fmadd_ps(a, b, c); }
   static f32 max(f32 v, f32 acc) { return _mm256_max_ps(v, acc); }  // as the AVX-512 one
@@ -156,6 +158,16 @@ struct Vec {
     }
     return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
                          _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
+  }
+  // exp2_approx of eight lanes, step for step (as the AVX-512 one).
+  static f32 exp2(f32 x) {
+    const f32 xc = _mm256_min_ps(splat(127.0f), _mm256_max_ps(splat(-127.0f), x));
+    const f32 shifted = _mm256_add_ps(xc, splat(12582912.0f));
+    const f32 f = _mm256_sub_ps(xc, _mm256_sub_ps(shifted, splat(12582912.0f)));
+    f32 p = splat(1.5345812e-4f);
+    for (float c : {1.3399931e-3f, 9.6184890e-3f, 5.5503288e-2f, 0.24022647f, 0.69314721f, 1.0f}) p = fmadd(p, f, splat(c));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
   }
   static f32 from_f16(u16 h) { return _mm256_cvtph_ps(h); }
   static u16 to_f16(f32 v) { return _mm256_cvtps_ph(v, kNearest); }
@@ -381,14 +393,58 @@ inline float load_rows_max(const typename Fmt::storage* src, float* dst, int64_t
   return m;
 }
 
+// The largest of v[0..n) (NaN ignored, as max_of does); with vectors, four max chains, so
+// that the pass runs at load speed rather than at max's latency.
+inline float max_row(const float* v, int64_t n) {
+  float m = -INFINITY;
+  int64_t i = 0;
+#ifdef GPTEXT_CPU_AVX2
+  if (n >= kW) {
+    const Vec::f32 lowest = Vec::splat(-INFINITY);
+    Vec::f32 acc[4] = {lowest, lowest, lowest, lowest};
+    for (; i + 4 * kW <= n; i += 4 * kW) {
+      for (int j = 0; j < 4; ++j) acc[j] = Vec::max(Vec::load(v + i + j * kW), acc[j]);
+    }
+    for (; i + kW <= n; i += kW) acc[0] = Vec::max(Vec::load(v + i), acc[0]);
+    m = Vec::max_lanes(Vec::max(Vec::max(acc[0], acc[1]), Vec::max(acc[2], acc[3])));
+  }
+#endif
+  for (; i < n; ++i) m = max_of(m, v[i]);
+  return m;
+}
+
 // dst[i] = 2^((src[i] - max) k) for i < n (0 where src is -inf, or everywhere when max is);
-// returns their sum. dst may be src.
+// returns their sum. dst may be src. With vectors, four at a time in explicit intrinsics:
+// compiled from softmax_exp, the clamps and the -inf test became masked blends, and the
+// loop ran one vector at a time.
 inline float exp_row(const float* src, float* dst, int64_t n, float max, float k) {
+  if (max == -INFINITY) {  // nothing visible (softmax_exp's test, made once for the row)
+    std::fill(dst, dst + n, 0.0f);
+    return 0.0f;
+  }
   float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = softmax_exp(src[i], max, k);
-    dst[i] = e;
+  int64_t i = 0;
+#ifdef GPTEXT_CPU_AVX2
+  const Vec::f32 vmax = Vec::splat(max), vk = Vec::splat(k);
+  Vec::f32 acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    for (int j = 0; j < 4; ++j) {
+      const Vec::f32 e = Vec::exp2(Vec::mul(Vec::sub(Vec::load(src + i + j * kW), vmax), vk));
+      Vec::store(dst + i + j * kW, e);
+      acc[j] = Vec::add(acc[j], e);
+    }
+  }
+  for (; i + kW <= n; i += kW) {
+    const Vec::f32 e = Vec::exp2(Vec::mul(Vec::sub(Vec::load(src + i), vmax), vk));
+    Vec::store(dst + i, e);
+    acc[0] = Vec::add(acc[0], e);
+  }
+  sum = Vec::sum(Vec::add(Vec::add(acc[0], acc[1]), Vec::add(acc[2], acc[3])));
+#endif
+#pragma omp simd reduction(+ : sum)  // the baseline build's whole row: lanes keep the sum's error down
+  for (int64_t j = i; j < n; ++j) {
+    const float e = exp2_approx((src[j] - max) * k);
+    dst[j] = e;
     sum += e;
   }
   return sum;
@@ -405,13 +461,12 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
     T* y = static_cast<T*>(a.y) + row * a.cols;
     const KeyRange keys = attention_key_range(a.causal ? row % a.q_len : 0, a.q_len, a.cols, a.causal, a.window);
     const int64_t n = keys.end - keys.begin;
-
     // The row in fp32: read in place, or converted into buf as its max is found.
     const float* values = buf;
     float row_max;
     if constexpr (std::is_same_v<Fmt, F32>) {
       values = x + keys.begin;
-      row_max = reduce_row(values, n, -INFINITY, identity, max_of);
+      row_max = max_row(values, n);
     } else {
       row_max = load_rows_max<Fmt>(x + keys.begin, buf, n);
     }
@@ -862,7 +917,7 @@ void attention_forward_t(const AttentionArgs& a, int64_t task_begin, int64_t tas
         dot4_rows<Fmt>(q.data(), rows, dim, scores.data() + j);
       }
       for (; j < n; ++j) scores[j] = dot_row<Fmt>(q.data(), key(j), dim);
-      const float block_max = reduce_row(scores.data(), n, -INFINITY, identity, max_of);
+      const float block_max = max_row(scores.data(), n);
       if (block_max > m) {
         const float correction = softmax_exp(m, block_max, 1.0f);
         l *= correction;
