@@ -700,6 +700,23 @@ inline void dot_tile(const float* x, int64_t ldx, const typename Fmt::storage* c
 }
 #endif
 
+// The skinny GEMM's epilogue for output columns [n0, n0 + width) of every row: the fp32
+// sums (row m at sums + m * ld) through bias, activation and residual into c, a vector at
+// a time, rounded once.
+template <typename Fmt, Activation ACT, bool kBias, bool kResidual>
+inline void skinny_epilogue(const GemmArgs& a, const float* sums, int64_t ld, int64_t n0, int64_t width) {
+  using T = typename Fmt::storage;
+  const T* bias = kBias ? static_cast<const T*>(a.bias) + n0 : nullptr;
+  for (int64_t m = 0; m < a.m; ++m) {
+    const float* row = sums + m * ld;
+    const T* residual_row = kResidual ? static_cast<const T*>(a.residual) + m * a.ldc + n0 : nullptr;
+    store_rows_fn<Fmt>(static_cast<T*>(a.c) + m * a.ldc + n0, width, [=](int64_t i) {
+      return linear_epilogue(row[i], kBias ? Fmt::load(bias[i]) : 0.0f, ACT,
+                             kResidual ? Fmt::load(residual_row[i]) : 0.0f);
+    });
+  }
+}
+
 // The product for few rows of a (decode: one row per sequence) with the epilogue fused:
 // c[m, n] = act(a[m, :] . b[n, :] + bias[n]) + residual[m, n] for output columns
 // [n_begin, n_end). Memory bound on reading b (the weight), so it streams each weight row
@@ -717,9 +734,6 @@ void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
     load_rows<Fmt>(static_cast<const T*>(a.a) + m * a.lda, x.data() + m * k, k);
   }
   const T* w = static_cast<const T*>(a.b);
-  const T* bias = static_cast<const T*>(a.bias);
-  const T* residual = static_cast<const T*>(a.residual);
-  T* c = static_cast<T*>(a.c);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
     const int64_t width = std::min(kChunk, n_end - n0);
     int64_t j = 0;
@@ -742,15 +756,7 @@ void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
         sums[size_t(m * kChunk + j)] = dot_row<Fmt>(x.data() + m * k, w + (n0 + j) * a.ldb, k);
       }
     }
-    for (int64_t m = 0; m < a.m; ++m) {
-      const float* row = sums.data() + m * kChunk;
-      const T* bias_row = kBias ? bias + n0 : nullptr;
-      const T* residual_row = kResidual ? residual + m * a.ldc + n0 : nullptr;
-      store_rows_fn<Fmt>(c + m * a.ldc + n0, width, [=](int64_t i) {
-        return linear_epilogue(row[i], kBias ? Fmt::load(bias_row[i]) : 0.0f, ACT,
-                               kResidual ? Fmt::load(residual_row[i]) : 0.0f);
-      });
-    }
+    skinny_epilogue<Fmt, ACT, kBias, kResidual>(a, sums.data(), kChunk, n0, width);
   }
 }
 
@@ -766,6 +772,105 @@ void skinny_gemm_t(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
     return skinny_gemm_act<Fmt, kAct, false, false>(a, n_begin, n_end);
   });
 }
+
+#ifdef GPTEXT_CPU_AVX512
+// The skinny GEMM in bf16 where the processor has AVX512_BF16 (bf16_dot_product()): the
+// rows of a and of the weight stay bf16, and VDPBF16PS multiplies 32 of each a vector,
+// adding each pair of products into an fp32 lane, where the loop above converts every
+// weight vector to fp32 first (two instructions per 16 values, then an FMA per row). The
+// products of bf16 values are exact in fp32; VDPBF16PS treats subnormal inputs as zero and
+// rounds its sums to nearest, flushing subnormal results.
+#define GPTEXT_BF16DP \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512,avx512bf16")))
+
+// acc[mr * 4 + r] += the products of the 32 values of x[mr] and w[r] from i on (those
+// that mask keeps; the others load as zeros, which add nothing). A plain function, not a
+// lambda: GCC compiles a lambda without its enclosing function's target.
+template <int MR>
+GPTEXT_BF16DP inline void dot_step_bf16dp(Vec::f32 (&acc)[kW], const uint16_t* x, int64_t ldx,
+                                          const uint16_t* const (&w)[4], int64_t i, __mmask32 mask) {
+  __m512bh wv[4];
+  for (int r = 0; r < 4; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w[r] + i);
+  for (int mr = 0; mr < MR; ++mr) {
+    const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + mr * ldx + i);
+    for (int r = 0; r < 4; ++r) acc[mr * 4 + r] = _mm512_dpbf16_ps(acc[mr * 4 + r], xv, wv[r]);
+  }
+}
+
+// out[mr * ldo + r] = x[mr] . w[r] for mr < MR, r < 4 (x rows ldx apart): 4 * MR
+// accumulators, the last k % 32 values through masked loads, and the 4 * MR sums from one
+// Vec::sum_each.
+template <int MR>
+GPTEXT_BF16DP inline void dot_tile_bf16dp(const uint16_t* x, int64_t ldx, const uint16_t* const (&w)[4], int64_t k,
+                                          float* out, int64_t ldo) {
+  static_assert(MR >= 1 && 4 * MR <= kW, "a tile's sums fill at most one vector");
+  Vec::f32 acc[kW];
+  for (Vec::f32& v : acc) v = Vec::zero();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) dot_step_bf16dp<MR>(acc, x, ldx, w, i, ~__mmask32(0));
+  if (i < k) dot_step_bf16dp<MR>(acc, x, ldx, w, i, __mmask32((1u << (k - i)) - 1u));
+  alignas(64) float sums[kW];
+  Vec::store(sums, Vec::sum_each(acc));
+  for (int mr = 0; mr < MR; ++mr)
+    for (int r = 0; r < 4; ++r) out[mr * ldo + r] = sums[mr * 4 + r];
+}
+
+// Rows [m, m + count) of x (count <= 3) against four weight rows.
+GPTEXT_BF16DP inline void dot_rows_bf16dp(int64_t count, const uint16_t* x, int64_t ldx,
+                                          const uint16_t* const (&w)[4], int64_t k, float* out, int64_t ldo) {
+  if (count == 3) return dot_tile_bf16dp<3>(x, ldx, w, k, out, ldo);
+  if (count == 2) return dot_tile_bf16dp<2>(x, ldx, w, k, out, ldo);
+  return dot_tile_bf16dp<1>(x, ldx, w, k, out, ldo);
+}
+
+// skinny_gemm_act's loop on bf16 dot products: a's rows read in place (lda apart), four
+// weight rows at a time against tiles of 4 rows (fewer at the end); the last columns of the
+// range, fewer than four, repeat the last weight row and keep only the sums they own.
+template <Activation ACT, bool kBias, bool kResidual>
+GPTEXT_BF16DP void skinny_gemm_bf16dp_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
+  constexpr int64_t kChunk = 64;
+  const uint16_t* x = static_cast<const uint16_t*>(a.a);
+  const uint16_t* w = static_cast<const uint16_t*>(a.b);
+  std::vector<float> sums(size_t(a.m * kChunk));
+  alignas(64) float spill[4 * 4];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
+    const int64_t width = std::min(kChunk, n_end - n0);
+    for (int64_t j = 0; j < width; j += 4) {
+      const int64_t owned = std::min<int64_t>(4, width - j);
+      const uint16_t* rows[4];
+      for (int r = 0; r < 4; ++r) rows[r] = w + (n0 + j + std::min<int64_t>(r, owned - 1)) * a.ldb;
+      for (int64_t m = 0; m < a.m; m += 4) {
+        const int64_t count = std::min<int64_t>(4, a.m - m);
+        // A full tile writes its sums straight into the block; a partial one spills first.
+        float* dst = owned == 4 ? sums.data() + m * kChunk + j : spill;
+        const int64_t ld = owned == 4 ? kChunk : 4;
+        if (count == 4) {
+          dot_tile_bf16dp<4>(x + m * a.lda, a.lda, rows, a.k, dst, ld);
+        } else {
+          dot_rows_bf16dp(count, x + m * a.lda, a.lda, rows, a.k, dst, ld);
+        }
+        if (owned < 4) {
+          for (int64_t mr = 0; mr < count; ++mr)
+            for (int64_t r = 0; r < owned; ++r) sums[size_t((m + mr) * kChunk + j + r)] = spill[mr * 4 + r];
+        }
+      }
+    }
+    skinny_epilogue<BF16, ACT, kBias, kResidual>(a, sums.data(), kChunk, n0, width);
+  }
+}
+
+void skinny_gemm_bf16dp(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
+  dispatch_activation(a.act, [&](auto act) {
+    constexpr Activation kAct = decltype(act)::value;
+    if (a.bias != nullptr) {
+      if (a.residual != nullptr) return skinny_gemm_bf16dp_act<kAct, true, true>(a, n_begin, n_end);
+      return skinny_gemm_bf16dp_act<kAct, true, false>(a, n_begin, n_end);
+    }
+    if (a.residual != nullptr) return skinny_gemm_bf16dp_act<kAct, false, true>(a, n_begin, n_end);
+    return skinny_gemm_bf16dp_act<kAct, false, false>(a, n_begin, n_end);
+  });
+}
+#endif
 
 // Row t of head h of batch b of a (batch, head, position, dim) tensor with these strides.
 template <typename T>
@@ -1703,6 +1808,9 @@ void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t
 }
 
 void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end) {
+#ifdef GPTEXT_CPU_AVX512
+  if (dtype == DType::BF16 && bf16_dot_product()) return skinny_gemm_bf16dp(args, n_begin, n_end);
+#endif
   dispatch(dtype, [&](auto tag) { skinny_gemm_t<decltype(tag)>(args, n_begin, n_end); });
 }
 

@@ -54,8 +54,10 @@ constexpr int64_t kSkinnyMaxRows = 8;
 // Whether the processor multiplies bf16 pairs natively (AVX512_BF16's dot products, which
 // ATen's oneDNN GEMM uses) and the AVX-512 build is in use: then a bf16 GEMM of more than
 // kSkinnyMaxRowsNativeBf16 rows runs in bf16 rather than converted to fp32 (3x faster at
-// 512x768->2304 on AMD Zen 4). On an Intel Xeon with AMX the skinny GEMM's row tiles were
-// 1.5-1.8x faster than oneDNN's bf16 GEMM at 2-4 rows and even with it at 8.
+// 512x768->2304 on AMD Zen 4), and the skinny GEMM multiplies on those dot products. On an
+// Intel Xeon with AMX, whose oneDNN GEMM runs on AMX tiles, the skinny GEMM measured
+// 1.3-1.9x oneDNN's at 2-4 rows of 768->2304 (even at 4 rows of 768->50257), 1.05x at 6
+// and 0.82x at 8: past 4 rows its dot products, not the weight's bytes, bound it.
 bool bf16_dot_product();
 constexpr int64_t kSkinnyMaxRowsNativeBf16 = 4;
 
