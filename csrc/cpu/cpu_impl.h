@@ -567,25 +567,21 @@ void epilogue_rows_t(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
   });
 }
 
-// Whether the dot products below load through Lanes explicitly: for the 16-bit formats.
-// GCC cannot turn fp16's scalar conversion into F16C instructions, and for bf16 the
-// explicit loops were measured a little faster in the skinny GEMM (1x768->2304: 2.0x
-// against 1.8x over F.linear) and in decode attention at head sizes off the vector width.
-// fp32 keeps GCC's vectorised `omp simd` loops.
-template <typename Fmt>
-constexpr bool kExplicitLanes = !std::is_same_v<Fmt, F32>;
-
+// The dot products and row updates below load through Lanes explicitly, in every format
+// (the baseline build keeps `omp simd` loops). GCC cannot turn fp16's scalar conversion
+// into F16C instructions; bf16's explicit loops were measured a little faster (skinny
+// GEMM 1x768->2304: 2.0x against 1.8x over F.linear); and GCC vectorised fp32's `omp simd`
+// reduction over four rows only where it inlined dot4_rows: a build that kept it out of
+// line ran it scalar (1x768->2304 at 0.42x F.linear).
 // x . y over n values.
 template <typename Fmt>
 inline float dot_row(const float* x, const typename Fmt::storage* y, int64_t n) {
   float s = 0.0f;
   int64_t i = 0;
 #ifdef GPTEXT_CPU_AVX2
-  if constexpr (kExplicitLanes<Fmt>) {
-    Vec::f32 acc = Vec::zero();
-    for (; i + kW <= n; i += kW) acc = Vec::fmadd(Vec::load(x + i), Lanes<Fmt>::load(y + i), acc);
-    s = Vec::sum(acc);
-  }
+  Vec::f32 acc = Vec::zero();
+  for (; i + kW <= n; i += kW) acc = Vec::fmadd(Vec::load(x + i), Lanes<Fmt>::load(y + i), acc);
+  s = Vec::sum(acc);
 #endif
 #pragma omp simd reduction(+ : s)
   for (int64_t j = i; j < n; ++j) s += x[j] * Fmt::load(y[j]);
@@ -600,33 +596,31 @@ inline void dot4_rows(const float* x, const typename Fmt::storage* const (&y)[4]
   float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
   int64_t i = 0;
 #ifdef GPTEXT_CPU_AVX2
-  if constexpr (kExplicitLanes<Fmt>) {
-    using L = Lanes<Fmt>;
-    // Two accumulators per row (even and odd vectors): half the length of each FMA chain.
-    Vec::f32 a0 = Vec::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (; i + 2 * kW <= n; i += 2 * kW) {
-      const Vec::f32 xa = Vec::load(x + i), xb = Vec::load(x + i + kW);
-      a0 = Vec::fmadd(xa, L::load(y[0] + i), a0);
-      a1 = Vec::fmadd(xa, L::load(y[1] + i), a1);
-      a2 = Vec::fmadd(xa, L::load(y[2] + i), a2);
-      a3 = Vec::fmadd(xa, L::load(y[3] + i), a3);
-      b0 = Vec::fmadd(xb, L::load(y[0] + i + kW), b0);
-      b1 = Vec::fmadd(xb, L::load(y[1] + i + kW), b1);
-      b2 = Vec::fmadd(xb, L::load(y[2] + i + kW), b2);
-      b3 = Vec::fmadd(xb, L::load(y[3] + i + kW), b3);
-    }
-    for (; i + kW <= n; i += kW) {
-      const Vec::f32 xa = Vec::load(x + i);
-      a0 = Vec::fmadd(xa, L::load(y[0] + i), a0);
-      a1 = Vec::fmadd(xa, L::load(y[1] + i), a1);
-      a2 = Vec::fmadd(xa, L::load(y[2] + i), a2);
-      a3 = Vec::fmadd(xa, L::load(y[3] + i), a3);
-    }
-    s0 = Vec::sum(Vec::add(a0, b0));
-    s1 = Vec::sum(Vec::add(a1, b1));
-    s2 = Vec::sum(Vec::add(a2, b2));
-    s3 = Vec::sum(Vec::add(a3, b3));
+  using L = Lanes<Fmt>;
+  // Two accumulators per row (even and odd vectors): half the length of each FMA chain.
+  Vec::f32 a0 = Vec::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    const Vec::f32 xa = Vec::load(x + i), xb = Vec::load(x + i + kW);
+    a0 = Vec::fmadd(xa, L::load(y[0] + i), a0);
+    a1 = Vec::fmadd(xa, L::load(y[1] + i), a1);
+    a2 = Vec::fmadd(xa, L::load(y[2] + i), a2);
+    a3 = Vec::fmadd(xa, L::load(y[3] + i), a3);
+    b0 = Vec::fmadd(xb, L::load(y[0] + i + kW), b0);
+    b1 = Vec::fmadd(xb, L::load(y[1] + i + kW), b1);
+    b2 = Vec::fmadd(xb, L::load(y[2] + i + kW), b2);
+    b3 = Vec::fmadd(xb, L::load(y[3] + i + kW), b3);
   }
+  for (; i + kW <= n; i += kW) {
+    const Vec::f32 xa = Vec::load(x + i);
+    a0 = Vec::fmadd(xa, L::load(y[0] + i), a0);
+    a1 = Vec::fmadd(xa, L::load(y[1] + i), a1);
+    a2 = Vec::fmadd(xa, L::load(y[2] + i), a2);
+    a3 = Vec::fmadd(xa, L::load(y[3] + i), a3);
+  }
+  s0 = Vec::sum(Vec::add(a0, b0));
+  s1 = Vec::sum(Vec::add(a1, b1));
+  s2 = Vec::sum(Vec::add(a2, b2));
+  s3 = Vec::sum(Vec::add(a3, b3));
 #endif
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (int64_t j = i; j < n; ++j) {
@@ -647,15 +641,13 @@ template <typename Fmt, int R>
 inline void axpy_rows(float* acc, const float (&p)[R], const typename Fmt::storage* const (&v)[R], int64_t n) {
   int64_t i = 0;
 #ifdef GPTEXT_CPU_AVX2
-  if constexpr (kExplicitLanes<Fmt>) {
-    Vec::f32 weights[R];
-    for (int r = 0; r < R; ++r) weights[r] = Vec::splat(p[r]);
-    for (; i + kW <= n; i += kW) {
-      // A tree of products, not a chain of FMAs through the accumulator: shorter latency.
-      Vec::f32 sum = Vec::mul(weights[0], Lanes<Fmt>::load(v[0] + i));
-      for (int r = 1; r < R; ++r) sum = Vec::fmadd(weights[r], Lanes<Fmt>::load(v[r] + i), sum);
-      Vec::store(acc + i, Vec::add(Vec::load(acc + i), sum));
-    }
+  Vec::f32 weights[R];
+  for (int r = 0; r < R; ++r) weights[r] = Vec::splat(p[r]);
+  for (; i + kW <= n; i += kW) {
+    // A tree of products, not a chain of FMAs through the accumulator: shorter latency.
+    Vec::f32 sum = Vec::mul(weights[0], Lanes<Fmt>::load(v[0] + i));
+    for (int r = 1; r < R; ++r) sum = Vec::fmadd(weights[r], Lanes<Fmt>::load(v[r] + i), sum);
+    Vec::store(acc + i, Vec::add(Vec::load(acc + i), sum));
   }
 #endif
 #pragma omp simd
