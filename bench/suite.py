@@ -57,6 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
                         help="stop compiling once this many seconds went into torch.compile (later cases skip it)")
     parser.add_argument("--no-model", dest="model", action="store_false", help="skip the model section")
+    parser.add_argument("--model-dtype", default=None,
+                        help="dtype of the model section: fp32, bf16 or fp16 (default: the device's, fp32 on a CPU, "
+                             "bf16 on CUDA)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="time budget of each kernel measurement (default: the mode's)")
     parser.add_argument("--repeats", type=int, default=None, help="most repeats per kernel measurement")
@@ -76,6 +79,7 @@ class Settings:
     compile: bool
     compile_budget: float | None
     model: bool
+    model_dtype: str | None
     timing: Timing
     out: Path
     notes: list[str]
@@ -96,6 +100,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
             list(DTYPES[device.type, args.mode])
     except ValueError as error:
         raise UsageError(f"--dtypes: {error}") from None
+    try:
+        model_dtype = metrics.parse_dtype(args.model_dtype) if args.model_dtype else None
+    except ValueError as error:
+        raise UsageError(f"--model-dtype: {error}") from None
     notes = []
     with_compile = args.compile
     if with_compile is None:
@@ -113,7 +121,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else OUT_ROOT / (args.name or f"{stamp}-{device.type}-{args.mode}")
     return Settings(args.mode, device, ops, dtypes, _list(args.shapes), with_compile, args.compile_budget,
-                    args.model, timing, out, notes)
+                    args.model, model_dtype, timing, out, notes)
 
 
 class Run:
@@ -128,7 +136,7 @@ class Run:
         limits = profiling.device_limits(device, dtypes=[metrics.DTYPES[d] for d in settings.dtypes])
         recorded = {"ops": settings.ops, "dtypes": settings.dtypes, "shapes": settings.shapes,
                     "compile": settings.compile, "compile_budget": settings.compile_budget,
-                    "model": settings.model, "gemm_policy": gptext.gemm_policy(),
+                    "model": settings.model, "model_dtype": settings.model_dtype, "gemm_policy": gptext.gemm_policy(),
                     "tf32": torch.backends.cuda.matmul.allow_tf32, "timing": vars(settings.timing),
                     "threads": torch.get_num_threads()}
         self.document = {"schema": results.SCHEMA, "complete": False,
@@ -171,6 +179,8 @@ class Run:
 
     def model(self) -> None:
         plan = MODEL_PLANS[self.settings.device.type, self.settings.mode]
+        if self.settings.model_dtype:
+            plan = dataclasses.replace(plan, dtype=self.settings.model_dtype)
         start = time.perf_counter()
 
         def on_update(section):

@@ -218,6 +218,15 @@ def test_commit_source(tmp_path, monkeypatch):
 
 # ---- the model section ---------------------------------------------------------------------
 
+def test_model_dtype_option():
+    # --model-dtype runs the model section in another dtype (a CPU's default is fp32).
+    settings = suite.settings_from(suite.parse_args(["--device", "cpu", "--ops", "none", "--model-dtype", "bf16"]))
+    assert settings.model_dtype == "bfloat16" and settings.ops == []
+    assert suite.settings_from(suite.parse_args(["--device", "cpu"])).model_dtype is None
+    with pytest.raises(suite.UsageError, match="--model-dtype"):
+        suite.settings_from(suite.parse_args(["--device", "cpu", "--model-dtype", "int4"]))
+
+
 def test_model_section_on_a_tiny_gpt():
     pytest.importorskip("transformers")
     plan = ModelPlan("gpt2-124m", "float32", (ModelCase("prefill", 1, 8), ModelCase("decode", 2, 8, 4)),
