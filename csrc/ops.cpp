@@ -136,7 +136,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   const bool native = (p.dtype == DType::BF16 && cpu::bf16_dot_product()) ||
                       (p.dtype == DType::F16 && cpu::fp16_arithmetic());
   const int64_t skinny_rows = !native                   ? cpu::kSkinnyMaxRows
-                              : p.dtype == DType::BF16 ? cpu::kSkinnyMaxRowsNativeBf16
+                              : p.dtype == DType::BF16 ? (cpu::amx_bf16() ? cpu::kSkinnyMaxRowsAmx
+                                                                          : cpu::kSkinnyMaxRowsNativeBf16)
                                                        : cpu::kSkinnyMaxRowsNativeF16;
   if (p.args.m <= skinny_rows) {
     at::Tensor out = at::empty({p.args.m, p.args.n}, p.x2d.options());

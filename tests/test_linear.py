@@ -45,13 +45,18 @@ def test_matches_reference(kernels, device, dtype, m, n, k, activation):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16])
 def test_cpu_few_rows_every_epilogue(kernels, dtype, m):
-    """Decode-sized products (the CPU's skinny GEMM: row tiles, 64-column epilogue blocks)
-    with K off the vector width, N off the 4-row and 64-column steps, and each combination
-    of bias, activation and residual."""
-    for n, k in [(131, 37), (64, 100), (7, 16)]:
+    """Decode-sized products (the CPU's skinny GEMM: row tiles, 64-column epilogue blocks;
+    in bf16 dot products or AMX tiles where the processor has them) with K off the vector
+    width and off the 32-value tile (odd, too), N off the 4-row, 16- and 32-column and
+    64-column steps, rows of x strided, and each combination of bias, activation and
+    residual."""
+    for n, k in [(131, 37), (64, 100), (7, 16), (50, 33)]:
         x, w, b, r = _operands(m, n, k, dtype, "cpu", seed=n)
+        if n == 50:
+            x = torch.cat([x, torch.ones_like(x)], dim=1)[:, :k]  # rows 2k apart
+            assert m == 1 or not x.is_contiguous()
         for bias in (None, b):
             for residual in (None, r):
                 for activation in (None, "gelu"):
