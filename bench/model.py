@@ -40,7 +40,8 @@ CHECK_SHAPE = (2, 32)
 
 METHODS = {
     "prefill": "tokens/s = batch x tokens / median seconds of one forward pass over them, logits at every "
-               "position (transformers with use_cache=False)",
+               "position (transformers with use_cache=False). Repeats run in rounds over the competitors, "
+               "interleaved",
     "decode": "tokens/s = (new_tokens - 1) x batch / (median seconds of generate(new_tokens) - median seconds of "
               "generate(1)): both calls run the same prefill and sample one token from its logits, so the "
               "difference is new_tokens - 1 decode steps. Greedy; each library's default decode path (gptext: a "
@@ -135,9 +136,28 @@ def check(field: list[ModelCompetitor], plan: ModelPlan, vocab: int, device: tor
     return record
 
 
-def _prefill(competitor: ModelCompetitor, case: ModelCase, idx, device, plan: ModelPlan) -> dict:
-    time = plan.timing.measure(lambda: competitor.forward(idx), device)
-    return {"time": time, "tokens_per_s": case.batch * case.tokens / time["median"]}
+def _prefill_rounds(field: list[ModelCompetitor], case: ModelCase, idx, device, plan: ModelPlan) -> dict:
+    """{competitor name: prefill entry, or the exception it raised}. One forward pass per
+    competitor first (a failing one is left out), then the others timed together in
+    alternating rounds (Timing.measure_together), as the kernel cases are: timed one after
+    another, each would get whatever spell of a shared machine fell on its turn."""
+    live, outcome = [], {}
+    for competitor in field:
+        if competitor.forward is None:
+            continue
+        try:
+            competitor.forward(idx)
+            live.append(competitor)
+        except Exception as error:  # noqa: BLE001 - reported in the competitor's row
+            outcome[competitor.name] = error
+    try:
+        times = plan.timing.measure_together([lambda c=c: c.forward(idx) for c in live], device)
+    except Exception as error:  # noqa: BLE001 - reported in every timed competitor's row
+        times = [error] * len(live)
+    for competitor, time in zip(live, times):
+        outcome[competitor.name] = time if isinstance(time, Exception) else {
+            "time": time, "tokens_per_s": case.batch * case.tokens / time["median"]}
+    return outcome
 
 
 def _timed(fn, device) -> float:
@@ -204,7 +224,7 @@ def run_case(case: ModelCase, field: list[ModelCompetitor], plan: ModelPlan, voc
     record = {"phase": case.phase, "label": case.label, "batch": case.batch, "tokens": case.tokens,
               "new_tokens": case.new_tokens, "dtype": plan.dtype, "method": METHODS[case.phase], "results": []}
     idx = _tokens(case.batch, case.tokens, vocab, device, seed=2)
-    decoded = _decode_rounds(field, case, idx, device, plan) if case.phase == "decode" else {}
+    rounds = (_decode_rounds if case.phase == "decode" else _prefill_rounds)(field, case, idx, device, plan)
     generated = {}
     for competitor in field:
         entry = {"competitor": competitor.name, "status": "ok"}
@@ -212,7 +232,7 @@ def run_case(case: ModelCase, field: list[ModelCompetitor], plan: ModelPlan, voc
             entry.update(status="unavailable", reason=competitor.reason)
         else:
             try:
-                outcome = decoded[competitor.name] if decoded else _prefill(competitor, case, idx, device, plan)
+                outcome = rounds[competitor.name]
                 if isinstance(outcome, Exception):
                     raise outcome
                 entry.update(outcome)
@@ -237,7 +257,10 @@ def _finish(record: dict, gate: dict) -> None:
     else:
         record["status"] = "ok" if headline["status"] == "ok" else "error"
     entries = record["results"] if record["status"] == "ok" else []
-    speedups = {r["competitor"]: metrics.speedup_over(entries, r, "tokens_per_s") for r in entries}
+    # A prefill's competitors ran the same tokens in the same rounds: the median of the
+    # per-round time ratios. A decode's rate comes from two medians, so the ratio of rates.
+    key = "time" if record["phase"] == "prefill" else "tokens_per_s"
+    speedups = {r["competitor"]: metrics.speedup_over(entries, r, key) for r in entries}
     record["speedup"] = {name: x for name, x in speedups.items() if x is not None}
 
 

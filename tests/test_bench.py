@@ -241,6 +241,10 @@ def test_model_section_on_a_tiny_gpt():
         assert all(r["status"] == "ok" for r in row["results"]), row
         assert row["status"] == "ok" and set(row["speedup"]) <= {"hf", "reference"}
     assert prefill["results"][0]["tokens_per_s"] == pytest.approx(8 / prefill["results"][0]["time"]["median"])
+    # the prefill competitors were timed in the same rounds, and their speed-ups pair those rounds
+    times = [r["time"] for r in prefill["results"]]
+    assert all(t["interleaved"] and len(t["samples"]) == len(times[0]["samples"]) for t in times)
+    assert prefill["speedup"]["hf"] == pytest.approx(metrics.paired_speedup(times[2], times[0]))
     assert "time_1" in decode["results"][0] and "new_tokens - 1" in decode["method"]
     assert set(decode["agrees_with"]) == {"reference", "hf"}
 
