@@ -556,14 +556,26 @@ void dispatch_activation(Activation act, Fn&& fn) {
   }
 }
 
+// Calls fn(act, bias, residual) with a GEMM epilogue's parts as compile-time constants:
+// act an integral_constant<Activation>, bias and residual bool_constants (whether a's
+// bias and residual are given).
+template <typename Fn>
+void dispatch_epilogue(const GemmArgs& a, Fn&& fn) {
+  dispatch_activation(a.act, [&](auto act) {
+    if (a.bias != nullptr) {
+      if (a.residual != nullptr) return fn(act, std::true_type{}, std::true_type{});
+      return fn(act, std::true_type{}, std::false_type{});
+    }
+    if (a.residual != nullptr) return fn(act, std::false_type{}, std::true_type{});
+    return fn(act, std::false_type{}, std::false_type{});
+  });
+}
+
 template <typename Fmt>
 void epilogue_rows_t(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
-  dispatch_activation(a.act, [&](auto act) {
-    constexpr Activation kAct = decltype(act)::value;
-    if (a.bias != nullptr && a.residual != nullptr) return epilogue_rows_act<Fmt, kAct, true, true>(a, row_begin, row_end);
-    if (a.bias != nullptr) return epilogue_rows_act<Fmt, kAct, true, false>(a, row_begin, row_end);
-    if (a.residual != nullptr) return epilogue_rows_act<Fmt, kAct, false, true>(a, row_begin, row_end);
-    return epilogue_rows_act<Fmt, kAct, false, false>(a, row_begin, row_end);
+  dispatch_epilogue(a, [&](auto act, auto bias, auto residual) {
+    epilogue_rows_act<Fmt, decltype(act)::value, decltype(bias)::value, decltype(residual)::value>(a, row_begin,
+                                                                                                    row_end);
   });
 }
 
@@ -754,14 +766,8 @@ void skinny_gemm_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
 
 template <typename Fmt>
 void skinny_gemm_t(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
-  dispatch_activation(a.act, [&](auto act) {
-    constexpr Activation kAct = decltype(act)::value;
-    if (a.bias != nullptr) {
-      if (a.residual != nullptr) return skinny_gemm_act<Fmt, kAct, true, true>(a, n_begin, n_end);
-      return skinny_gemm_act<Fmt, kAct, true, false>(a, n_begin, n_end);
-    }
-    if (a.residual != nullptr) return skinny_gemm_act<Fmt, kAct, false, true>(a, n_begin, n_end);
-    return skinny_gemm_act<Fmt, kAct, false, false>(a, n_begin, n_end);
+  dispatch_epilogue(a, [&](auto act, auto bias, auto residual) {
+    skinny_gemm_act<Fmt, decltype(act)::value, decltype(bias)::value, decltype(residual)::value>(a, n_begin, n_end);
   });
 }
 
@@ -852,14 +858,8 @@ GPTEXT_BF16DP void skinny_gemm_bf16dp_act(const GemmArgs& a, int64_t n_begin, in
 }
 
 void skinny_gemm_bf16dp(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
-  dispatch_activation(a.act, [&](auto act) {
-    constexpr Activation kAct = decltype(act)::value;
-    if (a.bias != nullptr) {
-      if (a.residual != nullptr) return skinny_gemm_bf16dp_act<kAct, true, true>(a, n_begin, n_end);
-      return skinny_gemm_bf16dp_act<kAct, true, false>(a, n_begin, n_end);
-    }
-    if (a.residual != nullptr) return skinny_gemm_bf16dp_act<kAct, false, true>(a, n_begin, n_end);
-    return skinny_gemm_bf16dp_act<kAct, false, false>(a, n_begin, n_end);
+  dispatch_epilogue(a, [&](auto act, auto bias, auto residual) {
+    skinny_gemm_bf16dp_act<decltype(act)::value, decltype(bias)::value, decltype(residual)::value>(a, n_begin, n_end);
   });
 }
 #endif
@@ -1724,14 +1724,8 @@ GPTEXT_AMX void skinny_gemm_amx_act(const GemmArgs& a, int64_t n_begin, int64_t 
 }
 
 void skinny_gemm_amx(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
-  dispatch_activation(a.act, [&](auto act) {
-    constexpr Activation kAct = decltype(act)::value;
-    if (a.bias != nullptr) {
-      if (a.residual != nullptr) return skinny_gemm_amx_act<kAct, true, true>(a, n_begin, n_end);
-      return skinny_gemm_amx_act<kAct, true, false>(a, n_begin, n_end);
-    }
-    if (a.residual != nullptr) return skinny_gemm_amx_act<kAct, false, true>(a, n_begin, n_end);
-    return skinny_gemm_amx_act<kAct, false, false>(a, n_begin, n_end);
+  dispatch_epilogue(a, [&](auto act, auto bias, auto residual) {
+    skinny_gemm_amx_act<decltype(act)::value, decltype(bias)::value, decltype(residual)::value>(a, n_begin, n_end);
   });
 }
 #undef GPTEXT_AMX
