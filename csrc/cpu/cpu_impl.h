@@ -72,6 +72,7 @@ struct Vec {
   // v > acc ? v : acc per lane (vmaxps returns its second operand when either is NaN): a
   // NaN v leaves acc as it was, as max_of does.
   static f32 max(f32 v, f32 acc) { return _mm512_max_ps(v, acc); }
+  static f32 min(f32 v, f32 acc) { return _mm512_min_ps(v, acc); }  // NaN: as max
   static float sum(f32 v) { return _mm512_reduce_add_ps(v); }
   // Lane j of the result is the sum of v[j]'s lanes: kWidth sums in 15 adds, by a
   // butterfly of unpacks and 128-bit lane shuffles (fold_each), where a horizontal sum per
@@ -94,15 +95,11 @@ struct Vec {
     return op(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88), _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
   }
   static float max_lanes(f32 v) { return _mm512_reduce_max_ps(v); }  // v holds no NaN
-  // exp2_approx (common.cuh) of 16 lanes, step for step (max and min keep a NaN lane NaN).
-  static f32 exp2(f32 x) {
-    const f32 xc = _mm512_min_ps(splat(127.0f), _mm512_max_ps(splat(-127.0f), x));
-    const f32 shifted = _mm512_add_ps(xc, splat(12582912.0f));
-    const f32 f = _mm512_sub_ps(xc, _mm512_sub_ps(shifted, splat(12582912.0f)));
-    f32 p = splat(1.5345812e-4f);
-    for (float c : {1.3399931e-3f, 9.6184890e-3f, 5.5503288e-2f, 0.24022647f, 0.69314721f, 1.0f}) p = fmadd(p, f, splat(c));
-    const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+  // 2^n for each lane of a value rounded by adding 1.5 * 2^23 (exp2_lanes): the float
+  // whose exponent field is n + 127.
+  static f32 pow2_of_rounded(f32 shifted) {
+    const __m512i biased = _mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
   }
   static f32 from_f16(u16 h) { return _mm512_cvtph_ps(h); }
   static u16 to_f16(f32 v) { return _mm512_cvtps_ph(v, kNearest); }
@@ -137,6 +134,7 @@ struct Vec {
   static f32 mul(f32 a, f32 b) { return _mm256_mul_ps(a, b); }
   static f32 fmadd(f32 a, f32 b, f32 c) { return _mm256_fmadd_ps(a, b, c); }
   static f32 max(f32 v, f32 acc) { return _mm256_max_ps(v, acc); }  // as the AVX-512 one
+  static f32 min(f32 v, f32 acc) { return _mm256_min_ps(v, acc); }
   static float max_lanes(f32 v) {  // v holds no NaN
     const __m128 quad = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 pair = _mm_max_ps(quad, _mm_movehl_ps(quad, quad));
@@ -159,15 +157,9 @@ struct Vec {
     return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
                          _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
   }
-  // exp2_approx of eight lanes, step for step (as the AVX-512 one).
-  static f32 exp2(f32 x) {
-    const f32 xc = _mm256_min_ps(splat(127.0f), _mm256_max_ps(splat(-127.0f), x));
-    const f32 shifted = _mm256_add_ps(xc, splat(12582912.0f));
-    const f32 f = _mm256_sub_ps(xc, _mm256_sub_ps(shifted, splat(12582912.0f)));
-    f32 p = splat(1.5345812e-4f);
-    for (float c : {1.3399931e-3f, 9.6184890e-3f, 5.5503288e-2f, 0.24022647f, 0.69314721f, 1.0f}) p = fmadd(p, f, splat(c));
-    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+  static f32 pow2_of_rounded(f32 shifted) {  // as the AVX-512 one
+    const __m256i biased = _mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
   }
   static f32 from_f16(u16 h) { return _mm256_cvtph_ps(h); }
   static u16 to_f16(f32 v) { return _mm256_cvtps_ph(v, kNearest); }
@@ -188,6 +180,19 @@ struct Vec {
 };
 #endif
 constexpr int kW = Vec::kWidth;
+
+// exp2_approx (common.cuh) of a vector's lanes, step for step (min and max keep a NaN lane
+// NaN, as its clamps do).
+inline Vec::f32 exp2_lanes(Vec::f32 x) {
+  const Vec::f32 xc = Vec::min(Vec::splat(127.0f), Vec::max(Vec::splat(-127.0f), x));
+  const Vec::f32 shifted = Vec::add(xc, Vec::splat(12582912.0f));
+  const Vec::f32 f = Vec::sub(xc, Vec::sub(shifted, Vec::splat(12582912.0f)));
+  Vec::f32 p = Vec::splat(1.5345812e-4f);
+  for (float c : {1.3399931e-3f, 9.6184890e-3f, 5.5503288e-2f, 0.24022647f, 0.69314721f, 1.0f}) {
+    p = Vec::fmadd(p, f, Vec::splat(c));
+  }
+  return Vec::mul(p, Vec::pow2_of_rounded(shifted));
+}
 
 // A vector of a storage format: `load` widens kW stored values to fp32, `pack` rounds kW
 // fp32 values to the storage format (as Fmt::store does, to nearest-even, NaN kept quiet),
@@ -429,13 +434,13 @@ inline float exp_row(const float* src, float* dst, int64_t n, float max, float k
   Vec::f32 acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
   for (; i + 4 * kW <= n; i += 4 * kW) {
     for (int j = 0; j < 4; ++j) {
-      const Vec::f32 e = Vec::exp2(Vec::mul(Vec::sub(Vec::load(src + i + j * kW), vmax), vk));
+      const Vec::f32 e = exp2_lanes(Vec::mul(Vec::sub(Vec::load(src + i + j * kW), vmax), vk));
       Vec::store(dst + i + j * kW, e);
       acc[j] = Vec::add(acc[j], e);
     }
   }
   for (; i + kW <= n; i += kW) {
-    const Vec::f32 e = Vec::exp2(Vec::mul(Vec::sub(Vec::load(src + i), vmax), vk));
+    const Vec::f32 e = exp2_lanes(Vec::mul(Vec::sub(Vec::load(src + i), vmax), vk));
     Vec::store(dst + i, e);
     acc[0] = Vec::add(acc[0], e);
   }
@@ -585,6 +590,7 @@ void epilogue_rows_t(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
 // GEMM 1x768->2304: 2.0x against 1.8x over F.linear); and GCC vectorised fp32's `omp simd`
 // reduction over four rows only where it inlined dot4_rows: a build that kept it out of
 // line ran it scalar (1x768->2304 at 0.42x F.linear).
+
 // x . y over n values.
 template <typename Fmt>
 inline float dot_row(const float* x, const typename Fmt::storage* y, int64_t n) {
@@ -813,9 +819,10 @@ GPTEXT_BF16DP inline void dot_tile_bf16dp(const uint16_t* x, int64_t ldx, const 
     for (int r = 0; r < 4; ++r) out[mr * ldo + r] = sums[mr * 4 + r];
 }
 
-// Rows [m, m + count) of x (count <= 3) against four weight rows.
+// dot_tile_bf16dp<count> (count <= 4 rows of x) against four weight rows.
 GPTEXT_BF16DP inline void dot_rows_bf16dp(int64_t count, const uint16_t* x, int64_t ldx,
                                           const uint16_t* const (&w)[4], int64_t k, float* out, int64_t ldo) {
+  if (count == 4) return dot_tile_bf16dp<4>(x, ldx, w, k, out, ldo);
   if (count == 3) return dot_tile_bf16dp<3>(x, ldx, w, k, out, ldo);
   if (count == 2) return dot_tile_bf16dp<2>(x, ldx, w, k, out, ldo);
   return dot_tile_bf16dp<1>(x, ldx, w, k, out, ldo);
@@ -842,11 +849,7 @@ GPTEXT_BF16DP void skinny_gemm_bf16dp_act(const GemmArgs& a, int64_t n_begin, in
         // A full tile writes its sums straight into the block; a partial one spills first.
         float* dst = owned == 4 ? sums.data() + m * kChunk + j : spill;
         const int64_t ld = owned == 4 ? kChunk : 4;
-        if (count == 4) {
-          dot_tile_bf16dp<4>(x + m * a.lda, a.lda, rows, a.k, dst, ld);
-        } else {
-          dot_rows_bf16dp(count, x + m * a.lda, a.lda, rows, a.k, dst, ld);
-        }
+        dot_rows_bf16dp(count, x + m * a.lda, a.lda, rows, a.k, dst, ld);
         if (owned < 4) {
           for (int64_t mr = 0; mr < count; ++mr)
             for (int64_t r = 0; r < owned; ++r) sums[size_t((m + mr) * kChunk + j + r)] = spill[mr * 4 + r];
@@ -1589,7 +1592,7 @@ GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin
         const Vec::f32 old_max = Vec::load(c.m);
         const Vec::f32 raised = Vec::max(Vec::max_each(row_max), old_max);
         const __mmask16 seen = _mm512_cmp_ps_mask(raised, minus_inf, _CMP_NEQ_OQ);
-        const Vec::f32 correction = _mm512_maskz_mov_ps(seen, Vec::exp2(_mm512_sub_ps(old_max, raised)));
+        const Vec::f32 correction = _mm512_maskz_mov_ps(seen, exp2_lanes(_mm512_sub_ps(old_max, raised)));
         Vec::store(c.m, raised);
         Vec::store(c.correction, correction);
         Vec::f32 row_sum[16];
@@ -1597,8 +1600,8 @@ GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin
           const float* s = c.s + r * kAmxKeys;
           Vec::f32 p0 = Vec::zero(), p1 = Vec::zero();
           if (c.m[r] != -INFINITY) {
-            p0 = Vec::exp2(_mm512_sub_ps(Vec::load(s), Vec::splat(c.m[r])));
-            p1 = Vec::exp2(_mm512_sub_ps(Vec::load(s + 16), Vec::splat(c.m[r])));
+            p0 = exp2_lanes(_mm512_sub_ps(Vec::load(s), Vec::splat(c.m[r])));
+            p1 = exp2_lanes(_mm512_sub_ps(Vec::load(s + 16), Vec::splat(c.m[r])));
           }
           row_sum[r] = Vec::add(p0, p1);
           Vec::store(c.p + r * kAmxKeys, Vec::to_bf16(p0));
