@@ -86,13 +86,18 @@ bool amx_bf16();
 // last-level cache, so the outputs would be evicted before the next op reads them anyway,
 // and a streaming store saves reading each output line into the cache first. Below it, the
 // outputs (often a reused, cache-resident buffer) are better left to ordinary stores. The
-// last-level cache's size as the C library reports it (sysconf), else 32 MB; the
-// environment variable GPTEXT_CPU_STREAM_BYTES overrides it (read once). Measured on an
+// last-level cache's size as the C library reports it (sysconf), else 32 MB, but at most
+// 16 MB per online processor: a virtual machine sees its whole socket's cache, most of which
+// other tenants use. The environment variable GPTEXT_CPU_STREAM_BYTES overrides it (read
+// once). Measured on an
 // AMD EPYC host with a 32 MB L3, against eager PyTorch, streamed / not streamed: fp32
 // layernorm_residual 4096x768 (48 MB) 1.34-1.51x / 1.17-1.23x, fp32 softmax 4096x1024
 // (32 MB) 1.20-1.24x / 1.03-1.11x; fp32 softmax 16384x128 (16 MB) 0.64-0.85x /
 // 1.12-1.14x, bf16 layernorm_residual 4096x768 (24 MB) 0.99-1.11x / 1.14-1.16x. On an
-// Intel Xeon with a 300 MB L3: fp32 softmax 256x50257 (103 MB) 0.91x / 1.10x.
+// Intel Xeon VM with 2 processors and a reported 300 MB L3, in rounds against eager, streamed
+// / not: fp32 layernorm_residual 4096x768 (50 MB) 1.61x / 1.11x, 1024x2880 (47 MB) 1.37x /
+// 1.07x; fp32 softmax 4096x1024 (34 MB) 1.38x / 1.23x, 256x50257 (103 MB) 1.49x / 1.14x
+// (an earlier softmax gave 0.91x / 1.10x there).
 int64_t stream_min_traffic();
 
 // The builds of the kernels, in the order of what they need of the processor.
