@@ -104,6 +104,17 @@ def test_sample_next_restrictions():
     assert sample_next(logits, temperature=0).tolist() == [3, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_takes_the_first_of_tied_maxima(dtype):
+    # As argmax does, in every row, wherever the ties sit in a long row.
+    logits = torch.zeros(3, 50257, dtype=dtype)
+    logits[0, [7, 70, 50000]] = 5.0
+    logits[1, [49999, 50256]] = 1.0
+    logits[2] = -1.0
+    assert sample_next(logits, temperature=0).tolist() == [7, 49999, 0]
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+
+
 def test_stream_yields_the_generated_tokens():
     model = make_model()
     prompt = torch.randint(0, 97, (2, 6))
