@@ -65,6 +65,27 @@ def test_cpu_few_rows_every_epilogue(kernels, dtype, m):
                     assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [17, 31, 48, 100, 512, 513])
+def test_cpu_prefill_rows_every_epilogue(kernels, dtype, m):
+    """Prefill-sized products: in bf16 where the processor has AMX, gptext's AMX GEMM (rows
+    packed in blocks of 16, pairs of blocks and 32-column blocks, up to 512 rows; 513 goes
+    to oneDNN), with a last block of rows, a last column block and the last 32 k values each
+    short in some case, rows of x strided, and each combination of bias, activation and
+    residual."""
+    for n, k in [(131, 37), (64, 96), (48, 33), (20, 0)]:
+        x, w, b, r = _operands(m, n, k, dtype, "cpu", seed=m + n)
+        if n == 48:
+            x = torch.cat([x, torch.ones_like(x)], dim=1)[:, :k]  # rows 2k apart
+            assert not x.is_contiguous()
+        for bias in (None, b):
+            for residual in (None, r):
+                for activation in (None, "gelu", "relu"):
+                    y = gptext.ops.linear(x, w, bias, activation, residual=residual)
+                    expected = reference.linear(x, w, bias, activation, residual).float()
+                    assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_optional_parts_and_batch_dims(kernels, device, dtype):

@@ -9,6 +9,7 @@
 // runtime) and the transcendental functions are the branch-free ones of common.cuh.
 #include <algorithm>
 #include <memory>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -68,6 +69,7 @@ struct Vec {
   static f32 add(f32 a, f32 b) { return _mm512_add_ps(a, b); }
   static f32 sub(f32 a, f32 b) { return _mm512_sub_ps(a, b); }
   static f32 mul(f32 a, f32 b) { return _mm512_mul_ps(a, b); }
+  static f32 div(f32 a, f32 b) { return _mm512_div_ps(a, b); }
   static f32 fmadd(f32 a, f32 b, f32 c) { return _mm512_fmadd_ps(a, b, c); }
   // v > acc ? v : acc per lane (vmaxps returns its second operand when either is NaN): a
   // NaN v leaves acc as it was, as max_of does.
@@ -132,6 +134,7 @@ struct Vec {
   static f32 add(f32 a, f32 b) { return _mm256_add_ps(a, b); }
   static f32 sub(f32 a, f32 b) { return _mm256_sub_ps(a, b); }
   static f32 mul(f32 a, f32 b) { return _mm256_mul_ps(a, b); }
+  static f32 div(f32 a, f32 b) { return _mm256_div_ps(a, b); }
   static f32 fmadd(f32 a, f32 b, f32 c) { return _mm256_fmadd_ps(a, b, c); }
   static f32 max(f32 v, f32 acc) { return _mm256_max_ps(v, acc); }  // as the AVX-512 one
   static f32 min(f32 v, f32 acc) { return _mm256_min_ps(v, acc); }
@@ -192,6 +195,25 @@ inline Vec::f32 exp2_lanes(Vec::f32 x) {
     p = Vec::fmadd(p, f, Vec::splat(c));
   }
   return Vec::mul(p, Vec::pow2_of_rounded(shifted));
+}
+
+// apply_activation (activations.cuh) of a vector's lanes, step for step: GELU's tanh as
+// tanh_act computes it on the host, through exp2_lanes.
+template <Activation ACT>
+inline Vec::f32 activation_lanes(Vec::f32 x) {
+  if constexpr (ACT == Activation::Gelu) {
+    const Vec::f32 x3 = Vec::mul(Vec::mul(x, x), x);
+    const Vec::f32 inner = Vec::mul(Vec::splat(0.7978845608028654f), Vec::fmadd(Vec::splat(0.044715f), x3, x));
+    const Vec::f32 clamped = Vec::min(Vec::splat(15.0f), Vec::max(Vec::splat(-15.0f), inner));
+    const Vec::f32 e = exp2_lanes(Vec::mul(Vec::splat(2.0f * kLog2e), clamped));
+    const Vec::f32 one = Vec::splat(1.0f);
+    const Vec::f32 tanh = Vec::sub(one, Vec::div(Vec::splat(2.0f), Vec::add(e, one)));
+    return Vec::mul(Vec::mul(Vec::splat(0.5f), x), Vec::add(one, tanh));
+  } else if constexpr (ACT == Activation::Relu) {
+    return Vec::max(x, Vec::zero());  // a NaN lane gives 0, as x > 0 ? x : 0 does
+  } else {
+    return x;
+  }
 }
 
 // A vector of a storage format: `load` widens kW stored values to fp32, `pack` rounds kW
@@ -734,20 +756,34 @@ inline void dot_tile(const float* x, int64_t ldx, const typename Fmt::storage* c
 }
 #endif
 
-// The skinny GEMM's epilogue for output columns [n0, n0 + width) of every row: the fp32
-// sums (row m at sums + m * ld) through bias, activation and residual into c, a vector at
+// The skinny GEMM's epilogue for output columns [n0, n0 + width) of rows [m_begin, m_end)
+// (every row by default): the fp32 sums (row m at sums + (m - m_begin) * ld) through bias, activation and residual into c, a vector at
 // a time, rounded once.
 template <typename Fmt, Activation ACT, bool kBias, bool kResidual>
-inline void skinny_epilogue(const GemmArgs& a, const float* sums, int64_t ld, int64_t n0, int64_t width) {
+inline void skinny_epilogue(const GemmArgs& a, const float* sums, int64_t ld, int64_t n0, int64_t width,
+                            int64_t m_begin = 0, int64_t m_end = -1) {
   using T = typename Fmt::storage;
   const T* bias = kBias ? static_cast<const T*>(a.bias) + n0 : nullptr;
-  for (int64_t m = 0; m < a.m; ++m) {
-    const float* row = sums + m * ld;
+  for (int64_t m = m_begin; m < (m_end < 0 ? a.m : m_end); ++m) {
+    const float* row = sums + (m - m_begin) * ld;
     const T* residual_row = kResidual ? static_cast<const T*>(a.residual) + m * a.ldc + n0 : nullptr;
-    store_rows_fn<Fmt>(static_cast<T*>(a.c) + m * a.ldc + n0, width, [=](int64_t i) {
-      return linear_epilogue(row[i], kBias ? Fmt::load(bias[i]) : 0.0f, ACT,
-                             kResidual ? Fmt::load(residual_row[i]) : 0.0f);
-    });
+    T* out = static_cast<T*>(a.c) + m * a.ldc + n0;
+    int64_t i = 0;
+#ifdef GPTEXT_CPU_AVX2
+    // In explicit vectors: through store_rows_fn the AMX GEMM's epilogue took about as long
+    // as its tile products (GCC left the per-value function scalar).
+    for (; i + kW <= width; i += kW) {
+      Vec::f32 v = Vec::load(row + i);
+      if constexpr (kBias) v = Vec::add(v, Lanes<Fmt>::load(bias + i));
+      v = activation_lanes<ACT>(v);
+      if constexpr (kResidual) v = Vec::add(v, Lanes<Fmt>::load(residual_row + i));
+      Lanes<Fmt>::template put<false>(out + i, Lanes<Fmt>::pack(v));
+    }
+#endif
+    for (; i < width; ++i) {
+      out[i] = Fmt::store(linear_epilogue(row[i], kBias ? Fmt::load(bias[i]) : 0.0f, ACT,
+                                          kResidual ? Fmt::load(residual_row[i]) : 0.0f));
+    }
   }
 }
 
@@ -1672,18 +1708,29 @@ GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin
   _tile_release();
 }
 
-// The skinny GEMM on AMX tiles, for bf16 products of kAmxSkinnyMinRows to
-// kSkinnyMaxRowsAmx rows. Past one row VDPBF16PS's dot products (skinny_gemm_bf16dp) bound
-// the time rather than the weight's bytes: measured on an Intel Xeon, 768->2304 ran in
-// 48-57 us here at 2-16 rows against 63 us at 2 and 100 us at 4 on dot products (oneDNN's
-// GEMM: 125-145 us); at one row the dot products were a little faster (46 against 49 us;
-// 768->50257: 1.4 against 1.6 ms). The weight is the A operand, read in place:
-// a tile is 16 weight rows (output columns) by 32 k values, exactly as the weight stores
-// them, and the rows of a, transposed into bf16 pairs once per call (xt), are the B tile:
-// C[n][m] = sum over k of W[n][k] a[m][k], 16 output columns by up to 16 rows. Two C tiles
-// (32 output columns) share each B tile. Weight tiles past the last column or past K are
-// copied into a zero-padded buffer first (a tile load would read past the rows).
-constexpr int64_t kAmxSkinnyCols = 32, kAmxSkinnyMinRows = 2;
+// The bf16 GEMM on AMX tiles, where amx_bf16() holds: from kAmxSkinnyMinRows rows (decode
+// batches, see kSkinnyMaxRowsAmx) to prefill and training. The weight is the A operand,
+// read in place: a tile is 16 weight rows (output columns) by 32 k values, exactly as the
+// weight stores them. The rows of a, packed in blocks of 16 into bf16 pairs (amx_pack_rows:
+// row p of a block's tile holds a[m][2p], a[m][2p + 1] for its 16 rows m), are the B
+// operand, so C[n][m] = sum over k of W[n][k] a[m][k]: a C tile is 16 output columns by 16
+// rows, transposed (in registers) on its way to the epilogue. Four C tiles, 32 columns by
+// 32 rows, share each step's two weight tiles and two row tiles. Weight tiles past the
+// last column or past K are copied into a zero-padded buffer first (a tile load would read
+// past the rows).
+//
+// The weight is bound to be read from memory (once per call when the packed rows fit the
+// L2 cache; kAmxChunkBytes), so a call's threads split the output columns, in blocks of
+// kAmxCols. Measured on an Intel Xeon (2 threads), against oneDNN's GEMM (ATen's, also on
+// AMX): see kAmxGemmMaxRows in ops.cpp. At one row the dot products (skinny_gemm_bf16dp)
+// were a little faster (768->2304: 46 against 49 us). Prefetching the next columns'
+// weight rows during a block's first rows gained nothing here.
+constexpr int64_t kAmxCols = 32, kAmxSkinnyMinRows = 2;
+// Rows of a packed per pass over the weight: as many 32-row pairs of blocks as keep the
+// packed rows within about 1 MB (half the L2 of the Xeon measured).
+constexpr int64_t kAmxChunkBytes = int64_t(1) << 20;
+
+inline int64_t amx_padded_k(int64_t k) { return (k + 31) / 32 * 32; }
 
 // Weight rows [n, n + rows) (rows <= 16), values [kk, kk + 32) clipped at k, zero-padded
 // into buf (16 x 32).
@@ -1694,71 +1741,175 @@ inline void amx_weight_tail(const uint16_t* w, int64_t ldb, int64_t n, int64_t r
   for (int64_t r = 0; r < rows; ++r) std::memcpy(buf + r * 32, w + (n + r) * ldb + kk, size_t(width) * sizeof(uint16_t));
 }
 
-template <Activation ACT, bool kBias, bool kResidual>
-GPTEXT_AMX void skinny_gemm_amx_act(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
-  constexpr int64_t kChunk = 64;
-  const int64_t k = a.k, padded = (k + 31) / 32 * 32;
-  const uint16_t* x = static_cast<const uint16_t*>(a.a);
-  const uint16_t* w = static_cast<const uint16_t*>(a.b);
-  // xt[p * 16 + m] holds a[m][2p] (low half) and a[m][2p + 1] (high half); zeros past k and m.
-  std::vector<uint32_t> xt(size_t(padded / 2 * 16), 0u);
-  for (int64_t m = 0; m < a.m; ++m) {
-    const uint16_t* row = x + m * a.lda;
-    for (int64_t p = 0; p < k / 2; ++p) xt[size_t(p * 16 + m)] = bf16_pair(row + 2 * p);
-    if (k % 2 != 0) xt[size_t(k / 2 * 16 + m)] = row[k - 1];
+// r[i][j] <- r[j][i] for the 16 x 16 matrix of 32-bit lanes in r: pairs of lanes, then
+// pairs of pairs, then 128-bit quarters in two steps.
+GPTEXT_AMX inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
-  std::vector<float> sums(size_t(a.m * kChunk));
-  alignas(64) float cbuf[2][256];
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_f32x4(u[8 * h + i], u[8 * h + 4 + i], 0x88);
+      t[8 * h + 4 + i] = _mm512_shuffle_f32x4(u[8 * h + i], u[8 * h + 4 + i], 0xDD);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+}
+
+// Blocks [block_begin, block_end) of 16 rows of a into packed (amx_packed_size values):
+// block b's tiles at packed + b * amx_padded_k(k) * 8, row p of them holding pairs p of
+// the block's rows, zeros past k and past the last row. Each 32 k values of 16 rows load as
+// 16 vectors of pairs (masked at k: nothing is read past a row), transposed.
+GPTEXT_AMX void amx_pack_rows_avx512(const GemmArgs& a, uint32_t* packed, int64_t block_begin, int64_t block_end) {
+  const uint16_t* x = static_cast<const uint16_t*>(a.a);
+  const int64_t padded = amx_padded_k(a.k);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t rows = std::min<int64_t>(16, a.m - b * 16);
+    uint32_t* out = packed + b * (padded / 2) * 16;
+    for (int64_t kk = 0; kk < padded; kk += 32) {
+      const int64_t width = std::min<int64_t>(32, a.k - kk);
+      const __mmask32 mask = width == 32 ? ~__mmask32(0) : __mmask32((1u << width) - 1u);
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        r[i] = i < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, x + (b * 16 + i) * a.lda + kk))
+                        : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (kk / 2 + i) * 16, r[i]);
+    }
+  }
+}
+
+// Where a weight tile (rows [n, n + rows), values [kk, kk + 32)) loads from, and its row
+// stride in bytes: the weight itself, or the zero-padded copy in tail.
+struct AmxSource {
+  const void* at;
+  int64_t stride;
+};
+inline AmxSource amx_weight_source(const uint16_t* w, int64_t ldb, int64_t n, int64_t rows, int64_t kk, int64_t k,
+                                   uint16_t* tail) {
+  if (rows == 16 && kk + 32 <= k) return {w + n * ldb + kk, ldb * int64_t(sizeof(uint16_t))};
+  amx_weight_tail(w, ldb, n, rows, kk, k, tail);
+  return {tail, 64};
+}
+
+// One block of output: columns [n, n + cols) (cols <= 32: two weight tiles when kTwoCols),
+// rows of the packed blocks xb and, when kTwoRows, the next one; sums of C tile t into
+// cbuf[t] (16 columns x 16 rows). Tile numbers are immediates: C tiles 0-3 (weight tile i,
+// row block j at 2 * i + j), the weight tiles 4 and 5, the row tiles 6 and 7.
+template <bool kTwoCols, bool kTwoRows>
+GPTEXT_AMX inline void amx_block(const uint16_t* w, int64_t ldb, int64_t n, int64_t cols, const uint32_t* xb,
+                                 int64_t block_stride, int64_t k, uint16_t (&tail)[2][16 * 32],
+                                 float (&cbuf)[4][256]) {
+  _tile_zero(0);
+  if (kTwoRows) _tile_zero(1);
+  if (kTwoCols) _tile_zero(2);
+  if (kTwoCols && kTwoRows) _tile_zero(3);
+  const int64_t padded = amx_padded_k(k);
+  for (int64_t kk = 0; kk < padded; kk += 32) {
+    const AmxSource w0 = amx_weight_source(w, ldb, n, std::min<int64_t>(16, cols), kk, k, tail[0]);
+    _tile_loadd(4, w0.at, w0.stride);
+    _tile_loadd(6, xb + kk / 2 * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (kTwoRows) {
+      _tile_loadd(7, xb + block_stride + kk / 2 * 16, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (kTwoCols) {
+      const AmxSource w1 = amx_weight_source(w, ldb, n + 16, cols - 16, kk, k, tail[1]);
+      _tile_loadd(5, w1.at, w1.stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if (kTwoRows) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, cbuf[0], 64);
+  if (kTwoRows) _tile_stored(1, cbuf[1], 64);
+  if (kTwoCols) _tile_stored(2, cbuf[2], 64);
+  if (kTwoCols && kTwoRows) _tile_stored(3, cbuf[3], 64);
+}
+
+template <Activation ACT, bool kBias, bool kResidual>
+GPTEXT_AMX void gemm_amx_act(const GemmArgs& a, const uint32_t* packed, int64_t n_begin, int64_t n_end) {
+  const int64_t padded = amx_padded_k(a.k), blocks = (a.m + 15) / 16, block_stride = padded * 8;
+  const uint16_t* w = static_cast<const uint16_t*>(a.b);
+  std::vector<uint32_t> own;
+  if (packed == nullptr) {  // few rows: this thread packs them itself
+    own.resize(size_t(blocks * block_stride));
+    amx_pack_rows_avx512(a, own.data(), 0, blocks);
+    packed = own.data();
+  }
+  const int64_t chunk_blocks =  // all of them when k is 0 (sums of nothing: the epilogue alone)
+      block_stride == 0 ? blocks
+                        : std::max<int64_t>(2, kAmxChunkBytes / (block_stride * int64_t(sizeof(uint32_t))) / 2 * 2);
+  // Two sets of C buffers: a block's epilogue runs after the next block's tile products
+  // are issued, so that the vector units work while the tile unit does.
+  alignas(64) float cbuf[2][4][256];
+  alignas(64) float sums[32 * kAmxCols];
   alignas(64) uint16_t tail[2][16 * 32];
+  struct Done {
+    int64_t n = 0, cols = 0, m0 = 0, m1 = 0;
+    int set = -1;
+  } done;
+  // C tile 2i + j of a block: column n + 16 i + (tile row), row m0 + 16 j + (lane):
+  // transposed into sums (row-major, kAmxCols wide), then the epilogue over its rows.
+  auto finish = [&](const Done& d) {
+    if (d.set < 0) return;
+    for (int i = 0; i < (d.cols > 16 ? 2 : 1); ++i) {
+      for (int j = 0; j < (d.m1 - d.m0 > 16 ? 2 : 1); ++j) {
+        __m512 r[16];
+        for (int l = 0; l < 16; ++l) r[l] = _mm512_load_ps(cbuf[d.set][2 * i + j] + l * 16);
+        transpose16(r);
+        for (int l = 0; l < 16; ++l) _mm512_store_ps(sums + (16 * j + l) * kAmxCols + 16 * i, r[l]);
+      }
+    }
+    skinny_epilogue<BF16, ACT, kBias, kResidual>(a, sums, kAmxCols, d.n, d.cols, d.m0, d.m1);
+  };
   AmxTileConfig config;
-  for (int t = 0; t < 5; ++t) {
+  for (int t = 0; t < 8; ++t) {
     config.rows[t] = 16;
     config.bytes_per_row[t] = 64;
   }
   _tile_loadconfig(&config);
-  const int64_t stride = a.ldb * int64_t(sizeof(uint16_t));
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
-    const int64_t width = std::min(kChunk, n_end - n0);
-    for (int64_t j = 0; j < width; j += kAmxSkinnyCols) {
-      const int64_t n = n0 + j, cols = std::min(kAmxSkinnyCols, width - j);
-      const bool second = cols > 16;
-      _tile_zero(0);
-      _tile_zero(1);
-      for (int64_t kk = 0; kk < padded; kk += 32) {
-        const bool inside = kk + 32 <= k;
-        _tile_loadd(4, xt.data() + kk / 2 * 16, 64);
-        if (inside && cols >= 16) {
-          _tile_loadd(2, w + n * a.ldb + kk, stride);
+  for (int64_t c0 = 0; c0 < blocks; c0 += chunk_blocks) {
+    const int64_t c1 = std::min(blocks, c0 + chunk_blocks);
+    for (int64_t n = n_begin; n < n_end; n += kAmxCols) {
+      const int64_t cols = std::min(kAmxCols, n_end - n);
+      const bool two_cols = cols > 16;
+      for (int64_t b = c0; b < c1; b += 2) {
+        const bool two_rows = b + 1 < c1;
+        const uint32_t* xb = packed + b * block_stride;
+        const int set = done.set == 0 ? 1 : 0;
+        float(&c)[4][256] = cbuf[set];
+        if (two_cols) {
+          if (two_rows) amx_block<true, true>(w, a.ldb, n, cols, xb, block_stride, a.k, tail, c);
+          else amx_block<true, false>(w, a.ldb, n, cols, xb, block_stride, a.k, tail, c);
         } else {
-          amx_weight_tail(w, a.ldb, n, std::min<int64_t>(16, cols), kk, k, tail[0]);
-          _tile_loadd(2, tail[0], 64);
+          if (two_rows) amx_block<false, true>(w, a.ldb, n, cols, xb, block_stride, a.k, tail, c);
+          else amx_block<false, false>(w, a.ldb, n, cols, xb, block_stride, a.k, tail, c);
         }
-        _tile_dpbf16ps(0, 2, 4);
-        if (second) {
-          if (inside && cols == 32) {
-            _tile_loadd(3, w + (n + 16) * a.ldb + kk, stride);
-          } else {
-            amx_weight_tail(w, a.ldb, n + 16, cols - 16, kk, k, tail[1]);
-            _tile_loadd(3, tail[1], 64);
-          }
-          _tile_dpbf16ps(1, 3, 4);
-        }
-      }
-      _tile_stored(0, cbuf[0], 64);
-      _tile_stored(1, cbuf[1], 64);
-      for (int64_t c = 0; c < cols; ++c) {
-        const float* column = cbuf[c / 16] + (c % 16) * 16;  // C row c % 16: output column n + c, one lane per row m
-        for (int64_t m = 0; m < a.m; ++m) sums[size_t(m * kChunk + j + c)] = column[m];
+        finish(done);
+        done = {n, cols, b * 16, std::min(a.m, b * 16 + (two_rows ? 32 : 16)), set};
       }
     }
-    skinny_epilogue<BF16, ACT, kBias, kResidual>(a, sums.data(), kChunk, n0, width);
   }
+  finish(done);
   _tile_release();
 }
 
-void skinny_gemm_amx(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
+void gemm_amx_tiles(const GemmArgs& a, const uint32_t* packed, int64_t n_begin, int64_t n_end) {
   dispatch_epilogue(a, [&](auto act, auto bias, auto residual) {
-    skinny_gemm_amx_act<decltype(act)::value, decltype(bias)::value, decltype(residual)::value>(a, n_begin, n_end);
+    gemm_amx_act<decltype(act)::value, decltype(bias)::value, decltype(residual)::value>(a, packed, n_begin, n_end);
   });
 }
 #undef GPTEXT_AMX
@@ -1925,7 +2076,7 @@ void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t
 void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end) {
 #ifdef GPTEXT_CPU_AVX512
   if (dtype == DType::BF16 && args.m >= kAmxSkinnyMinRows && amx_bf16()) {
-    return skinny_gemm_amx(args, n_begin, n_end);
+    return gemm_amx_tiles(args, nullptr, n_begin, n_end);
   }
   if (dtype == DType::BF16 && bf16_dot_product()) return skinny_gemm_bf16dp(args, n_begin, n_end);
 #endif
@@ -1951,6 +2102,24 @@ void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begi
 
 void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end) {
   dispatch(dtype, [&](auto tag) { attention_backward_t<decltype(tag)>(args, task_begin, task_end); });
+}
+
+void amx_pack_rows(const GemmArgs& args, uint32_t* packed, int64_t block_begin, int64_t block_end) {
+#ifdef GPTEXT_CPU_AVX512
+  amx_pack_rows_avx512(args, packed, block_begin, block_end);
+#else
+  (void)args, (void)packed, (void)block_begin, (void)block_end;
+  throw std::logic_error("gptext: the AMX GEMM is only in the AVX-512 build (amx_bf16() is false here)");
+#endif
+}
+
+void gemm_amx(const GemmArgs& args, const uint32_t* packed, int64_t n_begin, int64_t n_end) {
+#ifdef GPTEXT_CPU_AVX512
+  gemm_amx_tiles(args, packed, n_begin, n_end);
+#else
+  (void)args, (void)packed, (void)n_begin, (void)n_end;
+  throw std::logic_error("gptext: the AMX GEMM is only in the AVX-512 build (amx_bf16() is false here)");
+#endif
 }
 
 void to_storage(DType dtype, const float* src, void* dst, int64_t n) {

@@ -23,6 +23,11 @@ namespace gptext::cpu {
   void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end); \
   /* (batch, kv head) pairs [task_begin, task_end), flattened. */                               \
   void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task_begin, int64_t task_end); \
+  /* bf16 GEMM on AMX tiles (only where amx_bf16()): blocks [block_begin, block_end) of 16     \
+     rows of args.a packed into `packed` (amx_packed_size(m, k) values), then output columns  \
+     [n_begin, n_end) from them, or from rows each call packs itself when packed is null. */  \
+  void amx_pack_rows(const GemmArgs& args, uint32_t* packed, int64_t block_begin, int64_t block_end); \
+  void gemm_amx(const GemmArgs& args, const uint32_t* packed, int64_t n_begin, int64_t n_end);  \
   /* n fp32 values rounded to the storage format as every kernel stores them, and back. */     \
   void to_storage(DType dtype, const float* src, void* dst, int64_t n);                         \
   void from_storage(DType dtype, const void* src, float* dst, int64_t n);
@@ -74,6 +79,10 @@ constexpr int64_t kSkinnyMaxRowsNativeF16 = 8;
 // rows as B: a tile's 16 columns): 2.2-2.8x oneDNN's bf16 GEMM at 2-16 rows of
 // 768->2304 on an Intel Xeon, 1.7-1.9x at 768->50257.
 constexpr int64_t kSkinnyMaxRowsAmx = 16;
+
+// The packed rows of a bf16 GEMM on AMX tiles (gemm_amx): per block of 16 rows, K rounded
+// up to 32, in 32-bit pairs.
+inline int64_t amx_packed_size(int64_t m, int64_t k) { return (m + 15) / 16 * ((k + 31) / 32 * 32 / 2 * 16); }
 
 // Whether bf16 attention forward passes with at least 32 query rows per (batch, kv head)
 // run on AMX tiles (attention_forward_amx): the processor has AMX-TILE and AMX-BF16, the

@@ -143,6 +143,14 @@ void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_e
   GPTEXT_CPU_CALL(skinny_gemm, dtype, args, n_begin, n_end);
 }
 
+void amx_pack_rows(const GemmArgs& args, uint32_t* packed, int64_t block_begin, int64_t block_end) {
+  GPTEXT_CPU_CALL(amx_pack_rows, args, packed, block_begin, block_end);
+}
+
+void gemm_amx(const GemmArgs& args, const uint32_t* packed, int64_t n_begin, int64_t n_end) {
+  GPTEXT_CPU_CALL(gemm_amx, args, packed, n_begin, n_end);
+}
+
 void attention_forward(DType dtype, const AttentionArgs& args, int64_t task_begin, int64_t task_end) {
   GPTEXT_CPU_CALL(attention_forward, dtype, args, task_begin, task_end);
 }
