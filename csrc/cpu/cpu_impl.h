@@ -2104,23 +2104,19 @@ void attention_backward(DType dtype, const AttentionGradArgs& args, int64_t task
   dispatch(dtype, [&](auto tag) { attention_backward_t<decltype(tag)>(args, task_begin, task_end); });
 }
 
-void amx_pack_rows(const GemmArgs& args, uint32_t* packed, int64_t block_begin, int64_t block_end) {
 #ifdef GPTEXT_CPU_AVX512
+void amx_pack_rows(const GemmArgs& args, uint32_t* packed, int64_t block_begin, int64_t block_end) {
   amx_pack_rows_avx512(args, packed, block_begin, block_end);
-#else
-  (void)args, (void)packed, (void)block_begin, (void)block_end;
-  throw std::logic_error("gptext: the AMX GEMM is only in the AVX-512 build (amx_bf16() is false here)");
-#endif
 }
 
 void gemm_amx(const GemmArgs& args, const uint32_t* packed, int64_t n_begin, int64_t n_end) {
-#ifdef GPTEXT_CPU_AVX512
   gemm_amx_tiles(args, packed, n_begin, n_end);
-#else
-  (void)args, (void)packed, (void)n_begin, (void)n_end;
-  throw std::logic_error("gptext: the AMX GEMM is only in the AVX-512 build (amx_bf16() is false here)");
-#endif
 }
+#else
+// Never called: amx_bf16() holds only where the AVX-512 build is in use.
+void amx_pack_rows(const GemmArgs&, uint32_t*, int64_t, int64_t) { throw std::logic_error("gptext: no AMX in this build"); }
+void gemm_amx(const GemmArgs&, const uint32_t*, int64_t, int64_t) { throw std::logic_error("gptext: no AMX in this build"); }
+#endif
 
 void to_storage(DType dtype, const float* src, void* dst, int64_t n) {
   dispatch(dtype, [&](auto tag) {
