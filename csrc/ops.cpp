@@ -120,8 +120,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cp
   return {p.out, p.sum, p.mean, p.rstd};
 }
 
+// Up to this many rows a bf16 product runs on gptext's AMX GEMM (cpu::gemm_amx) where
+// amx_bf16() holds, past the skinny GEMM's rows; more go to oneDNN's (ATen's, also on AMX).
+// Against F.linear in rounds on an Intel Xeon (2 threads), x768->2304: 1.8-2.2x at 17-32
+// rows, 1.3-1.5x at 128 (128x768->50257 1.3-1.5x), 0.97-1.14x at 512, and 0.85-0.96x at
+// 2048x768->3072, where oneDNN's blocking for the cache does better.
+constexpr int64_t kAmxGemmMaxRows = 512;
+
 // Few rows (decode): gptext's skinny GEMM, which streams the weight once with the whole
-// epilogue fused, split over threads by output column. More rows: ATen's CPU GEMM (MKL /
+// epilogue fused, split over threads by output column. In bf16 with AMX, up to
+// kAmxGemmMaxRows rows: gptext's AMX GEMM, the same way. More rows: ATen's CPU GEMM (MKL /
 // oneDNN / OpenBLAS, with the bias folded in), then gptext's epilogue in place for the
 // activation and the residual. That GEMM runs in fp32 whatever the storage type (ATen's
 // 16-bit CPU GEMM is far slower where the CPU has no 16-bit arithmetic), and the result is
@@ -130,13 +138,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cp
 // accumulation, the product rounded before the epilogue, as eager PyTorch rounds it): 3x
 // faster than in fp32 at 512x768->2304 in bf16 on Zen 4, 2x at 16x768->3072 in fp16 on a
 // Xeon.
-// Up to this many rows a bf16 product runs on gptext's AMX GEMM (cpu::gemm_amx) where
-// amx_bf16() holds, past the skinny GEMM's rows; more go to oneDNN's (ATen's, also on AMX).
-// Against F.linear in rounds on an Intel Xeon (2 threads), x768->2304: 1.8-2.2x at 17-32
-// rows, 1.3-1.5x at 128 (128x768->50257 1.3-1.5x), 0.97-1.14x at 512, and 0.85-0.96x at
-// 2048x768->3072, where oneDNN's blocking for the cache does better.
-constexpr int64_t kAmxGemmMaxRows = 512;
-
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const std::string& activation, const std::optional<at::Tensor>& residual) {
   LinearProblem p = linear_problem("linear", x, weight, bias, activation, residual);
@@ -147,17 +148,18 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
                                                                           : cpu::kSkinnyMaxRowsNativeBf16)
                                                        : cpu::kSkinnyMaxRowsNativeF16;
   if (p.dtype == DType::BF16 && cpu::amx_bf16() && p.args.m > skinny_rows && p.args.m <= kAmxGemmMaxRows) {
-    // The rows packed once (blocks of 16 over threads), then the output columns over
-    // threads in blocks of 32.
+    // The rows packed once (blocks over threads), then the output columns over threads in
+    // the GEMM's column blocks.
     at::Tensor out = at::empty({p.args.m, p.args.n}, p.x2d.options());
     at::Tensor packed = at::empty({cpu::amx_packed_size(p.args.m, p.args.k)}, p.x2d.options().dtype(at::kInt));
     GemmArgs args = p.args;
     args.c = out.data_ptr();
     auto* rows = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
-    at::parallel_for(0, (args.m + 15) / 16, 1,
+    constexpr int64_t kRows = cpu::kAmxRowBlock, kCols = cpu::kAmxColBlock;
+    at::parallel_for(0, (args.m + kRows - 1) / kRows, 1,
                      [&](int64_t begin, int64_t end) { cpu::amx_pack_rows(args, rows, begin, end); });
-    at::parallel_for(0, (args.n + 31) / 32, 1, [&](int64_t begin, int64_t end) {
-      cpu::gemm_amx(args, rows, begin * 32, std::min(end * 32, args.n));
+    at::parallel_for(0, (args.n + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+      cpu::gemm_amx(args, rows, begin * kCols, std::min(end * kCols, args.n));
     });
     return out.view(p.out_shape);
   }

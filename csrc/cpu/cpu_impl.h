@@ -1725,7 +1725,7 @@ GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin
 // AMX): see kAmxGemmMaxRows in ops.cpp. At one row the dot products (skinny_gemm_bf16dp)
 // were a little faster (768->2304: 46 against 49 us). Prefetching the next columns'
 // weight rows during a block's first rows gained nothing here.
-constexpr int64_t kAmxCols = 32, kAmxSkinnyMinRows = 2;
+constexpr int64_t kAmxCols = kAmxColBlock, kAmxSkinnyMinRows = 2;
 // Rows of a packed per pass over the weight: as many 32-row pairs of blocks as keep the
 // packed rows within about 1 MB (half the L2 of the Xeon measured).
 constexpr int64_t kAmxChunkBytes = int64_t(1) << 20;

@@ -80,9 +80,13 @@ constexpr int64_t kSkinnyMaxRowsNativeF16 = 8;
 // 768->2304 on an Intel Xeon, 1.7-1.9x at 768->50257.
 constexpr int64_t kSkinnyMaxRowsAmx = 16;
 
-// The packed rows of a bf16 GEMM on AMX tiles (gemm_amx): per block of 16 rows, K rounded
-// up to 32, in 32-bit pairs.
-inline int64_t amx_packed_size(int64_t m, int64_t k) { return (m + 15) / 16 * ((k + 31) / 32 * 32 / 2 * 16); }
+// The bf16 GEMM on AMX tiles (gemm_amx) packs the rows in blocks of kAmxRowBlock (a tile's
+// 16 lanes) and computes kAmxColBlock output columns a block (two tiles). Its packed rows:
+// per block, K rounded up to 32, in 32-bit pairs.
+constexpr int64_t kAmxRowBlock = 16, kAmxColBlock = 32;
+inline int64_t amx_packed_size(int64_t m, int64_t k) {
+  return (m + kAmxRowBlock - 1) / kAmxRowBlock * ((k + 31) / 32 * 32 / 2 * kAmxRowBlock);
+}
 
 // Whether bf16 attention forward passes with at least 32 query rows per (batch, kv head)
 // run on AMX tiles (attention_forward_amx): the processor has AMX-TILE and AMX-BF16, the
