@@ -87,6 +87,24 @@ def test_cpu_prefill_rows_every_epilogue(kernels, dtype, m):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 40, 600])
+def test_gelu_over_its_whole_range(kernels, device, dtype, m):
+    """GELU of every magnitude through each path of linear (on a CPU: the skinny GEMM, the
+    AMX GEMM or the epilogue after ATen's): the product is exact (x = 1, K = 1), so the
+    output is GELU of the weight column, against PyTorch's, with its -0 far below zero and
+    NaN at -inf and NaN."""
+    values = torch.cat([torch.linspace(-30, 30, 601), torch.tensor([-1e4, -1e30, -3e38, 1e4, 3e38]),
+                        torch.tensor([float("-inf"), float("inf"), float("nan")])])
+    w = values.view(-1, 1).to(dtype).to(device)
+    x = torch.ones(m, 1, dtype=dtype, device=device)
+    y = gptext.ops.linear(x, w, None, "gelu")
+    expected = F.gelu(w.float().view(1, -1), approximate="tanh").expand(m, -1)
+    rtol, atol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-5)}[dtype]
+    torch.testing.assert_close(y.float(), expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_optional_parts_and_batch_dims(kernels, device, dtype):
     x, w, b, _ = _operands(12, 40, 24, dtype, device)

@@ -144,19 +144,6 @@ GPTEXT_HD float exp2_approx(float x) {
 #endif
 }
 
-// tanh for activation functions. On the device, the accurate tanhf (the epilogue is not
-// the bottleneck of a GEMM). On the host, 1 - 2/(e^{2x}+1) through exp2_approx: its
-// absolute error is ~1e-7, which is what GELU needs (it multiplies tanh by x/2).
-GPTEXT_HD float tanh_act(float x) {
-#if defined(__CUDA_ARCH__)
-  return tanhf(x);
-#else
-  const float xc = x > 15.0f ? 15.0f : (x < -15.0f ? -15.0f : x);
-  const float e = exp2_approx(2.0f * kLog2e * xc);
-  return 1.0f - 2.0f / (e + 1.0f);
-#endif
-}
-
 }  // namespace gptext
 
 // ---- Device-only helpers -----------------------------------------------------------------

@@ -71,10 +71,14 @@ static void test_exp2() {
 }
 
 static void test_gelu() {
-  for (double x = -8; x < 8; x += 0.01) {
+  for (double x = -12; x < 12; x += 0.01) {
     const double exact = 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
     CHECK(std::fabs(gelu_tanh(float(x)) - exact) < 1e-6 + 1e-6 * std::fabs(exact), "gelu(%g)", x);
   }
+  // Far below 0 GELU is 0 to float precision; -inf and NaN give NaN, +inf itself (as PyTorch).
+  for (float x : {-10.5f, -100.0f, -1e30f, -3e38f}) CHECK(gelu_tanh(x) == 0.0f, "gelu(%g) = %g", x, gelu_tanh(x));
+  CHECK(std::isnan(gelu_tanh(-INFINITY)) && std::isnan(gelu_tanh(NAN)), "gelu(-inf), gelu(NaN)");
+  CHECK(gelu_tanh(INFINITY) == INFINITY && gelu_tanh(3e38f) == 3e38f, "gelu(+large)");
   CHECK(linear_epilogue(1.0f, 2.0f, Activation::Relu, 0.5f) == 3.5f, "relu epilogue");
   CHECK(linear_epilogue(-4.0f, 1.0f, Activation::Relu, 0.5f) == 0.5f, "relu epilogue (negative)");
   CHECK(linear_epilogue(1.0f, 2.0f, Activation::None, -3.0f) == 0.0f, "plain epilogue");
