@@ -1924,9 +1924,7 @@ GPTEXT_AMX void gemm_amx_act(const GemmArgs& a, const uint32_t* packed, int64_t 
   const int64_t chunk_blocks =  // all of them when k is 0 (sums of nothing: the epilogue alone)
       block_stride == 0 ? blocks
                         : std::max<int64_t>(2, kAmxChunkBytes / (block_stride * int64_t(sizeof(uint32_t))) / 2 * 2);
-  // Two sets of C buffers: a block's epilogue runs after the next block's tile products
-  // are issued, so that the vector units work while the tile unit does.
-  alignas(64) float cbuf[2][4][256];
+  alignas(64) float cbuf[4][256];
   alignas(64) float sums[32 * kAmxCols];
   alignas(64) uint16_t tail[2][16 * 32];
   // A column block's weight tiles, copied once per chunk of rows (kAmxPanelMinBlocks).
@@ -1936,23 +1934,21 @@ GPTEXT_AMX void gemm_amx_act(const GemmArgs& a, const uint32_t* packed, int64_t 
     panel_memory.resize(size_t(padded * 32 + 32));  // whole cache lines, from the first 64-byte boundary
     panel = panel_memory.data() + (64 - reinterpret_cast<uintptr_t>(panel_memory.data()) % 64) % 64 / 2;
   }
-  struct Done {
-    int64_t n = 0, cols = 0, m0 = 0, m1 = 0;
-    int set = -1;
-  } done;
-  // C tile 2i + j of a block: column n + 16 i + (tile row), row m0 + 16 j + (lane):
-  // transposed into sums (row-major, kAmxCols wide), then the epilogue over its rows.
-  auto finish = [&](const Done& d) {
-    if (d.set < 0) return;
-    for (int i = 0; i < (d.cols > 16 ? 2 : 1); ++i) {
-      for (int j = 0; j < (d.m1 - d.m0 > 16 ? 2 : 1); ++j) {
+  // C tile 2i + j of the block of columns [n, n + cols) and rows [m0, m1): column n + 16 i +
+  // (tile row), row m0 + 16 j + (lane), transposed into sums (row-major, kAmxCols wide),
+  // then the epilogue over its rows. (Deferring each block's epilogue until the next
+  // block's tile products were issued, for the vector and tile units to overlap, measured
+  // no faster.)
+  auto finish = [&](int64_t n, int64_t cols, int64_t m0, int64_t m1) {
+    for (int i = 0; i < (cols > 16 ? 2 : 1); ++i) {
+      for (int j = 0; j < (m1 - m0 > 16 ? 2 : 1); ++j) {
         __m512 r[16];
-        for (int l = 0; l < 16; ++l) r[l] = _mm512_load_ps(cbuf[d.set][2 * i + j] + l * 16);
+        for (int l = 0; l < 16; ++l) r[l] = _mm512_load_ps(cbuf[2 * i + j] + l * 16);
         transpose16(r);
         for (int l = 0; l < 16; ++l) _mm512_store_ps(sums + (16 * j + l) * kAmxCols + 16 * i, r[l]);
       }
     }
-    skinny_epilogue<BF16, ACT, kBias, kResidual>(a, sums, kAmxCols, d.n, d.cols, d.m0, d.m1);
+    skinny_epilogue<BF16, ACT, kBias, kResidual>(a, sums, kAmxCols, n, cols, m0, m1);
   };
   AmxTileConfig config;
   for (int t = 0; t < 8; ++t) {
@@ -1969,21 +1965,17 @@ GPTEXT_AMX void gemm_amx_act(const GemmArgs& a, const uint32_t* packed, int64_t 
       for (int64_t b = c0; b < c1; b += 2) {
         const bool two_rows = b + 1 < c1;
         const uint32_t* xb = packed + b * block_stride;
-        const int set = done.set == 0 ? 1 : 0;
-        float(&c)[4][256] = cbuf[set];
         if (two_cols) {
-          if (two_rows) amx_block<true, true>(w, a.ldb, n, cols, panel, xb, block_stride, a.k, tail, c);
-          else amx_block<true, false>(w, a.ldb, n, cols, panel, xb, block_stride, a.k, tail, c);
+          if (two_rows) amx_block<true, true>(w, a.ldb, n, cols, panel, xb, block_stride, a.k, tail, cbuf);
+          else amx_block<true, false>(w, a.ldb, n, cols, panel, xb, block_stride, a.k, tail, cbuf);
         } else {
-          if (two_rows) amx_block<false, true>(w, a.ldb, n, cols, panel, xb, block_stride, a.k, tail, c);
-          else amx_block<false, false>(w, a.ldb, n, cols, panel, xb, block_stride, a.k, tail, c);
+          if (two_rows) amx_block<false, true>(w, a.ldb, n, cols, panel, xb, block_stride, a.k, tail, cbuf);
+          else amx_block<false, false>(w, a.ldb, n, cols, panel, xb, block_stride, a.k, tail, cbuf);
         }
-        finish(done);
-        done = {n, cols, b * 16, std::min(a.m, b * 16 + (two_rows ? 32 : 16)), set};
+        finish(n, cols, b * 16, std::min(a.m, b * 16 + (two_rows ? 32 : 16)));
       }
     }
   }
-  finish(done);
   _tile_release();
 }
 
