@@ -580,9 +580,10 @@ inline Vec::f32 epilogue_lanes(Vec::f32 v, const typename Fmt::storage* bias, co
 #endif
 
 // The epilogue in place, after ATen's GEMM: a vector at a time where the build has vectors,
-// then value by value. (GCC had left `omp simd` over linear_epilogue scalar: bf16
-// 2048x768->3072 +b+gelu, oneDNN's GEMM then this, went from 0.77x to 1.96x eager PyTorch's
-// F.linear then F.gelu, 2 threads on the Xeon.) Whether the bias and residual exist
+// then value by value. (An `omp simd` loop over linear_epilogue, which this replaces, fell
+// to 0.77x eager PyTorch (F.linear then F.gelu) at bf16 2048x768->3072 +b+gelu once GELU
+// was a division; these vectors give 1.4-1.8x, against 1.35-1.45x for that loop over the
+// tanh form, in alternating processes on the Xeon, 2 threads.) Whether the bias and residual exist
 // is a template parameter, not a test in the loop: an `p != nullptr ? p[i] : 0` inside a
 // vectorised loop becomes a masked load, which on some x86 cores costs a microcode assist
 // per vector when the pointer is null.
@@ -1771,7 +1772,10 @@ constexpr int64_t kAmxChunkBytes = int64_t(1) << 20;
 // row stride apart. On the Xeon measured (one thread, x768->2304 +b, alternating rounds)
 // the copy loses at 64 rows (0.52 against 0.58 ms) and gains from 96: 0.67 -> 0.63 ms at
 // 96, 0.89 -> 0.76 at 128, 3.16 -> 2.41 at 512, 6.42 -> 4.88 at 1024; 512x3072->768 +b+res
-// 4.4 -> 4.2 ms, 512x768->3072 +b+gelu 5.2 -> 4.4 ms.
+// 4.4 -> 4.2 ms, 512x768->3072 +b+gelu 5.2 -> 4.4 ms. Two threads splitting the columns
+// gained less (the host's two processors ran the tile products no faster than one):
+// 512x768->2304 2.78 -> 2.50 ms, +gelu to 3072 4.63 -> 4.21 ms, 128 rows 0.85 -> 0.82 ms,
+// and 512x3072->768 within its noise (3.2-3.8 ms either way).
 constexpr int64_t kAmxPanelMinBlocks = 6;
 
 inline int64_t amx_padded_k(int64_t k) { return (k + 31) / 32 * 32; }
