@@ -566,46 +566,45 @@ void layernorm_rows_t(const NormArgs& a, int64_t row_begin, int64_t row_end) {
   if (kStream) stream_fence();
 }
 
+// linear_epilogue over one row of width values: out[i] = act(src[i] + bias[i]) +
+// residual[i], src in format Src (the fp32 sums of a GEMM, or out itself for the epilogue
+// in place), out, bias and residual in Fmt; the bias and residual read only when they
+// exist. A vector at a time where the build has vectors, then value by value; rounded once.
+template <typename Src, typename Fmt, Activation ACT, bool kBias, bool kResidual>
+inline void epilogue_row(const typename Src::storage* src, typename Fmt::storage* out, int64_t width,
+                         const typename Fmt::storage* bias, const typename Fmt::storage* residual) {
+  int64_t i = 0;
 #ifdef GPTEXT_CPU_AVX2
-// linear_epilogue of kW values of a row: act(v + bias[i...]) + residual[i...], the bias
-// and residual (storage format) read only when they exist.
-template <typename Fmt, Activation ACT, bool kBias, bool kResidual>
-inline Vec::f32 epilogue_lanes(Vec::f32 v, const typename Fmt::storage* bias, const typename Fmt::storage* residual,
-                               int64_t i) {
-  if constexpr (kBias) v = Vec::add(v, Lanes<Fmt>::load(bias + i));
-  v = activation_lanes<ACT>(v);
-  if constexpr (kResidual) v = Vec::add(v, Lanes<Fmt>::load(residual + i));
-  return v;
-}
+  for (; i + kW <= width; i += kW) {
+    Vec::f32 v = Lanes<Src>::load(src + i);
+    if constexpr (kBias) v = Vec::add(v, Lanes<Fmt>::load(bias + i));
+    v = activation_lanes<ACT>(v);
+    if constexpr (kResidual) v = Vec::add(v, Lanes<Fmt>::load(residual + i));
+    Lanes<Fmt>::template put<false>(out + i, Lanes<Fmt>::pack(v));
+  }
 #endif
+  for (; i < width; ++i) {
+    out[i] = Fmt::store(linear_epilogue(Src::load(src[i]), kBias ? Fmt::load(bias[i]) : 0.0f, ACT,
+                                        kResidual ? Fmt::load(residual[i]) : 0.0f));
+  }
+}
 
-// The epilogue in place, after ATen's GEMM: a vector at a time where the build has vectors,
-// then value by value. (An `omp simd` loop over linear_epilogue, which this replaces, fell
-// to 0.77x eager PyTorch (F.linear then F.gelu) at bf16 2048x768->3072 +b+gelu once GELU
-// was a division; these vectors give 1.4-1.8x, against 1.35-1.45x for that loop over the
-// tanh form, in alternating processes on the Xeon, 2 threads.) Whether the bias and residual exist
-// is a template parameter, not a test in the loop: an `p != nullptr ? p[i] : 0` inside a
-// vectorised loop becomes a masked load, which on some x86 cores costs a microcode assist
-// per vector when the pointer is null.
+// The epilogue in place, after ATen's GEMM, row by row (epilogue_row). (An `omp simd` loop
+// over linear_epilogue, which this replaces, fell to 0.77x eager PyTorch (F.linear then
+// F.gelu) at bf16 2048x768->3072 +b+gelu once GELU was a division; the explicit vectors
+// give 1.4-1.8x, against 1.35-1.45x for that loop over the tanh form, in alternating
+// processes on the Xeon, 2 threads.) Whether the bias and residual exist is a template
+// parameter, not a test in the loop: an `p != nullptr ? p[i] : 0` inside a vectorised loop
+// becomes a masked load, which on some x86 cores costs a microcode assist per vector when
+// the pointer is null.
 template <typename Fmt, Activation ACT, bool kBias, bool kResidual>
 void epilogue_rows_act(const GemmArgs& a, int64_t row_begin, int64_t row_end) {
   using T = typename Fmt::storage;
   const T* bias = static_cast<const T*>(a.bias);
   for (int64_t row = row_begin; row < row_end; ++row) {
     T* c = static_cast<T*>(a.c) + row * a.ldc;
-    const T* residual = static_cast<const T*>(a.residual) + (kResidual ? row * a.ldc : 0);
-    int64_t i = 0;
-#ifdef GPTEXT_CPU_AVX2
-    for (; i + kW <= a.n; i += kW) {
-      const Vec::f32 v = epilogue_lanes<Fmt, ACT, kBias, kResidual>(Lanes<Fmt>::load(c + i), bias, residual, i);
-      Lanes<Fmt>::template put<false>(c + i, Lanes<Fmt>::pack(v));
-    }
-#endif
-    for (; i < a.n; ++i) {
-      const float b = kBias ? Fmt::load(bias[i]) : 0.0f;
-      const float r = kResidual ? Fmt::load(residual[i]) : 0.0f;
-      c[i] = Fmt::store(linear_epilogue(Fmt::load(c[i]), b, ACT, r));
-    }
+    const T* residual = kResidual ? static_cast<const T*>(a.residual) + row * a.ldc : nullptr;
+    epilogue_row<Fmt, Fmt, ACT, kBias, kResidual>(c, c, a.n, bias, residual);
   }
 }
 
@@ -797,30 +796,19 @@ inline void dot_tile(const float* x, int64_t ldx, const typename Fmt::storage* c
 #endif
 
 // The skinny GEMM's epilogue for output columns [n0, n0 + width) of rows [m_begin, m_end)
-// (every row by default): the fp32 sums (row m at sums + (m - m_begin) * ld) through bias, activation and residual into c, a vector at
-// a time, rounded once.
+// (every row by default): the fp32 sums (row m at sums + (m - m_begin) * ld) through bias,
+// activation and residual into c (epilogue_row: in explicit vectors, since through
+// store_rows_fn the AMX GEMM's epilogue took about as long as its tile products; GCC left
+// the per-value function scalar).
 template <typename Fmt, Activation ACT, bool kBias, bool kResidual>
 inline void skinny_epilogue(const GemmArgs& a, const float* sums, int64_t ld, int64_t n0, int64_t width,
                             int64_t m_begin = 0, int64_t m_end = -1) {
   using T = typename Fmt::storage;
   const T* bias = kBias ? static_cast<const T*>(a.bias) + n0 : nullptr;
   for (int64_t m = m_begin; m < (m_end < 0 ? a.m : m_end); ++m) {
-    const float* row = sums + (m - m_begin) * ld;
     const T* residual_row = kResidual ? static_cast<const T*>(a.residual) + m * a.ldc + n0 : nullptr;
-    T* out = static_cast<T*>(a.c) + m * a.ldc + n0;
-    int64_t i = 0;
-#ifdef GPTEXT_CPU_AVX2
-    // In explicit vectors: through store_rows_fn the AMX GEMM's epilogue took about as long
-    // as its tile products (GCC left the per-value function scalar).
-    for (; i + kW <= width; i += kW) {
-      const Vec::f32 v = epilogue_lanes<Fmt, ACT, kBias, kResidual>(Vec::load(row + i), bias, residual_row, i);
-      Lanes<Fmt>::template put<false>(out + i, Lanes<Fmt>::pack(v));
-    }
-#endif
-    for (; i < width; ++i) {
-      out[i] = Fmt::store(linear_epilogue(row[i], kBias ? Fmt::load(bias[i]) : 0.0f, ACT,
-                                          kResidual ? Fmt::load(residual_row[i]) : 0.0f));
-    }
+    epilogue_row<F32, Fmt, ACT, kBias, kResidual>(sums + (m - m_begin) * ld, static_cast<T*>(a.c) + m * a.ldc + n0,
+                                                  width, bias, residual_row);
   }
 }
 
@@ -1749,9 +1737,9 @@ GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin
 // batches, see kSkinnyMaxRowsAmx) to prefill and training. The weight is the A operand: a
 // tile is 16 weight rows (output columns) by 32 k values, exactly as the weight stores
 // them, read in place or, when enough rows share it, from a contiguous copy of the column
-// block's tiles (kAmxPanelMinBlocks). The rows of a, packed in blocks of 16 into bf16 pairs (amx_pack_rows:
-// row p of a block's tile holds a[m][2p], a[m][2p + 1] for its 16 rows m), are the B
-// operand, so C[n][m] = sum over k of W[n][k] a[m][k]: a C tile is 16 output columns by 16
+// block's tiles (kAmxPanelMinBlocks). The rows of a, packed in blocks of 16 into bf16
+// pairs (amx_pack_rows: row p of a block's tile holds a[m][2p], a[m][2p + 1] for its 16
+// rows m), are the B operand, so C[n][m] = sum over k of W[n][k] a[m][k]: a C tile is 16 output columns by 16
 // rows, transposed (in registers) on its way to the epilogue. Four C tiles, 32 columns by
 // 32 rows, share each step's two weight tiles and two row tiles. Weight tiles past the
 // last column or past K are zero-padded copies (a tile load would read past the rows).
@@ -1779,6 +1767,12 @@ constexpr int64_t kAmxChunkBytes = int64_t(1) << 20;
 constexpr int64_t kAmxPanelMinBlocks = 6;
 
 inline int64_t amx_padded_k(int64_t k) { return (k + 31) / 32 * 32; }
+
+// The 16-bit lanes of values [kk, kk + 32) that lie below k (all 32 but in the last step).
+inline __mmask32 amx_k_mask(int64_t kk, int64_t k) {
+  const int64_t width = std::min<int64_t>(32, k - kk);
+  return width == 32 ? ~__mmask32(0) : __mmask32((1u << width) - 1u);
+}
 
 // Weight rows [n, n + rows) (rows <= 16), values [kk, kk + 32) clipped at k, zero-padded
 // into buf (16 x 32).
@@ -1826,8 +1820,7 @@ GPTEXT_AMX void amx_pack_rows_avx512(const GemmArgs& a, uint32_t* packed, int64_
     const int64_t rows = std::min<int64_t>(16, a.m - b * 16);
     uint32_t* out = packed + b * (padded / 2) * 16;
     for (int64_t kk = 0; kk < padded; kk += 32) {
-      const int64_t width = std::min<int64_t>(32, a.k - kk);
-      const __mmask32 mask = width == 32 ? ~__mmask32(0) : __mmask32((1u << width) - 1u);
+      const __mmask32 mask = amx_k_mask(kk, a.k);
       __m512 r[16];
       for (int64_t i = 0; i < 16; ++i) {
         r[i] = i < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, x + (b * 16 + i) * a.lda + kk))
@@ -1866,9 +1859,7 @@ GPTEXT_AMX inline void amx_pack_weight_panel(const uint16_t* w, int64_t ldb, int
     }
     const uint16_t* row = w + (n + r) * ldb;
     for (int64_t kk = 0; kk < padded; kk += 32) {
-      const int64_t width = std::min<int64_t>(32, k - kk);
-      const __mmask32 mask = width == 32 ? ~__mmask32(0) : __mmask32((1u << width) - 1u);
-      _mm512_store_si512(out + kk * 32, _mm512_maskz_loadu_epi16(mask, row + kk));
+      _mm512_store_si512(out + kk * 32, _mm512_maskz_loadu_epi16(amx_k_mask(kk, k), row + kk));
     }
   }
 }
