@@ -98,6 +98,23 @@ def test_cpu_bf16_prefill_any_tile_dim(kernels, dim, opts):
                  scale=2)
 
 
+@pytest.mark.parametrize("dim", [32, 64, 80, 128, 256])
+def test_cpu_bf16_grouped_decode_any_cache_length(kernels, dim):
+    """bf16 passes of 4-31 query rows per kv head (decode steps of grouped heads, short
+    chunks of a few heads): on AMX, one 16-row chunk or a full and a partial one against
+    packed key tiles of 16 and value tiles of 32 keys, so caches of every length around
+    both, read from a longer cache buffer (rows of a view), with sinks, a window and
+    padding; 80 is not a whole number of 32-dim tiles and takes the fp32 vectors."""
+    for heads, kv_heads, q_len in [(8, 1, 1), (16, 2, 1), (4, 1, 1), (12, 3, 2), (20, 1, 1), (3, 1, 9)]:
+        for k_len in [1, 15, 16, 17, 31, 32, 33, 100]:
+            q, k_cache, v_cache = qkv(2, heads, kv_heads, q_len, 128, dim, torch.bfloat16, "cpu", seed=k_len)
+            k, v = k_cache[:, :, :k_len], v_cache[:, :, :k_len]
+            for kwargs in [dict(), dict(sinks=torch.linspace(-1, 2, heads)), dict(window=9),
+                           dict(kv_starts=torch.tensor([0, k_len // 2]), kv_lens=torch.tensor([k_len, k_len]))]:
+                out = gptext.ops.attention(q, k, v, **kwargs)
+                assert_close(out.float(), oracle(reference.attention, q, k, v, **kwargs), torch.bfloat16, scale=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 4, 2, 9, 13, 20), (1, 4, 2, 20, 40, 64)], ids=["rows", "tiles"])
 def test_cpu_16bit_gradients(kernels, dtype, shape):

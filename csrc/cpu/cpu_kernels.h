@@ -88,8 +88,8 @@ inline int64_t amx_packed_size(int64_t m, int64_t k) {
   return (m + kAmxRowBlock - 1) / kAmxRowBlock * ((k + 31) / 32 * 32 / 2 * kAmxRowBlock);
 }
 
-// Whether bf16 attention forward passes with at least 32 query rows per (batch, kv head)
-// run on AMX tiles (attention_forward_amx): the processor has AMX-TILE and AMX-BF16, the
+// Whether bf16 attention forward passes with at least kAttentionBlockedMinRows query rows
+// per (batch, kv head) run on AMX tiles (attention_forward_amx): the processor has AMX-TILE and AMX-BF16, the
 // kernel granted this process the tile state (arch_prctl), the AVX-512 build is in use, and
 // the environment variable GPTEXT_CPU_AMX is not 0 (read once).
 bool amx_bf16();
