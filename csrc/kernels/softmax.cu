@@ -9,8 +9,18 @@
 //      running (max, sum) pair while streaming its slice of the row once; the pairs merge
 //      through shared memory; a second sweep writes the probabilities. Two reads instead of
 //      the three of a max / sum / normalise softmax, and the second read mostly hits L2.
+//   4. on sm_90, in place of 3 up to kSoftmaxClusterMaxCols: a cluster of kClusterBlocks
+//      blocks per row, the row in the cluster's registers, so one read and one write as in
+//      1 and 2 (and one exponential per element); the blocks' (max, sum) pairs meet in
+//      distributed shared memory (each block reads its peers' through map_shared_rank),
+//      one cluster barrier a row. Unverified: not yet run on a GPU.
 // Math is fp32 whatever the storage type. 128-bit loads and stores where the row length
 // and the pointers allow; element-wise tails otherwise.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+#include <atomic>
+
 #include "launch.h"
 #include "softmax_math.cuh"
 
@@ -168,6 +178,166 @@ __global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const So
   }
 }
 
+// Variant 4: a cluster of kClusterBlocks blocks per row (rows strided over the clusters).
+// The row is a scalar head up to the first 16-byte boundary, packs of VEC, a scalar tail:
+// pack p goes to cluster thread p % G (G = the cluster's threads) in step p / G, coalesced
+// across the cluster; the head's and tail's elements (fewer than VEC each) to the first
+// threads of block 0, one each. Every element of a thread stays in registers from the load
+// to the store. Each block reduces its part to a (max, sum) pair, the sum taken against its
+// own max, and publishes it in its shared memory; after one cluster barrier every block
+// merges all the pairs (the same values in the same order, so every block gets the same
+// row max and sum) and rescales its probabilities once. The pairs alternate between two
+// slots by row, so a block that runs ahead cannot overwrite a pair a peer has yet to read
+// (it would first have to pass the next row's barrier, which the peer reaches only after
+// reading); the barrier after the loop keeps a block's shared memory alive until its peers
+// are done with it.
+constexpr int kClusterBlocks = 8;       // the portable cluster size
+constexpr int kClusterThreads = 512;    // threads per block
+
+template <typename T, int ITERS>
+__global__ void __launch_bounds__(kClusterThreads) softmax_cluster_kernel(const SoftmaxArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int G = kClusterBlocks * kClusterThreads;
+  __shared__ float scratch[32];
+  __shared__ float2 block_stat[2];  // this block's (max, sum) of a row, by row parity
+  cg::cluster_group cluster = cg::this_cluster();
+  const int g = int(cluster.block_rank()) * kClusterThreads + threadIdx.x;
+  const int64_t clusters = gridDim.x / kClusterBlocks;
+  const float k = a.scale * kLog2e;
+
+  int slot = 0;
+  for (int64_t row = blockIdx.x / kClusterBlocks; row < a.rows; row += clusters, slot ^= 1) {
+    const T* x = static_cast<const T*>(a.x) + row * a.cols;
+    T* y = static_cast<T*>(a.y) + row * a.cols;
+    const KeyRange keys = row_keys(a, row);
+    const int64_t misalign = (reinterpret_cast<uintptr_t>(x) / sizeof(T)) % VEC;
+    const int64_t head = misalign == 0 ? 0 : (VEC - misalign < a.cols ? VEC - misalign : a.cols);
+    const int64_t packs = (a.cols - head) / VEC, tail = head + packs * VEC;
+    // The one head or tail element this thread holds, if any.
+    const int64_t extra_col = g < head ? g : (g - head < a.cols - tail ? tail + (g - head) : -1);
+
+    float v[ITERS][VEC];
+    float extra = -INFINITY, part_max = -INFINITY;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t p = int64_t(it) * G + g;
+      if (p < packs) {
+        dev::load_floats<VEC>(x + head + p * VEC, v[it]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[it][e] = -INFINITY;
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (!visible(keys, head + p * VEC + e)) v[it][e] = -INFINITY;
+        part_max = fmaxf(part_max, v[it][e]);
+      }
+    }
+    if (extra_col >= 0 && visible(keys, extra_col)) extra = to_float(x[extra_col]);
+    part_max = dev::block_max(fmaxf(part_max, extra), scratch);
+
+    float part_sum = 0.0f;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        v[it][e] = softmax_exp(v[it][e], part_max, k);
+        part_sum += v[it][e];
+      }
+    extra = softmax_exp(extra, part_max, k);
+    part_sum = dev::block_sum(part_sum + extra, scratch);
+
+    if (threadIdx.x == 0) block_stat[slot] = make_float2(part_max, part_sum);
+    cluster.sync();
+    float2 stat[kClusterBlocks];
+#pragma unroll
+    for (int r = 0; r < kClusterBlocks; ++r) stat[r] = cluster.map_shared_rank(block_stat, r)[slot];
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kClusterBlocks; ++r) row_max = fmaxf(row_max, stat[r].x);
+    float row_sum = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kClusterBlocks; ++r) row_sum += stat[r].y * softmax_exp(stat[r].x, row_max, k);
+    // This block's probabilities were taken against its own max.
+    const float scale = softmax_exp(part_max, row_max, k) * softmax_inv_sum(row_sum);
+
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t p = int64_t(it) * G + g;
+      if (p >= packs) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) v[it][e] *= scale;
+      dev::store_floats<VEC>(y + head + p * VEC, v[it]);
+    }
+    if (extra_col >= 0) y[extra_col] = from_float<T>(extra * scale);
+  }
+  cluster.sync();
+#else
+  __trap();  // clusters need sm_90; the host launches this only where a sm_90+ binary runs
+#endif
+}
+
+// The smallest ITERS (a power of two, up to kSoftmaxClusterMaxCols) for which a cluster
+// holds `cols` elements.
+template <typename T, typename Fn>
+cudaError_t dispatch_cluster_iters(int64_t cols, Fn&& fn) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int kMaxIters = int(kSoftmaxClusterMaxCols / (kClusterBlocks * kClusterThreads * VEC));
+  static_assert(kMaxIters * kClusterBlocks * kClusterThreads * VEC == kSoftmaxClusterMaxCols, "whole steps");
+  // One pack fewer than the row's elements / VEC may hold a whole step: the head and tail
+  // elements ride in the extra register.
+  return dev::dispatch_pow2<1, kMaxIters>(ceil_div(ceil_div(cols, VEC), kClusterBlocks * kClusterThreads), fn);
+}
+
+// Whether this device runs softmax_cluster_kernel's sm_90 code: its binary (or the PTX the
+// driver compiled) targets sm_90 or newer. Asked once per device.
+template <typename T, int ITERS>
+bool cluster_kernel_runs() {
+  static std::atomic<int> answer[64] = {};  // 0: not asked yet, 1: no, 2: yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (answer[device].load() == 0) {
+    cudaFuncAttributes attributes{};
+    const bool runs = cudaFuncGetAttributes(&attributes, softmax_cluster_kernel<T, ITERS>) == cudaSuccess &&
+                      attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
+    (void)cudaGetLastError();
+    answer[device].store(runs ? 2 : 1);
+  }
+  return answer[device].load() == 2;
+}
+
+// Variant 4 where the device runs it; false (nothing launched) otherwise, or when the
+// launch is refused (the online kernel then serves the call).
+template <typename T>
+bool launch_cluster(const SoftmaxArgs& a, cudaStream_t stream) {
+  if (a.cols > kSoftmaxClusterMaxCols) return false;
+  // As in the online kernel, x and y share the vector path only if equally misaligned.
+  if ((reinterpret_cast<uintptr_t>(a.x) - reinterpret_cast<uintptr_t>(a.y)) % 16 != 0) return false;
+  const cudaError_t err = dispatch_cluster_iters<T>(a.cols, [&](auto iters) {
+    constexpr auto kernel = softmax_cluster_kernel<T, decltype(iters)::value>;
+    if (!cluster_kernel_runs<T, decltype(iters)::value>()) return cudaErrorInvalidDeviceFunction;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(unsigned(std::min<int64_t>(a.rows, int64_t(1) << 16) * kClusterBlocks));
+    config.blockDim = dim3(kClusterThreads);
+    config.stream = stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = kClusterBlocks;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, a);
+  });
+  if (err != cudaSuccess) (void)cudaGetLastError();  // refused: not a sticky error
+  return err == cudaSuccess;
+}
+
 template <typename T, int VEC>
 cudaError_t launch_regs(const SoftmaxArgs& a, cudaStream_t stream) {
   return dev::launch_row_kernel<VEC, kSoftmaxWarpMaxCols>(a.rows, a.cols, [&](auto iters, auto warp_per_row,
@@ -180,6 +350,7 @@ cudaError_t launch_regs(const SoftmaxArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_softmax(const SoftmaxArgs& a, cudaStream_t stream) {
   if (a.cols > kSoftmaxBlockMaxCols) {
+    if (launch_cluster<T>(a, stream)) return cudaSuccess;
     softmax_online_kernel<T><<<dev::capped_grid(a.rows), kOnlineThreads, 0, stream>>>(a);
     return cudaGetLastError();
   }

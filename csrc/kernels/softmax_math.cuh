@@ -63,6 +63,8 @@ GPTEXT_HD float softmax_inv_sum(float sum) { return sum == 0.0f ? 0.0f : 1.0f / 
 // Row-length thresholds that pick a CUDA variant; the CPU has no variants.
 constexpr int64_t kSoftmaxWarpMaxCols = 1024;    // row held in one warp's registers
 constexpr int64_t kSoftmaxBlockMaxCols = 16384;  // row held in one block's registers
-// Beyond that, a single-pass online softmax computes (max, sum) as it streams the row.
+// Beyond that, a single-pass online softmax computes (max, sum) as it streams the row; on
+// sm_90 a cluster of blocks holds rows up to this long in registers instead.
+constexpr int64_t kSoftmaxClusterMaxCols = 262144;  // gpt-oss's 201,088-token vocabulary fits
 
 }  // namespace gptext

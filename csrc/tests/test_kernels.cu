@@ -118,7 +118,9 @@ static void test_softmax(std::mt19937& gen) {
   const Case cases_[] = {{7, 1, false, 0, 1},      {5, 37, false, 0, 1},    {33, 1024, false, 0, 1},
                          {3, 1025, false, 0, 1},   {2, 16384, false, 0, 1}, {2, 16385, false, 0, 1},
                          {2, 50257, false, 0, 1},  {12, 40, true, 0, 4},    {12, 40, true, 7, 6},
-                         {4, 3000, true, 128, 2},  {6, 20000, true, 0, 3},  {8, 5, true, 0, 8}};
+                         {4, 3000, true, 128, 2},  {6, 20000, true, 0, 3},  {8, 5, true, 0, 8},
+                         {3, 65537, false, 0, 1},  {1, 201088, false, 0, 1}, {2, 262144, true, 0, 2},
+                         {2, 262145, false, 0, 1}};
   for (DType t : {DType::F32, DType::BF16, DType::F16}) {
     for (const Case& c : cases_) {
       if (c.rows * c.cols > max_elements) continue;
