@@ -104,7 +104,8 @@ def test_cpu_bf16_grouped_decode_any_cache_length(kernels, dim):
     chunks of a few heads): on AMX, one 16-row chunk or a full and a partial one against
     packed key tiles of 16 and value tiles of 32 keys, so caches of every length around
     both, read from a longer cache buffer (rows of a view), with sinks, a window and
-    padding; 80 is not a whole number of 32-dim tiles and takes the fp32 vectors."""
+    padding, and the whole buffer told by kv_lens how much is written; 80 is not a whole
+    number of 32-dim tiles and takes the fp32 vectors."""
     for heads, kv_heads, q_len in [(8, 1, 1), (16, 2, 1), (4, 1, 1), (12, 3, 2), (20, 1, 1), (3, 1, 9)]:
         for k_len in [1, 15, 16, 17, 31, 32, 33, 100]:
             q, k_cache, v_cache = qkv(2, heads, kv_heads, q_len, 128, dim, torch.bfloat16, "cpu", seed=k_len)
@@ -113,6 +114,11 @@ def test_cpu_bf16_grouped_decode_any_cache_length(kernels, dim):
                            dict(kv_starts=torch.tensor([0, k_len // 2]), kv_lens=torch.tensor([k_len, k_len]))]:
                 out = gptext.ops.attention(q, k, v, **kwargs)
                 assert_close(out.float(), oracle(reference.attention, q, k, v, **kwargs), torch.bfloat16, scale=2)
+            # The whole buffer with kv_lens: slots past the written keys hold NaN and are never read.
+            k_cache[:, :, k_len:], v_cache[:, :, k_len:] = float("nan"), float("nan")
+            lens = torch.tensor([k_len, k_len])
+            out = gptext.ops.attention(q, k_cache, v_cache, kv_lens=lens)
+            assert_close(out.float(), oracle(reference.attention, q, k, v), torch.bfloat16, scale=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

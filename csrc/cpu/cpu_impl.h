@@ -1656,10 +1656,13 @@ GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t kv = (task / row_tiles) % a.kv_heads, b = task / (row_tiles * a.kv_heads);
     if (packed_for != b * a.kv_heads + kv) {
-      amx_pack_keys(row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, 0), a.k_stride[2], a.k_len, padded, dim,
+      // Only the keys written so far (kv_lens: a longer cache buffer's slots past them are never read).
+      const int64_t written = attention_batch_keys(a, b).end;
+      const int64_t blocks_end = (written + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
+      amx_pack_keys(row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, 0), a.k_stride[2], written, blocks_end, dim,
                     kpack.get());
-      amx_pack_values(row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, 0), a.v_stride[2], a.k_len, padded, dim,
-                      vpack.get());
+      amx_pack_values(row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, 0), a.v_stride[2], written, blocks_end,
+                      dim, vpack.get());
       packed_for = b * a.kv_heads + kv;
     }
     const int64_t first = (task % row_tiles) * R, task_rows = std::min(R, rows - first);
