@@ -2132,13 +2132,15 @@ void attention_backward_t(const AttentionGradArgs& g, int64_t task_begin, int64_
   }
 }
 
-// dispatch(), plus whether the outputs are streamed: when the call moves at least
-// stream_min_traffic() bytes (`tensors` rows x cols tensors read or written):
-// fn(format tag, std::integral_constant<bool, stream>).
+// dispatch(), plus whether the outputs (each rows x cols) are streamed: when the call moves
+// at least stream_min_traffic() bytes (`tensors` rows x cols tensors read or written) and
+// no output is larger than kFreshOutputBytes: fn(format tag, std::integral_constant<bool,
+// stream>).
 template <typename Fn>
 void dispatch_streamed(DType dtype, int64_t rows, int64_t cols, int tensors, Fn&& fn) {
   dispatch(dtype, [&](auto tag) {
-    if (rows * cols * tensors * int64_t(sizeof(typename decltype(tag)::storage)) >= stream_min_traffic()) {
+    const int64_t output_bytes = rows * cols * int64_t(sizeof(typename decltype(tag)::storage));
+    if (output_bytes * tensors >= stream_min_traffic() && output_bytes <= kFreshOutputBytes) {
       fn(tag, std::true_type{});
     } else {
       fn(tag, std::false_type{});

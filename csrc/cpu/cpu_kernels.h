@@ -113,6 +113,17 @@ bool amx_bf16();
 // (an earlier softmax gave 0.91x / 1.10x there).
 int64_t stream_min_traffic();
 
+// Outputs larger than this are not streamed, however much the call moves. glibc's malloc
+// takes a block this large straight from mmap (its dynamic mmap threshold stops at 32 MiB
+// on 64-bit systems), so every call writes fresh pages, which the kernel has just zeroed
+// into the cache: ordinary stores then land in cached lines, while streaming stores write
+// around them and the zeroed lines still go back to memory. Measured on the Intel Xeon VM,
+// fp32 softmax of 50257 columns, streamed / not: 160 rows (32 MB output) 3.6 / 4.9-5.1 ms,
+// 256 rows (51 MB) 30.7-31.4 / 20.4-23.7 ms, 512 rows (103 MB) 60 / 35-49 ms; fp32
+// layernorm_residual 16384x768 (two 50 MB outputs) 50-55 / 43-45 ms. With torch's
+// THP_MEM_ALLOC_ENABLE=1 (huge pages, fewer faults) the two were even above 32 MB.
+constexpr int64_t kFreshOutputBytes = int64_t(32) << 20;
+
 // The builds of the kernels, in the order of what they need of the processor.
 enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 const char* isa_name(Isa isa);
