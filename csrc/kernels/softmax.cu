@@ -40,6 +40,20 @@ __device__ __forceinline__ bool visible(const KeyRange& keys, int64_t col) {
   return col >= keys.begin && col < keys.end;
 }
 
+// v <- softmax_exp(v, max, k) for a thread's register tile of a row; returns their sum.
+template <int ITERS, int VEC>
+__device__ __forceinline__ float exp_in_place(float (&v)[ITERS][VEC], float max, float k) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      v[it][e] = softmax_exp(v[it][e], max, k);
+      sum += v[it][e];
+    }
+  return sum;
+}
+
 // Variants 1 and 2. A row is covered by `row_threads` threads (a warp, or the block) in
 // ITERS steps of VEC contiguous elements each: element (it * row_threads + t) * VEC + v.
 // With VEC > 1 the row length is a multiple of VEC, so a pack is either whole or absent.
@@ -77,14 +91,7 @@ __global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow)) softmax_
     }
     row_max = dev::row_max<kWarpPerRow>(row_max, scratch);
 
-    float sum = 0.0f;
-#pragma unroll
-    for (int it = 0; it < ITERS; ++it)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        v[it][e] = softmax_exp(v[it][e], row_max, k);
-        sum += v[it][e];
-      }
+    const float sum = exp_in_place(v, row_max, k);
     const float inv = softmax_inv_sum(dev::row_sum<kWarpPerRow>(sum, scratch));
 
 #pragma unroll
@@ -238,16 +245,8 @@ __global__ void __launch_bounds__(kClusterThreads) softmax_cluster_kernel(const 
     if (extra_col >= 0 && visible(keys, extra_col)) extra = to_float(x[extra_col]);
     part_max = dev::block_max(fmaxf(part_max, extra), scratch);
 
-    float part_sum = 0.0f;
-#pragma unroll
-    for (int it = 0; it < ITERS; ++it)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        v[it][e] = softmax_exp(v[it][e], part_max, k);
-        part_sum += v[it][e];
-      }
     extra = softmax_exp(extra, part_max, k);
-    part_sum = dev::block_sum(part_sum + extra, scratch);
+    const float part_sum = dev::block_sum(exp_in_place(v, part_max, k) + extra, scratch);
 
     if (threadIdx.x == 0) block_stat[slot] = make_float2(part_max, part_sum);
     cluster.sync();
