@@ -1507,21 +1507,27 @@ inline void transpose16(__m512 (&r)[16]) {
   }
 }
 
+// One 16 x 16 tile of bf16 pairs from 16 rows of 32 values (row i at src + i * stride;
+// rows from `rows` on, and values outside `mask`, as zeros): tile row p (16 values at out +
+// 16 p) holds pair p (values 2p, 2p + 1) of every row, lane i from row i. The rows load as
+// 16 vectors of pairs, transposed.
+inline void amx_pair_tile(const uint16_t* src, int64_t stride, int64_t rows, __mmask32 mask, uint32_t* out) {
+  __m512 r[16];
+  for (int64_t i = 0; i < 16; ++i) {
+    r[i] = i < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, src + i * stride)) : _mm512_setzero_ps();
+  }
+  transpose16(r);
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * 16, r[i]);
+}
+
 // Keys [0, n) of one (batch, kv head), rows `step` apart, into `padded` / 16 x dim / 32
-// tiles (keys past n as zeros): per tile, 16 keys' 32 dims load as 16 vectors of pairs,
-// transposed.
+// tiles (keys past n as zeros), each an amx_pair_tile of 16 keys' 32 dims.
 inline void amx_pack_keys(const uint16_t* k, int64_t step, int64_t n, int64_t padded, int64_t dim, uint32_t* out) {
   const int64_t chunks = dim / 32;
   for (int64_t kb = 0; kb < padded / 16; ++kb) {
+    const int64_t keys = std::max<int64_t>(0, std::min<int64_t>(16, n - kb * 16));
     for (int64_t c = 0; c < chunks; ++c) {
-      __m512 r[16];
-      for (int64_t key = 0; key < 16; ++key) {
-        const int64_t j = kb * 16 + key;
-        r[key] = j < n ? _mm512_castsi512_ps(_mm512_loadu_si512(k + j * step + c * 32)) : _mm512_setzero_ps();
-      }
-      transpose16(r);
-      uint32_t* tile = out + (kb * chunks + c) * 256;
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(tile + i * 16), r[i]);
+      amx_pair_tile(k + kb * 16 * step + c * 32, step, keys, ~__mmask32(0), out + (kb * chunks + c) * 256);
     }
   }
 }
@@ -1636,8 +1642,9 @@ GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin
   constexpr int64_t R = 32;
   const int64_t dim = a.head_dim, group = a.heads / a.kv_heads, rows = group * a.q_len;
   const int64_t row_tiles = (rows + R - 1) / R, chunks = dim / 32, dtiles = dim / 16;
-  const int64_t padded = (a.k_len + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
-  // Every element is written by the packers (zeros past k_len): no zero-filling here.
+  const int64_t padded = ceil_div(a.k_len, kAmxKeys) * kAmxKeys;
+  // The packers write the blocks that hold a batch's written keys (zeros past the last of
+  // them), and nothing reads further: no zero-filling here.
   const LineAligned<uint32_t> kpack(size_t(padded * dim / 2)), vpack(size_t(padded * dim / 2));
   int64_t packed_for = -1;
   std::unique_ptr<AmxChunk[]> chunk(new AmxChunk[2]);
@@ -1658,7 +1665,7 @@ GPTEXT_AMX void attention_forward_amx(const AttentionArgs& a, int64_t task_begin
     if (packed_for != b * a.kv_heads + kv) {
       // Only the keys written so far (kv_lens: a longer cache buffer's slots past them are never read).
       const int64_t written = attention_batch_keys(a, b).end;
-      const int64_t blocks_end = (written + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
+      const int64_t blocks_end = ceil_div(written, kAmxKeys) * kAmxKeys;
       amx_pack_keys(row_of(static_cast<const T*>(a.k), a.k_stride, b, kv, 0), a.k_stride[2], written, blocks_end, dim,
                     kpack.get());
       amx_pack_values(row_of(static_cast<const T*>(a.v), a.v_stride, b, kv, 0), a.v_stride[2], written, blocks_end,
@@ -1835,8 +1842,8 @@ inline void amx_weight_tail(const uint16_t* w, int64_t ldb, int64_t n, int64_t r
 
 // Blocks [block_begin, block_end) of 16 rows of a into packed (amx_packed_size values):
 // block b's tiles at packed + b * amx_padded_k(k) * 8, row p of them holding pairs p of
-// the block's rows, zeros past k and past the last row. Each 32 k values of 16 rows load as
-// 16 vectors of pairs (masked at k: nothing is read past a row), transposed.
+// the block's rows, zeros past k and past the last row: per 32 k values an amx_pair_tile,
+// masked at k (nothing is read past a row).
 GPTEXT_AMX void amx_pack_rows_avx512(const GemmArgs& a, uint32_t* packed, int64_t block_begin, int64_t block_end) {
   const uint16_t* x = static_cast<const uint16_t*>(a.a);
   const int64_t padded = amx_padded_k(a.k);
@@ -1844,14 +1851,7 @@ GPTEXT_AMX void amx_pack_rows_avx512(const GemmArgs& a, uint32_t* packed, int64_
     const int64_t rows = std::min<int64_t>(16, a.m - b * 16);
     uint32_t* out = packed + b * (padded / 2) * 16;
     for (int64_t kk = 0; kk < padded; kk += 32) {
-      const __mmask32 mask = amx_k_mask(kk, a.k);
-      __m512 r[16];
-      for (int64_t i = 0; i < 16; ++i) {
-        r[i] = i < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, x + (b * 16 + i) * a.lda + kk))
-                        : _mm512_setzero_ps();
-      }
-      transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (kk / 2 + i) * 16, r[i]);
+      amx_pair_tile(x + b * 16 * a.lda + kk, a.lda, rows, amx_k_mask(kk, a.k), out + kk / 2 * 16);
     }
   }
 }
