@@ -109,6 +109,14 @@ __global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow)) softmax_
   }
 }
 
+// The elements of a row of `cols` at x before its first 16-byte boundary (VEC of them make
+// 16 bytes): the scalar head in front of its 128-bit packs.
+template <int VEC, typename T>
+__device__ __forceinline__ int64_t row_head(const T* x, int64_t cols) {
+  const int64_t misalign = (reinterpret_cast<uintptr_t>(x) / sizeof(T)) % VEC;
+  return misalign == 0 ? 0 : (VEC - misalign < cols ? VEC - misalign : cols);
+}
+
 // Visits every column of a row once, split over the block's threads: a scalar head up to
 // the first 16-byte boundary, 16-byte packs, a scalar tail. `fn(col, values, count)` gets
 // `count` consecutive elements starting at `col`; count is std::integral_constant<int, VEC>
@@ -116,11 +124,7 @@ __global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow)) softmax_
 // (a runtime count indexes them dynamically, which puts them in local memory).
 template <typename T, int VEC, typename Fn>
 __device__ __forceinline__ void for_each_chunk(const T* x, int64_t cols, bool vectorize, Fn&& fn) {
-  int64_t head = cols;
-  if (vectorize) {
-    const int64_t misalign = (reinterpret_cast<uintptr_t>(x) / sizeof(T)) % VEC;
-    head = misalign == 0 ? 0 : (VEC - misalign < cols ? VEC - misalign : cols);
-  }
+  const int64_t head = vectorize ? row_head<VEC>(x, cols) : cols;
   const int64_t packs = (cols - head) / VEC;
   for (int64_t c = threadIdx.x; c < head; c += blockDim.x) {
     const float one[1] = {to_float(x[c])};
@@ -219,8 +223,7 @@ __global__ void __launch_bounds__(kClusterThreads) softmax_cluster_kernel(const 
     const T* x = static_cast<const T*>(a.x) + row * a.cols;
     T* y = static_cast<T*>(a.y) + row * a.cols;
     const KeyRange keys = row_keys(a, row);
-    const int64_t misalign = (reinterpret_cast<uintptr_t>(x) / sizeof(T)) % VEC;
-    const int64_t head = misalign == 0 ? 0 : (VEC - misalign < a.cols ? VEC - misalign : a.cols);
+    const int64_t head = row_head<VEC>(x, a.cols);
     const int64_t packs = (a.cols - head) / VEC, tail = head + packs * VEC;
     // The one head or tail element this thread holds, if any.
     const int64_t extra_col = g < head ? g : (g - head < a.cols - tail ? tail + (g - head) : -1);
@@ -290,9 +293,9 @@ cudaError_t dispatch_cluster_iters(int64_t cols, Fn&& fn) {
   return dev::dispatch_pow2<1, kMaxIters>(ceil_div(ceil_div(cols, VEC), kClusterBlocks * kClusterThreads), fn);
 }
 
-// Whether this device runs softmax_cluster_kernel's sm_90 code: its binary (or the PTX the
-// driver compiled) targets sm_90 or newer. Asked once per device.
-template <typename T, int ITERS>
+// Whether this device runs softmax_cluster_kernel's sm_90 code: its binary, or the PTX the
+// driver compiled, targets sm_90 or newer (every instantiation is built for the same
+// arches, so one answers for all). Asked once per device.
 bool cluster_kernel_runs() {
   static std::atomic<int> answer[64] = {};  // 0: not asked yet, 1: no, 2: yes
   int device = 0;
@@ -302,7 +305,7 @@ bool cluster_kernel_runs() {
   }
   if (answer[device].load() == 0) {
     cudaFuncAttributes attributes{};
-    const bool runs = cudaFuncGetAttributes(&attributes, softmax_cluster_kernel<T, ITERS>) == cudaSuccess &&
+    const bool runs = cudaFuncGetAttributes(&attributes, softmax_cluster_kernel<float, 1>) == cudaSuccess &&
                       attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
     (void)cudaGetLastError();
     answer[device].store(runs ? 2 : 1);
@@ -314,12 +317,11 @@ bool cluster_kernel_runs() {
 // launch is refused (the online kernel then serves the call).
 template <typename T>
 bool launch_cluster(const SoftmaxArgs& a, cudaStream_t stream) {
-  if (a.cols > kSoftmaxClusterMaxCols) return false;
+  if (a.cols > kSoftmaxClusterMaxCols || !cluster_kernel_runs()) return false;
   // As in the online kernel, x and y share the vector path only if equally misaligned.
   if ((reinterpret_cast<uintptr_t>(a.x) - reinterpret_cast<uintptr_t>(a.y)) % 16 != 0) return false;
   const cudaError_t err = dispatch_cluster_iters<T>(a.cols, [&](auto iters) {
     constexpr auto kernel = softmax_cluster_kernel<T, decltype(iters)::value>;
-    if (!cluster_kernel_runs<T, decltype(iters)::value>()) return cudaErrorInvalidDeviceFunction;
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(unsigned(std::min<int64_t>(a.rows, int64_t(1) << 16) * kClusterBlocks));
     config.blockDim = dim3(kClusterThreads);
