@@ -89,9 +89,9 @@ inline int64_t amx_packed_size(int64_t m, int64_t k) {
 }
 
 // Whether bf16 attention forward passes with at least kAttentionBlockedMinRows query rows
-// per (batch, kv head) run on AMX tiles (attention_forward_amx): the processor has AMX-TILE and AMX-BF16, the
-// kernel granted this process the tile state (arch_prctl), the AVX-512 build is in use, and
-// the environment variable GPTEXT_CPU_AMX is not 0 (read once).
+// per (batch, kv head) run on AMX tiles (attention_forward_amx): the processor has AMX-TILE
+// and AMX-BF16, the kernel granted this process the tile state (arch_prctl), the AVX-512
+// build is in use, and the environment variable GPTEXT_CPU_AMX is not 0 (read once).
 bool amx_bf16();
 
 // A call that moves at least this many bytes (inputs read plus outputs written) writes its
