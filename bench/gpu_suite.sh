@@ -6,8 +6,9 @@
 #                then a check that its CUDA kernels can run here
 #   pytest_cuda  python3 -m pytest -q -m cuda (short tracebacks, every failure listed at the end)
 #   ctest        the native kernel tests (CMake + CTest, sm_90)
-#   gemm_tiles   build/native/test_kernels --bench: the WMMA GEMM's block tiles timed
-#                against each other at 4096^3 and GPT-2's prefill shapes (gemm_tiles.txt)
+#   tiles        build/native/test_kernels --bench: the WMMA GEMM's block tiles timed
+#                against each other at 4096^3 and GPT-2's prefill shapes, and the attention
+#                forward with 16 and 32 query rows a warp at causal T = 1024-8192 (tiles.txt)
 #   bench        python3 -m bench --full --device cuda --out OUTDIR
 #   memcheck     compute-sanitizer --tool memcheck  over build/native/test_kernels --small
 #   racecheck    compute-sanitizer --tool racecheck over build/native/test_kernels --small
@@ -24,7 +25,7 @@
 #
 # Writes at most 7 files into OUTDIR: gpu_suite.json (commit, date, device, versions, each
 # step's status, seconds and log tail, the bench JSON's path), suite.log (every step's
-# log), gemm_tiles.txt, ncu.txt, and the bench's results.json, speedup.png and roofline.png.
+# log), tiles.txt, ncu.txt, and the bench's results.json, speedup.png and roofline.png.
 #
 # The commit is $2, else $GPTEXT_COMMIT, else git's HEAD (a copy of the repository
 # without .git has none). Without a GPU (nvidia-smi or torch.cuda missing) the GPU steps
@@ -51,7 +52,7 @@ OUT=$(cd "$OUT" && pwd)
 
 export PY=${PYTHON:-python3}
 BUDGET=${SUITE_BUDGET:-570}
-STEPS=${SUITE_STEPS:-build,pytest_cuda,ctest,gemm_tiles,bench,memcheck,racecheck,ncu,pytest_all}
+STEPS=${SUITE_STEPS:-build,pytest_cuda,ctest,tiles,bench,memcheck,racecheck,ncu,pytest_all}
 COMMIT=${2:-${GPTEXT_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}}
 export GPTEXT_COMMIT=$COMMIT
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -150,10 +151,10 @@ gpu_step ctest 150 260 '
   cmake -S . -B build/native -DCMAKE_CUDA_ARCHITECTURES=90 \
     && cmake --build build/native -j \
     && ctest --test-dir build/native --output-on-failure'
-if [ -x build/native/test_kernels ] || ! selected gemm_tiles; then
-  gpu_step gemm_tiles 60 250 "build/native/test_kernels --bench | tee '$OUT/gemm_tiles.txt'"
+if [ -x build/native/test_kernels ] || ! selected tiles; then
+  gpu_step tiles 90 250 "build/native/test_kernels --bench | tee '$OUT/tiles.txt'"
 else
-  record gemm_tiles skipped 0 "build/native/test_kernels was not built (see the ctest step)"
+  record tiles skipped 0 "build/native/test_kernels was not built (see the ctest step)"
 fi
 if [ "$GPU" -eq 1 ]; then
   BENCH_ARGS=${SUITE_BENCH_ARGS:---full --device cuda --compile-budget 120}

@@ -262,17 +262,18 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   align_rows(p.q, a.q, a.q_stride);
   align_rows(p.k, a.k, a.k_stride);
   align_rows(p.v, a.v, a.v_stride);
-  const int splits = kernels::attention_forward_splits(a, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  at::Tensor partial_out, partial_lse;
-  if (splits > 1) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  kernels::AttentionPlan plan =
+      kernels::attention_forward_plan(a, props->multiProcessorCount, int64_t(props->sharedMemPerMultiprocessor));
+  at::Tensor partial_out, partial_lse;  // the split-KV workspace
+  if (plan.splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
-    partial_out = at::empty({splits, a.batch, a.heads, a.q_len, a.head_dim}, f32);
-    partial_lse = at::empty({splits, a.batch, a.heads, a.q_len}, f32);
+    partial_out = at::empty({plan.splits, a.batch, a.heads, a.q_len, a.head_dim}, f32);
+    partial_lse = at::empty({plan.splits, a.batch, a.heads, a.q_len}, f32);
+    plan.out = partial_out.data_ptr<float>();
+    plan.lse = partial_lse.data_ptr<float>();
   }
-  const kernels::AttentionWorkspace workspace{
-      splits, partial_out.defined() ? partial_out.data_ptr<float>() : nullptr,
-      partial_lse.defined() ? partial_lse.data_ptr<float>() : nullptr};
-  check_cuda(kernels::attention_forward(a, p.dtype, workspace, current_stream()), "attention");
+  check_cuda(kernels::attention_forward(a, p.dtype, plan, current_stream()), "attention");
   return {p.out, p.lse};
 }
 

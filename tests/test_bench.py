@@ -355,7 +355,7 @@ def test_gpu_suite_records_every_step(tmp_path):
     summary = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
     assert summary["commit"] == "feedbeef" and summary["date"].endswith("Z") and summary["bench_json"] is None
     steps = {s["step"]: s for s in summary["steps"]}
-    assert list(steps) == ["build", "pytest_cuda", "ctest", "gemm_tiles", "bench", "memcheck", "racecheck", "ncu",
+    assert list(steps) == ["build", "pytest_cuda", "ctest", "tiles", "bench", "memcheck", "racecheck", "ncu",
                            "pytest_all"]
     assert {s["status"] for s in steps.values()} <= {"skipped", "unavailable"}
     assert steps["bench"]["note"] == "not in SUITE_STEPS"

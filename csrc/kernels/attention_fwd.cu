@@ -1,18 +1,23 @@
 // Fused attention, forward: out = softmax(scale q k^T) v without writing the scores out.
 //
-// One thread block owns a tile of BM = 16 x WARPS "rows" of one (batch, kv head): a row is
-// a (query head of the group, query) pair, so grouped-query heads that share keys and values
-// are served by one stream of them, and a decode step (q_len = 1) packs the group's heads
-// into one tile. Each warp owns 16 rows. Per 64-key tile:
+// One thread block owns a tile of BM = 16 x R x WARPS "rows" of one (batch, kv head): a row
+// is a (query head of the group, query) pair, so grouped-query heads that share keys and
+// values are served by one stream of them, and a decode step (q_len = 1) packs the group's
+// heads into one tile. Each warp owns R tiles of 16 rows (AttentionPlan::warp_rows = 16 R):
+// R = 1 for decode and small grids, R = 2 for prefill grids large enough to fill the GPU
+// with 128-row blocks, where every K and V fragment read from shared memory feeds both row
+// tiles' products. Per 64-key tile:
 //   - K and V tiles stream through shared memory, double-buffered with cp.async; rows of
 //     head_dim b16 elements are stored with an XOR swizzle of their 16-byte chunks
 //     (swizzle_chunk) so the ldmatrix reads below are free of bank conflicts;
 //   - S = Q K^T on tensor cores (mma.sync m16n8k16, fp32 accumulate), Q's fragments held in
-//     registers for the whole block;
-//   - the online softmax runs on S in registers: each thread holds two rows' elements, the
-//     row max is reduced over the four threads of a quad with two shuffles, the running sum
-//     is kept per thread and reduced once at the end; tiles wholly inside every row's key
-//     range skip the masking, tiles wholly outside are never loaded (causal / window skip);
+//     registers for the whole block (re-read from shared memory per key tile when R = 2 at
+//     D = 128, where the accumulators need the registers);
+//   - the online softmax runs on S in registers: each thread holds two rows' elements per
+//     row tile, the row max is reduced over the four threads of a quad with two shuffles,
+//     the running sum is kept per thread and reduced once at the end; tiles wholly inside
+//     every row's key range skip the masking, tiles wholly outside are never loaded
+//     (causal / window skip);
 //   - P is rounded to b16 straight from the accumulator registers into the A fragments of
 //     P V (the C and A layouts of m16n8k16 line up, see mma.cuh), and V's fragments come
 //     from ldmatrix.trans.
@@ -26,13 +31,16 @@
 // over several blocks (split-KV); those write normalised fp32 partial outputs with their
 // log-sum-exp and attention_combine_kernel merges them, adding the sink there.
 //
-// Per 64-key tile the loop issues ~650 instructions a warp at D = 64 (~870 at D = 128) for
-// its 64 (128) mma.sync, counted in the sm_90 SASS; the version before had ~1800 (~2000).
+// Per 64-key tile without a mask, counted in the sm_90 SASS (bf16, four warps), a warp
+// issues for R = 1 ~490 instructions and 32 ldmatrix for its 64 mma.sync at D = 64 (~720 and
+// 64 for 128 at D = 128); for R = 2, ~790 and 32 for 128 at D = 64 (~1200 and 80 for 256 at
+// D = 128). The version before the loop rework had ~1800 (~2000) for R = 1.
 //
 // Unverified: bench/gpu_suite.sh verified this kernel on an H100 (sm_90) on 2026-11-23
 // (commit 3a9f802), before its key loop was reworked (unrolled tile copies, masks only on
-// edge tiles with 32-bit compares, .ftz exponentials, later row tiles first); the reworked
-// loop has not run on a GPU yet. The sm_80 build has never run on a GPU.
+// edge tiles with 32-bit compares, .ftz exponentials, later row tiles first) and before the
+// R = 2 form; neither has run on a GPU yet (test_kernels runs every case under both forms).
+// The sm_80 build has never run on a GPU.
 #include "attention_tiles.cuh"
 #include "launch.h"
 
@@ -44,21 +52,27 @@ using namespace dev;
 constexpr int kBlockKeys = 64;
 constexpr int kMaxSplits = 64;
 
-template <int D, int WARPS>
+template <int D, int WARPS, int R>
 struct FwdTile {
-  static constexpr int BM = 16 * WARPS, BN = kBlockKeys;
+  static constexpr int kWarpRows = 16 * R;  // a warp's rows: R tiles of 16 (AttentionPlan::warp_rows)
+  static constexpr int BM = kWarpRows * WARPS, BN = kBlockKeys;
   static constexpr size_t kSmemBytes = size_t(BM + 4 * BN) * D * 2;  // Q, then K and V x 2 stages
+  // Q's A fragments stay in registers for the whole block where they take at most 32 of
+  // them (D * R <= 128); with two row tiles at D = 128 the accumulators need those
+  // registers, and Q's fragments are read from shared memory again for every key tile.
+  static constexpr bool kQInRegisters = D * R <= 128;
   // Blocks per SM the register allocation must allow (65536 registers / (threads x regs)):
   // at most ~168 registers a thread for D = 64 with 2 or 4 warps, 255 otherwise. Without
   // the cap ptxas keeps the unrolled tile copies' addresses live across the key loop (194
-  // registers at D = 64: two 4-warp blocks an SM instead of three).
-  static constexpr int kMinBlocks = WARPS == 1 ? 8 : (D == 64 ? 12 : 8) / WARPS;
+  // registers at D = 64: two 4-warp blocks an SM instead of three). Two row tiles a warp
+  // (R = 2, four warps) ask for two blocks an SM: 255 registers.
+  static constexpr int kMinBlocks = R == 2 ? 2 : (WARPS == 1 ? 8 : (D == 64 ? 12 : 8) / WARPS);
 };
 
-template <typename T, int D, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS>::kMinBlocks) attention_fwd_kernel(const AttentionArgs a, const AttentionWorkspace w) {
+template <typename T, int D, int WARPS, int R>
+__global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS, R>::kMinBlocks) attention_fwd_kernel(const AttentionArgs a, const AttentionPlan w) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using Tile = FwdTile<D, WARPS>;
+  using Tile = FwdTile<D, WARPS, R>;
   constexpr int BM = Tile::BM, BN = Tile::BN, THREADS = WARPS * 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
@@ -84,17 +98,20 @@ __global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS>::kMinBlocks) att
   const int64_t tile_begin = first_tile + split * per_split;
   const int64_t tile_end = tile_begin + per_split < end_tile ? tile_begin + per_split : end_tile;
 
-  // This thread's two rows: warp rows g and g + 8.
-  int64_t head[2], query[2];
-  KeyRange keys[2];
-  bool valid[2];
-  for (int i = 0; i < 2; ++i) {
-    const int64_t r = r0 + warp * 16 + g + 8 * i;
-    valid[i] = r < rows;
-    head[i] = kv * group + (valid[i] ? r / a.q_len : 0);
-    query[i] = valid[i] ? r % a.q_len : 0;
-    keys[i] = valid[i] ? attention_row_keys(a, b, query[i]) : KeyRange{0, 0};
-  }
+  // This thread's rows: rows g and g + 8 (i = 0, 1) of each of its warp's R row tiles.
+  int64_t head[R][2], query[R][2];
+  KeyRange keys[R][2];
+  bool valid[R][2];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t row = r0 + warp * Tile::kWarpRows + 16 * r + g + 8 * i;
+      valid[r][i] = row < rows;
+      head[r][i] = kv * group + (valid[r][i] ? row / a.q_len : 0);
+      query[r][i] = valid[r][i] ? row % a.q_len : 0;
+      keys[r][i] = valid[r][i] ? attention_row_keys(a, b, query[r][i]) : KeyRange{0, 0};
+    }
 
   load_tile<D, THREADS>(sq, BM, a.q, [&](int row) -> const T* {
     const int64_t r = r0 + row;
@@ -115,21 +132,31 @@ __global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS>::kMinBlocks) att
   cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
   __syncthreads();
 
-  uint32_t qf[D / 16][4];
+  // Q's A fragment of row tile r, k-step ks (16 columns): from registers or shared memory.
+  constexpr int kQTiles = Tile::kQInRegisters ? R : 1, kQSteps = Tile::kQInRegisters ? D / 16 : 1;
+  uint32_t qf[kQTiles][kQSteps][4];
+  auto q_fragment = [&](uint32_t (&f)[4], int r, int ks) {
+    const int row = warp * Tile::kWarpRows + 16 * r + (lane % 8) + ((lane / 8) % 2) * 8;
+    ldmatrix_x4(f, tile_at<D>(sq, row, ks * 2 + lane / 16));
+  };
+  if constexpr (Tile::kQInRegisters) {
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) {
-    const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-    ldmatrix_x4(qf[ks], tile_at<D>(sq, row, ks * 2 + lane / 16));
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) q_fragment(qf[r][ks], r, ks);
   }
 
   const bool finalize = w.splits == 1;  // else the combine step adds the sink and normalises
-  float o[D / 8][4] = {};
-  float m[2], l[2];
-  for (int i = 0; i < 2; ++i) {
-    const bool sink = finalize && a.sinks != nullptr && valid[i];
-    m[i] = sink ? a.sinks[head[i]] * kLog2e : -INFINITY;
-    l[i] = sink && c == 0 ? 1.0f : 0.0f;  // the quad's partial sums are added at the end
-  }
+  float o[R][D / 8][4] = {};
+  float m[R][2], l[R][2];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const bool sink = finalize && a.sinks != nullptr && valid[r][i];
+      m[r][i] = sink ? a.sinks[head[r][i]] * kLog2e : -INFINITY;
+      l[r][i] = sink && c == 0 ? 1.0f : 0.0f;  // the quad's partial sums are added at the end
+    }
   const float k2 = a.scale * kLog2e;
 
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -141,84 +168,113 @@ __global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS>::kMinBlocks) att
     const T* ks_tile = sk + stage * BN * D;
     const T* vs_tile = sv + stage * BN * D;
 
-    float s[BN / 8][4] = {};
+    // S = Q K^T: each K fragment read from shared memory feeds the R row tiles.
+    float s[R][BN / 8][4] = {};
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks)
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t qa[R][4];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if constexpr (Tile::kQInRegisters) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qa[r][e] = qf[r][ks][e];
+        } else {
+          q_fragment(qa[r], r, ks);
+        }
+      }
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
         uint32_t kf[4];
         const int row = np * 16 + (lane % 8) + (lane / 16) * 8;
         ldmatrix_x4(kf, tile_at<D>(ks_tile, row, ks * 2 + (lane / 8) % 2));
-        mma_16816<T>(s[2 * np], qf[ks], kf[0], kf[1]);
-        mma_16816<T>(s[2 * np + 1], qf[ks], kf[2], kf[3]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          mma_16816<T>(s[r][2 * np], qa[r], kf[0], kf[1]);
+          mma_16816<T>(s[r][2 * np + 1], qa[r], kf[2], kf[3]);
+        }
       }
-
-#pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nb][e] *= k2;
-    const int64_t k0 = tile * BN;
-    if (!keys_unmasked(first_row_keys, last_row_keys, k0, k0 + BN)) {  // block-uniform: edge tiles only
-      mask_columns<BN>(s, keys, k0, -INFINITY);
     }
 
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) tile_max = fmaxf(tile_max, fmaxf(s[nb][2 * i], s[nb][2 * i + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float m_new = fmaxf(m[i], tile_max);
-      const float correction = softmax_exp(m[i], m_new, 1.0f);
-      m[i] = m_new;
-      l[i] *= correction;
-#pragma unroll
-      for (int db = 0; db < D / 8; ++db) {
-        o[db][2 * i] *= correction;
-        o[db][2 * i + 1] *= correction;
-      }
-      // softmax_exp(s, m_new) with its empty-row test made once per row: a row with
-      // nothing visible yet (m_new = -inf) has only -inf scores, and 2^-inf = 0.
-      const float m_sub = m_new == -INFINITY ? 0.0f : m_new;
+    for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
-        for (int e = 2 * i; e < 2 * i + 2; ++e) {
-          s[nb][e] = exp2_approx(s[nb][e] - m_sub);
-          l[i] += s[nb][e];
-        }
+        for (int e = 0; e < 4; ++e) s[r][nb][e] *= k2;
+    const int64_t k0 = tile * BN;
+    if (!keys_unmasked(first_row_keys, last_row_keys, k0, k0 + BN)) {  // block-uniform: edge tiles only
+#pragma unroll
+      for (int r = 0; r < R; ++r) mask_columns<BN>(s[r], keys[r], k0, -INFINITY);
     }
 
-    accumulate_times_rows<T, D>(o, s, vs_tile);  // O += P V
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) tile_max = fmaxf(tile_max, fmaxf(s[r][nb][2 * i], s[r][nb][2 * i + 1]));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float m_new = fmaxf(m[r][i], tile_max);
+        const float correction = softmax_exp(m[r][i], m_new, 1.0f);
+        m[r][i] = m_new;
+        l[r][i] *= correction;
+#pragma unroll
+        for (int db = 0; db < D / 8; ++db) {
+          o[r][db][2 * i] *= correction;
+          o[r][db][2 * i + 1] *= correction;
+        }
+        // softmax_exp(s, m_new) with its empty-row test made once per row: a row with
+        // nothing visible yet (m_new = -inf) has only -inf scores, and 2^-inf = 0.
+        const float m_sub = m_new == -INFINITY ? 0.0f : m_new;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+          for (int e = 2 * i; e < 2 * i + 2; ++e) {
+            s[r][nb][e] = exp2_approx(s[r][nb][e] - m_sub);
+            l[r][i] += s[r][nb][e];
+          }
+      }
+
+    accumulate_row_tiles<T, D, BN / 8, R>(o, s, vs_tile);  // O += P V
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
   cp_async_wait<0>();
 
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-  }
-  for (int i = 0; i < 2; ++i) {
-    if (!valid[i]) continue;
-    const float inv = softmax_inv_sum(l[i]);
-    const float lse = l[i] > 0.0f ? (m[i] + log2f(l[i])) / kLog2e : -INFINITY;
-    const int64_t row = (b * a.heads + head[i]) * a.q_len + query[i];
-    if (finalize) {
-      T* out = static_cast<T*>(a.out) + b * a.out_stride[0] + head[i] * a.out_stride[1] + query[i] * a.out_stride[2];
 #pragma unroll
-      for (int db = 0; db < D / 8; ++db)
-        *reinterpret_cast<uint32_t*>(out + db * 8 + c * 2) = pack2<T>(o[db][2 * i] * inv, o[db][2 * i + 1] * inv);
-      if (c == 0 && a.lse != nullptr) a.lse[row] = lse;
-    } else {
-      const int64_t part_row = int64_t(split) * a.batch * a.heads * a.q_len + row;
-      float* out = w.out + part_row * D;
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int db = 0; db < D / 8; ++db)
-        *reinterpret_cast<float2*>(out + db * 8 + c * 2) = make_float2(o[db][2 * i] * inv, o[db][2 * i + 1] * inv);
-      if (c == 0) w.lse[part_row] = lse;
+    for (int i = 0; i < 2; ++i) {
+      l[r][i] += __shfl_xor_sync(0xffffffffu, l[r][i], 1);
+      l[r][i] += __shfl_xor_sync(0xffffffffu, l[r][i], 2);
     }
-  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (!valid[r][i]) continue;
+      const float inv = softmax_inv_sum(l[r][i]);
+      const float lse = l[r][i] > 0.0f ? (m[r][i] + log2f(l[r][i])) / kLog2e : -INFINITY;
+      const int64_t row = (b * a.heads + head[r][i]) * a.q_len + query[r][i];
+      if (finalize) {
+        T* out = static_cast<T*>(a.out) + b * a.out_stride[0] + head[r][i] * a.out_stride[1] +
+                 query[r][i] * a.out_stride[2];
+#pragma unroll
+        for (int db = 0; db < D / 8; ++db)
+          *reinterpret_cast<uint32_t*>(out + db * 8 + c * 2) =
+              pack2<T>(o[r][db][2 * i] * inv, o[r][db][2 * i + 1] * inv);
+        if (c == 0 && a.lse != nullptr) a.lse[row] = lse;
+      } else {
+        const int64_t part_row = int64_t(split) * a.batch * a.heads * a.q_len + row;
+        float* out = w.out + part_row * D;
+#pragma unroll
+        for (int db = 0; db < D / 8; ++db)
+          *reinterpret_cast<float2*>(out + db * 8 + c * 2) =
+              make_float2(o[r][db][2 * i] * inv, o[r][db][2 * i + 1] * inv);
+        if (c == 0) w.lse[part_row] = lse;
+      }
+    }
 #else
   __trap();  // mma.sync bf16/fp16 and cp.async need sm_80+; the host never launches this
 #endif
@@ -229,7 +285,7 @@ constexpr int kRowsPerBlock = 4;  // rows (warps) per block of the combine kerne
 // Merges the split-KV partial results of one (batch, head, query) row per warp:
 // lse = log(sum_s e^lse_s + e^sink), out = sum_s e^(lse_s - lse) out_s.
 template <typename T, int D>
-__global__ void __launch_bounds__(32 * kRowsPerBlock) attention_combine_kernel(const AttentionArgs a, const AttentionWorkspace w) {
+__global__ void __launch_bounds__(32 * kRowsPerBlock) attention_combine_kernel(const AttentionArgs a, const AttentionPlan w) {
   constexpr int PER_LANE = D / 32;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -256,21 +312,23 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) attention_combine_kernel(c
 }
 
 // Warps per block: few rows (decode) get one warp, so that split-KV has more blocks to
-// spread the keys over; prefill gets four.
-int warps_for(const AttentionArgs& a) {
+// spread the keys over; prefill gets four. Two row tiles a warp always take four.
+int warps_for(const AttentionArgs& a, int warp_rows) {
   const int64_t rows = a.heads / a.kv_heads * a.q_len;
-  return rows <= 16 ? 1 : (rows <= 32 ? 2 : 4);
+  return warp_rows == 32 || rows > 32 ? 4 : (rows <= 16 ? 1 : 2);
 }
 
-int64_t row_tiles_for(const AttentionArgs& a, int warps) { return ceil_div(a.heads / a.kv_heads * a.q_len, 16 * warps); }
+int64_t row_tiles_for(const AttentionArgs& a, int block_rows) {
+  return ceil_div(a.heads / a.kv_heads * a.q_len, block_rows);
+}
 
-template <typename T, int D, int WARPS>
-cudaError_t launch_fwd(const AttentionArgs& a, const AttentionWorkspace& w, cudaStream_t stream) {
-  using Tile = FwdTile<D, WARPS>;
-  constexpr auto kernel = attention_fwd_kernel<T, D, WARPS>;
+template <typename T, int D, int WARPS, int R>
+cudaError_t launch_fwd(const AttentionArgs& a, const AttentionPlan& w, cudaStream_t stream) {
+  using Tile = FwdTile<D, WARPS, R>;
+  constexpr auto kernel = attention_fwd_kernel<T, D, WARPS, R>;
   cudaError_t err = allow_dynamic_smem<kernel>(Tile::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(row_tiles_for(a, WARPS) * w.splits), unsigned(a.kv_heads), unsigned(a.batch));
+  const dim3 grid(unsigned(row_tiles_for(a, Tile::BM) * w.splits), unsigned(a.kv_heads), unsigned(a.batch));
   kernel<<<grid, WARPS * 32, Tile::kSmemBytes, stream>>>(a, w);
   if ((err = cudaGetLastError()) != cudaSuccess || w.splits == 1) return err;
   const int64_t rows = a.batch * a.heads * a.q_len;
@@ -279,19 +337,20 @@ cudaError_t launch_fwd(const AttentionArgs& a, const AttentionWorkspace& w, cuda
 }
 
 template <typename T, int D>
-cudaError_t launch_fwd_dim(const AttentionArgs& a, const AttentionWorkspace& w, cudaStream_t stream) {
-  switch (warps_for(a)) {
+cudaError_t launch_fwd_dim(const AttentionArgs& a, const AttentionPlan& w, cudaStream_t stream) {
+  if (w.warp_rows == 32) return launch_fwd<T, D, 4, 2>(a, w, stream);
+  switch (warps_for(a, w.warp_rows)) {
     case 1:
-      return launch_fwd<T, D, 1>(a, w, stream);
+      return launch_fwd<T, D, 1, 1>(a, w, stream);
     case 2:
-      return launch_fwd<T, D, 2>(a, w, stream);
+      return launch_fwd<T, D, 2, 1>(a, w, stream);
     default:
-      return launch_fwd<T, D, 4>(a, w, stream);
+      return launch_fwd<T, D, 4, 1>(a, w, stream);
   }
 }
 
 template <typename T>
-cudaError_t launch_fwd_type(const AttentionArgs& a, const AttentionWorkspace& w, cudaStream_t stream) {
+cudaError_t launch_fwd_type(const AttentionArgs& a, const AttentionPlan& w, cudaStream_t stream) {
   return a.head_dim == 64 ? launch_fwd_dim<T, 64>(a, w, stream) : launch_fwd_dim<T, 128>(a, w, stream);
 }
 
@@ -301,22 +360,36 @@ bool attention_supported(const AttentionArgs& a, DType dtype) {
   return dtype != DType::F32 && (a.head_dim == 64 || a.head_dim == 128);
 }
 
-int attention_forward_splits(const AttentionArgs& a, int sm_count) {
-  if (a.batch == 0 || a.q_len == 0 || a.heads == 0) return 1;
-  const int warps = warps_for(a);
-  const int64_t blocks = row_tiles_for(a, warps) * a.kv_heads * a.batch;
+AttentionPlan attention_forward_plan(const AttentionArgs& a, int sm_count, int64_t smem_per_sm, int warp_rows) {
+  AttentionPlan plan{warp_rows == 32 ? 32 : 16, 1, nullptr, nullptr};
+  if (a.batch == 0 || a.q_len == 0 || a.heads == 0 || a.kv_heads <= 0 || sm_count <= 0) return plan;
+  const int64_t batch_heads = a.kv_heads * a.batch;
+  // Two row tiles a warp where their 128-row blocks still give every SM two, and two
+  // such blocks (with the 1 KB the runtime keeps per block) fit an SM's shared memory.
+  const int64_t wide_blocks = row_tiles_for(a, 128) * batch_heads;
+  const size_t wide_smem = a.head_dim == 64 ? FwdTile<64, 4, 2>::kSmemBytes : FwdTile<128, 4, 2>::kSmemBytes;
+  if (warp_rows == 0 && wide_blocks >= 2 * int64_t(sm_count) && 2 * (int64_t(wide_smem) + 1024) <= smem_per_sm) {
+    plan.warp_rows = 32;
+  }
+  const int warps = warps_for(a, plan.warp_rows);
+  const int64_t blocks = row_tiles_for(a, warps * plan.warp_rows) * batch_heads;
   // Eight warps per SM: a one-warp decode block streams one key tile while it works on
   // the other, and one such warp per SM is far from keeping HBM busy.
   const int64_t target_blocks = int64_t(sm_count) * 8 / warps;
-  return attention_num_splits(blocks, ceil_div(a.k_len, kBlockKeys), target_blocks, kMaxSplits);
+  plan.splits = attention_num_splits(blocks, ceil_div(a.k_len, kBlockKeys), target_blocks, kMaxSplits);
+  return plan;
 }
 
-cudaError_t attention_forward(const AttentionArgs& args, DType dtype, const AttentionWorkspace& workspace,
+cudaError_t attention_forward(const AttentionArgs& args, DType dtype, const AttentionPlan& plan,
                               cudaStream_t stream) {
   if (!attention_supported(args, dtype) || args.batch > 65535 || args.kv_heads > 65535) return cudaErrorInvalidValue;
+  if ((plan.warp_rows != 16 && plan.warp_rows != 32) || plan.splits < 1 || plan.splits > kMaxSplits ||
+      (plan.splits > 1 && (plan.out == nullptr || plan.lse == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
   if (args.batch == 0 || args.q_len == 0 || args.heads == 0) return cudaSuccess;
-  return dtype == DType::F16 ? launch_fwd_type<__half>(args, workspace, stream)
-                             : launch_fwd_type<__nv_bfloat16>(args, workspace, stream);
+  return dtype == DType::F16 ? launch_fwd_type<__half>(args, plan, stream)
+                             : launch_fwd_type<__nv_bfloat16>(args, plan, stream);
 }
 
 }  // namespace gptext::kernels

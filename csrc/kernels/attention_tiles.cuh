@@ -92,24 +92,37 @@ __device__ __forceinline__ void rows_times_rows_t(float (&s)[NB][4], const T* a_
   }
 }
 
-// acc (16 rows x D) += P (16 x 8 * NB, accumulator layout) x B, B's rows [0, 8 * NB) of D
-// columns read from `b_tile` with ldmatrix.trans.
-template <typename T, int D, int NB>
-__device__ __forceinline__ void accumulate_times_rows(float (&acc)[D / 8][4], const float (&p)[NB][4],
-                                                      const T* b_tile) {
+// acc (R tiles of 16 rows x D) += P (R x 16 x 8 * NB, accumulator layout) x B, B's rows
+// [0, 8 * NB) of D columns read from `b_tile` with ldmatrix.trans. Each B fragment read
+// from shared memory feeds the R row tiles' products.
+template <typename T, int D, int NB, int R>
+__device__ __forceinline__ void accumulate_row_tiles(float (&acc)[R][D / 8][4], const float (&p)[R][NB][4],
+                                                     const T* b_tile) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int kk = 0; kk < NB / 2; ++kk) {
-    uint32_t pa[4];
-    dev::c_pair_to_a<T>(pa, p[2 * kk], p[2 * kk + 1]);
+    uint32_t pa[R][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r) dev::c_pair_to_a<T>(pa[r], p[r][2 * kk], p[r][2 * kk + 1]);
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t bf[4];
       dev::ldmatrix_x4_trans(bf, tile_at<D>(b_tile, kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
-      dev::mma_16816<T>(acc[2 * dp], pa, bf[0], bf[1]);
-      dev::mma_16816<T>(acc[2 * dp + 1], pa, bf[2], bf[3]);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        dev::mma_16816<T>(acc[r][2 * dp], pa[r], bf[0], bf[1]);
+        dev::mma_16816<T>(acc[r][2 * dp + 1], pa[r], bf[2], bf[3]);
+      }
     }
   }
+}
+
+// The same for one row tile: acc (16 rows x D) += P (16 x 8 * NB) x B.
+template <typename T, int D, int NB>
+__device__ __forceinline__ void accumulate_times_rows(float (&acc)[D / 8][4], const float (&p)[NB][4],
+                                                      const T* b_tile) {
+  accumulate_row_tiles<T, D, NB, 1>(reinterpret_cast<float (&)[1][D / 8][4]>(acc),
+                                    reinterpret_cast<const float (&)[1][NB][4]>(p), b_tile);
 }
 
 }  // namespace gptext::kernels

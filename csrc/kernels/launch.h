@@ -41,17 +41,31 @@ cudaError_t gemm_epilogue(const GemmArgs& args, DType dtype, cudaStream_t stream
 // multiples of 8 elements, aligned base pointers).
 bool attention_supported(const AttentionArgs& args, DType dtype);
 
-// Split-KV ("flash decoding"): when the query tiles alone can't fill the GPU, each tile's
-// keys are split over `splits` thread blocks whose partial results (fp32, normalised, with
-// their log-sum-exp) a combine step merges. The caller allocates that workspace:
-// out: splits x batch x heads x q_len x head_dim floats, lse: splits x batch x heads x q_len.
-struct AttentionWorkspace {
+// How one forward call is launched. attention_forward_plan chooses from the problem and the
+// GPU; any valid plan computes the same result, so tests may force either form:
+//   warp_rows  query rows a warp owns: 16 (one tile of mma.sync rows), or 32 (two tiles
+//              that share every K and V fragment read from shared memory: half the
+//              shared-memory reads per product, more registers, 128-row blocks);
+//   splits     split-KV ("flash decoding"): when the query tiles alone can't fill the GPU,
+//              each tile's keys are split over `splits` thread blocks (1 to 64) whose
+//              partial results (fp32, normalised, with their log-sum-exp) a combine step
+//              merges into the output;
+//   out, lse   that workspace, which the caller allocates when splits > 1:
+//              out: splits x batch x heads x q_len x head_dim floats, lse: splits x batch x
+//              heads x q_len floats.
+struct AttentionPlan {
+  int warp_rows;
   int splits;
   float* out;
   float* lse;
 };
-int attention_forward_splits(const AttentionArgs& args, int sm_count);
-cudaError_t attention_forward(const AttentionArgs& args, DType dtype, const AttentionWorkspace& workspace,
+// smem_per_sm: the device's shared memory per multiprocessor, in bytes; warp_rows 0 chooses,
+// 16 or 32 forces that form (tests, benchmarks). The plan's out and lse are null.
+AttentionPlan attention_forward_plan(const AttentionArgs& args, int sm_count, int64_t smem_per_sm,
+                                     int warp_rows = 0);
+// cudaErrorInvalidValue for an invalid plan (warp_rows not 16 or 32, splits out of range,
+// or a missing workspace).
+cudaError_t attention_forward(const AttentionArgs& args, DType dtype, const AttentionPlan& plan,
                               cudaStream_t stream);
 cudaError_t attention_backward(const AttentionGradArgs& args, DType dtype, cudaStream_t stream);
 

@@ -2,7 +2,8 @@
 // random inputs in every storage type, sizes that reach each kernel variant and its tails,
 // misaligned pointers. Exits 77 ("skipped" for CTest) when there is no usable GPU, 1 on any
 // mismatch. bench/gpu_suite.sh runs it plain, under compute-sanitizer, and with --bench (the
-// WMMA GEMM's block tiles timed against each other).
+// WMMA GEMM's block tiles, and the attention forward's two row forms, timed against each
+// other).
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -249,7 +250,7 @@ static void test_gemm(std::mt19937& gen) {
   }
 }
 
-static void test_attention(std::mt19937& gen, int sm_count) {
+static void test_attention(std::mt19937& gen, const cudaDeviceProp& prop) {
   struct Case {
     int64_t batch, heads, kv_heads, q_len, k_len, dim;
     bool causal;
@@ -259,7 +260,8 @@ static void test_attention(std::mt19937& gen, int sm_count) {
   const Case shapes[] = {{2, 4, 4, 37, 37, 64, true, 0, false, false},   {1, 8, 2, 64, 64, 128, true, 16, true, false},
                          {2, 8, 1, 1, 3000, 64, true, 0, true, false},   {1, 64, 8, 1, 8192, 64, true, 128, true, false},
                          {1, 4, 1, 17, 130, 128, false, 0, false, false}, {3, 4, 2, 2, 90, 64, true, 0, false, true},
-                         {1, 2, 2, 150, 150, 128, true, 0, true, false}};
+                         {1, 2, 2, 150, 150, 128, true, 0, true, false}, {1, 4, 2, 300, 300, 64, true, 0, false, false},
+                         {2, 4, 1, 75, 333, 128, true, 64, true, true}};
   for (DType t : {DType::BF16, DType::F16}) {
     for (const Case& c : shapes) {
       const int64_t q_size = c.batch * c.heads * c.q_len * c.dim, kv_size = c.batch * c.kv_heads * c.k_len * c.dim;
@@ -330,20 +332,30 @@ static void test_attention(std::mt19937& gen, int sm_count) {
       dev_args.sinks = c.sinks ? static_cast<const float*>(dsinks.ptr) : nullptr;
       dev_args.kv_starts = c.ranges ? static_cast<const int32_t*>(dstarts.ptr) : nullptr;
       dev_args.kv_lens = c.ranges ? static_cast<const int32_t*>(dlens.ptr) : nullptr;
-      const int splits = kernels::attention_forward_splits(dev_args, sm_count);
-      DeviceArray part_out(HostArray(DType::F32, splits * q_size)),
-          part_lse(HostArray(DType::F32, splits * c.batch * c.heads * c.q_len));
-      const kernels::AttentionWorkspace workspace{splits, static_cast<float*>(part_out.ptr),
-                                                  static_cast<float*>(part_lse.ptr)};
-      CUDA_OK(kernels::attention_forward(dev_args, t, workspace, nullptr));
-      CUDA_OK(cudaDeviceSynchronize());
+      // The forward under the plan the host would choose, then under each forced form of it
+      // (16 or 32 query rows a warp, with the splits that form gets).
       const std::string name = "attention " + std::string(name_of(t)) + " " + std::to_string(c.batch) + "x" +
                                std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + "x" +
                                std::to_string(c.q_len) + "x" + std::to_string(c.k_len) + "x" + std::to_string(c.dim) +
                                (c.causal ? " causal" : "") + (c.window ? " window" : "") + (c.sinks ? " sinks" : "") +
-                               (c.ranges ? " ranges" : "") + " (" + std::to_string(splits) + " splits)";
-      compare(name, dout.download(t), out, 1e-2f, 2 * rtol(t));
-      compare(name + " (lse)", dlse.download(DType::F32), lse, 2e-2f, 1e-3f);
+                               (c.ranges ? " ranges" : "");
+      for (int warp_rows : {0, 16, 32}) {
+        kernels::AttentionPlan plan = kernels::attention_forward_plan(
+            dev_args, prop.multiProcessorCount, int64_t(prop.sharedMemPerMultiprocessor), warp_rows);
+        DeviceArray part_out(HostArray(DType::F32, plan.splits * q_size)),
+            part_lse(HostArray(DType::F32, plan.splits * c.batch * c.heads * c.q_len));
+        plan.out = static_cast<float*>(part_out.ptr);
+        plan.lse = static_cast<float*>(part_lse.ptr);
+        CUDA_OK(cudaMemset(dout.ptr, 0xff, dout.bytes));  // NaN: what a run leaves unwritten fails
+        CUDA_OK(cudaMemset(dlse.ptr, 0xff, dlse.bytes));
+        CUDA_OK(kernels::attention_forward(dev_args, t, plan, nullptr));
+        CUDA_OK(cudaDeviceSynchronize());
+        const std::string run = name + " (" + (warp_rows == 0 ? "chosen, " : "forced, ") +
+                                std::to_string(plan.warp_rows) + " rows a warp, " + std::to_string(plan.splits) +
+                                " splits)";
+        compare(run, dout.download(t), out, 1e-2f, 2 * rtol(t));
+        compare(run + " (lse)", dlse.download(DType::F32), lse, 2e-2f, 1e-3f);
+      }
 
       // Backward from the CPU's forward results, so both sides see identical inputs.
       DeviceArray cpu_out(out), cpu_lse(lse), ddelta(delta), dgrad_out(grad_out), dgq(HostArray(t, q_size)),
@@ -358,6 +370,67 @@ static void test_attention(std::mt19937& gen, int sm_count) {
       compare(name + " (grad q)", dgq.download(t), grad_q, 2e-2f, 4 * rtol(t));
       compare(name + " (grad k)", dgk.download(t), grad_k, 2e-2f, 4 * rtol(t));
       compare(name + " (grad v)", dgv.download(t), grad_v, 2e-2f, 4 * rtol(t));
+    }
+  }
+}
+
+// The forward's launch plan (host code: runs without a GPU). Device figures of an H100 SXM
+// (132 SMs, 228 KB of shared memory an SM) and an A100 (108 SMs, 164 KB).
+static void test_attention_plan() {
+  auto args = [](int64_t batch, int64_t heads, int64_t kv_heads, int64_t q_len, int64_t k_len, int64_t dim) {
+    AttentionArgs a{};
+    a.batch = batch;
+    a.heads = heads;
+    a.kv_heads = kv_heads;
+    a.q_len = q_len;
+    a.k_len = k_len;
+    a.head_dim = dim;
+    a.causal = true;
+    return a;
+  };
+  auto check = [](const std::string& name, const kernels::AttentionPlan& p, int warp_rows, int splits) {
+    ++cases;
+    const bool ok = p.warp_rows == warp_rows && (splits == 0 ? p.splits > 1 : p.splits == splits) &&
+                    p.out == nullptr && p.lse == nullptr;
+    if (!ok) {
+      ++failures;
+      std::printf("FAIL plan %s: %d rows a warp, %d splits\n", name.c_str(), p.warp_rows, p.splits);
+    }
+  };
+  constexpr int kH100Sms = 132, kA100Sms = 108;
+  constexpr int64_t kH100Smem = 233472, kA100Smem = 167936;
+  // Prefill grids that fill the GPU with 128-row blocks take two row tiles a warp...
+  check("H100 1x16/16x4096 D64", kernels::attention_forward_plan(args(1, 16, 16, 4096, 4096, 64), kH100Sms, kH100Smem),
+        32, 1);
+  check("H100 1x16/16x8192 D128",
+        kernels::attention_forward_plan(args(1, 16, 16, 8192, 8192, 128), kH100Sms, kH100Smem), 32, 1);
+  // ... unless two such blocks overflow an SM's shared memory (D = 128 on an A100)...
+  check("A100 1x16/16x8192 D128",
+        kernels::attention_forward_plan(args(1, 16, 16, 8192, 8192, 128), kA100Sms, kA100Smem), 16, 1);
+  check("A100 1x16/16x8192 D64", kernels::attention_forward_plan(args(1, 16, 16, 8192, 8192, 64), kA100Sms, kA100Smem),
+        32, 1);
+  // ... or the grid would leave SMs without two blocks.
+  check("H100 1x16/16x1024 D64", kernels::attention_forward_plan(args(1, 16, 16, 1024, 1024, 64), kH100Sms, kH100Smem),
+        16, 2);
+  // Decode: one row tile of the group's heads, its keys split over many blocks.
+  check("H100 decode 1x64/8x1x8192", kernels::attention_forward_plan(args(1, 64, 8, 1, 8192, 64), kH100Sms, kH100Smem),
+        16, 0);
+  // A forced form is kept, with the splits its blocks need.
+  check("H100 decode forced 32", kernels::attention_forward_plan(args(1, 64, 8, 1, 8192, 64), kH100Sms, kH100Smem, 32),
+        32, 0);
+  check("H100 prefill forced 16",
+        kernels::attention_forward_plan(args(1, 16, 16, 4096, 4096, 64), kH100Sms, kH100Smem, 16), 16, 1);
+  check("empty batch", kernels::attention_forward_plan(args(0, 16, 16, 4096, 4096, 64), kH100Sms, kH100Smem), 16, 1);
+  // Invalid plans are refused before anything is launched.
+  const AttentionArgs a = args(1, 4, 4, 8, 8, 64);
+  float buffer[1];
+  const kernels::AttentionPlan bad[] = {{24, 1, nullptr, nullptr}, {16, 0, nullptr, nullptr},
+                                        {16, 65, buffer, buffer}, {32, 2, nullptr, nullptr}};
+  for (const kernels::AttentionPlan& p : bad) {
+    ++cases;
+    if (kernels::attention_forward(a, DType::BF16, p, nullptr) != cudaErrorInvalidValue) {
+      ++failures;
+      std::printf("FAIL plan {%d rows a warp, %d splits} was not refused\n", p.warp_rows, p.splits);
     }
   }
 }
@@ -399,6 +472,62 @@ static void bench_gemm() {
   cudaEventDestroy(stop);
 }
 
+// --bench, attention: the forward timed under each form of its plan (16 or 32 query rows a
+// warp) at the bench's causal prefill shapes, one line per run ("attention-bench dtype
+// BxH/HkvxTxTxD warp_rows N: ms, TFLOP/s", FLOPs counted as the bench does: 4 B H T^2 D / 2).
+static void bench_attention(const cudaDeviceProp& prop) {
+  struct Case {
+    int64_t t, dim;
+  };
+  const Case shapes[] = {{1024, 64}, {4096, 64}, {8192, 64}, {1024, 128}, {4096, 128}, {8192, 128}};
+  constexpr int64_t kHeads = 16;
+  std::mt19937 gen(7);
+  cudaEvent_t start, stop;
+  CUDA_OK(cudaEventCreate(&start));
+  CUDA_OK(cudaEventCreate(&stop));
+  for (const Case& c : shapes) {
+    const int64_t n = kHeads * c.t * c.dim;
+    const DType t = DType::BF16;
+    DeviceArray dq(random_array(t, n, gen)), dk(random_array(t, n, gen)), dv(random_array(t, n, gen)),
+        dout(HostArray(t, n)), dlse(HostArray(DType::F32, kHeads * c.t));
+    AttentionArgs a{};
+    a.batch = 1;
+    a.heads = a.kv_heads = kHeads;
+    a.q_len = a.k_len = c.t;
+    a.head_dim = c.dim;
+    const int64_t stride[3] = {kHeads * c.t * c.dim, c.t * c.dim, c.dim};
+    for (int i = 0; i < 3; ++i) a.q_stride[i] = a.k_stride[i] = a.v_stride[i] = a.out_stride[i] = stride[i];
+    a.scale = 1.0f / std::sqrt(float(c.dim));
+    a.causal = true;
+    a.q = dq.ptr;
+    a.k = dk.ptr;
+    a.v = dv.ptr;
+    a.out = dout.ptr;
+    a.lse = static_cast<float*>(dlse.ptr);
+    for (int warp_rows : {16, 32}) {
+      const kernels::AttentionPlan plan = kernels::attention_forward_plan(
+          a, prop.multiProcessorCount, int64_t(prop.sharedMemPerMultiprocessor), warp_rows);
+      if (plan.splits != 1) continue;  // prefill shapes fill the GPU without split-KV
+      constexpr int kRuns = 10;
+      CUDA_OK(kernels::attention_forward(a, t, plan, nullptr));  // warm-up
+      CUDA_OK(cudaEventRecord(start));
+      for (int r = 0; r < kRuns; ++r) CUDA_OK(kernels::attention_forward(a, t, plan, nullptr));
+      CUDA_OK(cudaEventRecord(stop));
+      CUDA_OK(cudaEventSynchronize(stop));
+      float ms = 0.0f;
+      CUDA_OK(cudaEventElapsedTime(&ms, start, stop));
+      ms /= kRuns;
+      const double flops = 4.0 * kHeads * double(c.t) * double(c.t) * double(c.dim) / 2;
+      std::printf("attention-bench %s 1x%lld/%lldx%lldx%lldx%lld causal warp_rows %d: %.4f ms, %.1f TFLOP/s\n",
+                  name_of(t), static_cast<long long>(kHeads), static_cast<long long>(kHeads),
+                  static_cast<long long>(c.t), static_cast<long long>(c.t), static_cast<long long>(c.dim),
+                  plan.warp_rows, ms, flops / (ms * 1e-3) / 1e12);
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+}
+
 int main(int argc, char** argv) {
   bool bench = false;
   for (int i = 1; i < argc; ++i) {
@@ -411,9 +540,14 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  test_attention_plan();  // host code: checked with or without a GPU
+  if (failures) {
+    std::printf("%d cases, %d failed (before any device test)\n", cases, failures);
+    return 1;
+  }
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("skipped: no CUDA device\n");
+    std::printf("skipped: no CUDA device (the %d host cases passed)\n", cases);
     return 77;
   }
   cudaDeviceProp prop{};
@@ -426,10 +560,11 @@ int main(int argc, char** argv) {
   }
   if (bench) {
     if (prop.major < 8) {
-      std::printf("skipped: the WMMA GEMM needs sm_80+\n");
+      std::printf("skipped: the WMMA GEMM and the attention kernels need sm_80+\n");
       return 77;
     }
     bench_gemm();
+    bench_attention(prop);
     return 0;
   }
   std::mt19937 gen(1234);
@@ -437,7 +572,7 @@ int main(int argc, char** argv) {
   test_layernorm(gen);
   if (prop.major >= 8) {
     test_gemm(gen);
-    test_attention(gen, prop.multiProcessorCount);
+    test_attention(gen, prop);
   } else {
     std::printf("skipping the tensor-core kernels (GEMM, attention): they need sm_80+\n");
   }
