@@ -16,11 +16,16 @@
 // The probabilities are recomputed in both (twice the forward's QK^T work), the price of no
 // atomics and of a simple, deterministic result.
 //
+// Each kernel streams its 32-row tiles through two shared-memory stages: the next tile's
+// cp.async copies (with, for dK/dV, its queries' log-sum-exp and delta) are in flight while
+// the warps compute on the current one.
+//
 // Unverified: bench/gpu_suite.sh verified these kernels on an H100 (sm_90) on 2026-11-23
 // (commit 3a9f802), before their loops were reworked (unrolled tile copies, masks only on
 // edge tiles from per-thread ranges, .ftz exponentials: ~415 / ~725 instructions a warp per
-// step at D = 64 for dQ / dK dV, from ~2000 / ~2400 in the sm_90 SASS); the reworked loops
-// have not run on a GPU yet. The sm_80 build has never run on a GPU.
+// step at D = 64 for dQ / dK dV, from ~2000 / ~2400 in the sm_90 SASS) and before the
+// streamed tiles were double-buffered (one stage, copied and waited for at every step); the
+// reworked loops have not run on a GPU yet. The sm_80 build has never run on a GPU.
 #include "attention_tiles.cuh"
 #include "launch.h"
 
@@ -33,9 +38,12 @@ constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kOwnRows = 16 * kWarps;  // keys (dK/dV) or queries (dQ) a block owns
 constexpr int kStep = 32;              // queries (dK/dV) or keys (dQ) per iteration
 
+// Shared memory of either kernel: the block's own 64 rows of two matrices, then two
+// stages (double-buffered cp.async) of the 32 streamed rows of two matrices and, for
+// dK/dV, of their queries' log-sum-exp and delta.
 template <int D>
 constexpr size_t bwd_smem_bytes() {
-  return size_t(2 * kOwnRows + 2 * kStep) * D * 2 + 2 * kStep * sizeof(float);
+  return size_t(2 * kOwnRows + 2 * 2 * kStep) * D * 2 + 2 * 2 * kStep * sizeof(float);
 }
 
 // A saved log-sum-exp (natural log) in exp2 units, as subtracted from scale * log2(e) * s:
@@ -64,10 +72,10 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const Attentio
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sk = reinterpret_cast<T*>(smem_raw);
   T* sv = sk + kOwnRows * D;
-  T* sq = sv + kOwnRows * D;
-  T* sdo = sq + kStep * D;
-  float* s_lse = reinterpret_cast<float*>(sdo + kStep * D);  // in exp2 units
-  float* s_delta = s_lse + kStep;
+  T* sq = sv + kOwnRows * D;                                     // 2 stages of kStep rows
+  T* sdo = sq + 2 * kStep * D;                                   // 2 stages of kStep rows
+  float* s_lse = reinterpret_cast<float*>(sdo + 2 * kStep * D);  // 2 stages, as saved
+  float* s_delta = s_lse + 2 * kStep;                            // 2 stages
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, c = lane % 4;
   const int64_t k0 = int64_t(blockIdx.x) * kOwnRows, kv = blockIdx.y, b = blockIdx.z;
@@ -86,42 +94,69 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const Attentio
     seen_by[i] = key < a.k_len ? attention_query_span(a, b, key, key + 1) : KeyRange{0, 0};
   }
 
-  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  // The steps: every head of the group, and for each its query tiles that can see these
+  // keys (queries.begin, + kStep, ...). The next step's tiles are copied while this one is
+  // computed.
   const KeyRange queries = attention_query_span(a, b, k0, k0 + kOwnRows);
-  for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
-    const T* q_rows = row_ptr<T>(a.q, a.q_stride, b, h, 0);
-    const T* do_rows = row_ptr<T>(g.grad_out, g.grad_out_stride, b, h, 0);
-    for (int64_t t0 = queries.begin; t0 < queries.end; t0 += kStep) {
-      load_rows<D, kStep, kThreads>(sq, q_rows, a.q_stride[2], t0, a.q_len);
-      load_rows<D, kStep, kThreads>(sdo, do_rows, g.grad_out_stride[2], t0, a.q_len);
-      cp_async_commit();
-      for (int i = threadIdx.x; i < kStep; i += kThreads) {
-        const int64_t t = t0 + i;
-        const int64_t row = (b * a.heads + h) * a.q_len + t;
-        s_lse[i] = t < a.q_len ? lse_exp2_units(a.lse[row]) : INFINITY;  // +inf: no probability
-        s_delta[i] = t < a.q_len ? g.delta[row] : 0.0f;
-      }
-      cp_async_wait<0>();
-      __syncthreads();
-
-      const bool unmasked = t0 + kStep <= a.q_len &&
-                            attention_tile_unmasked(a, b, t0, t0 + kStep - 1, k0, k0 + kOwnRows);
-      float p[kStep / 8][4], ds[kStep / 8][4];
-      rows_times_rows_t<T, D>(p, sk, warp * 16, sq);    // S^T = K Q^T
-      rows_times_rows_t<T, D>(ds, sv, warp * 16, sdo);  // dP^T = V dO^T
-#pragma unroll
-      for (int nb = 0; nb < kStep / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) p[nb][e] = exp2_approx(p[nb][e] * k2 - s_lse[nb * 8 + c * 2 + (e & 1)]);
-      if (!unmasked) mask_columns<kStep>(p, seen_by, t0, 0.0f);  // block-uniform: edge tiles only
-#pragma unroll
-      for (int nb = 0; nb < kStep / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) ds[nb][e] = p[nb][e] * (ds[nb][e] - s_delta[nb * 8 + c * 2 + (e & 1)]);
-      accumulate_times_rows<T, D>(dv, p, sdo);  // dV += P^T dO
-      accumulate_times_rows<T, D>(dk, ds, sq);  // dK += dS^T Q
-      __syncthreads();  // before the next query tile overwrites sq / sdo
+  const int64_t steps = group * ceil_div(queries.end - queries.begin, kStep);
+  int64_t next_h = kv * group, next_t0 = queries.begin;  // the step copied next
+  auto load_next = [&](int stage) {
+    load_rows<D, kStep, kThreads>(sq + stage * kStep * D, row_ptr<T>(a.q, a.q_stride, b, next_h, 0), a.q_stride[2],
+                                  next_t0, a.q_len);
+    load_rows<D, kStep, kThreads>(sdo + stage * kStep * D, row_ptr<T>(g.grad_out, g.grad_out_stride, b, next_h, 0),
+                                  g.grad_out_stride[2], next_t0, a.q_len);
+    if (threadIdx.x < kStep) {  // rows past q_len read as 0: their tiles are masked
+      const int64_t t = next_t0 + threadIdx.x, row = (b * a.heads + next_h) * a.q_len + t;
+      const bool inside = t < a.q_len;
+      cp_async_4(s_lse + stage * kStep + threadIdx.x, inside ? a.lse + row : a.lse, inside ? 4 : 0);
+      cp_async_4(s_delta + stage * kStep + threadIdx.x, inside ? g.delta + row : g.delta, inside ? 4 : 0);
     }
+    next_t0 += kStep;
+    if (next_t0 >= queries.end) {
+      next_t0 = queries.begin;
+      ++next_h;
+    }
+  };
+  if (steps > 0) load_next(0);
+  cp_async_commit();
+
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  int64_t t0 = queries.begin;  // this step's first query
+  for (int64_t n = 0; n < steps; ++n, t0 = t0 + kStep < queries.end ? t0 + kStep : queries.begin) {
+    const int stage = int(n & 1);
+    if (n + 1 < steps) load_next(stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // this step's tiles (and, at the first, the block's keys) have landed
+    __syncthreads();
+    const T* q_tile = sq + stage * kStep * D;
+    const T* do_tile = sdo + stage * kStep * D;
+
+    const bool unmasked = t0 + kStep <= a.q_len &&
+                          attention_tile_unmasked(a, b, t0, t0 + kStep - 1, k0, k0 + kOwnRows);
+    // This thread's columns (queries nb * 8 + 2c + j): their log-sum-exp and delta.
+    float lse2[kStep / 8][2], delta[kStep / 8][2];
+#pragma unroll
+    for (int nb = 0; nb < kStep / 8; ++nb)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        lse2[nb][j] = lse_exp2_units(s_lse[stage * kStep + nb * 8 + c * 2 + j]);
+        delta[nb][j] = s_delta[stage * kStep + nb * 8 + c * 2 + j];
+      }
+    float p[kStep / 8][4], ds[kStep / 8][4];
+    rows_times_rows_t<T, D>(p, sk, warp * 16, q_tile);    // S^T = K Q^T
+    rows_times_rows_t<T, D>(ds, sv, warp * 16, do_tile);  // dP^T = V dO^T
+#pragma unroll
+    for (int nb = 0; nb < kStep / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[nb][e] = exp2_approx(p[nb][e] * k2 - lse2[nb][e & 1]);
+    if (!unmasked) mask_columns<kStep>(p, seen_by, t0, 0.0f);  // block-uniform: edge tiles only
+#pragma unroll
+    for (int nb = 0; nb < kStep / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[nb][e] = p[nb][e] * (ds[nb][e] - delta[nb][e & 1]);
+    accumulate_times_rows<T, D>(dv, p, do_tile);  // dV += P^T dO
+    accumulate_times_rows<T, D>(dk, ds, q_tile);  // dK += dS^T Q
+    __syncthreads();  // every warp is done with this stage before it is refilled
   }
   cp_async_wait<0>();
   const int64_t kv_rows = (b * a.kv_heads + kv) * a.k_len;  // (b, kv, key) rows of the gradients
@@ -139,8 +174,8 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttentionG
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
   T* sdo = sq + kOwnRows * D;
-  T* sk = sdo + kOwnRows * D;
-  T* sv = sk + kStep * D;
+  T* sk = sdo + kOwnRows * D;  // 2 stages of kStep rows
+  T* sv = sk + 2 * kStep * D;  // 2 stages of kStep rows
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4;
   const int64_t t0 = int64_t(blockIdx.x) * kOwnRows, h = blockIdx.y, b = blockIdx.z;
@@ -165,20 +200,30 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttentionG
   const int64_t t_last = (t0 + kOwnRows < a.q_len ? t0 + kOwnRows : a.q_len) - 1;
   const KeyRange span = attention_span_keys(a, b, t0, t_last);
 
-  float dq[D / 8][4] = {};
+  // The key tiles: the next one is copied while this one is computed.
   const T* k_rows = row_ptr<T>(a.k, a.k_stride, b, kv, 0);
   const T* v_rows = row_ptr<T>(a.v, a.v_stride, b, kv, 0);
+  auto load_keys = [&](int64_t j0, int stage) {
+    load_rows<D, kStep, kThreads>(sk + stage * kStep * D, k_rows, a.k_stride[2], j0, a.k_len);
+    load_rows<D, kStep, kThreads>(sv + stage * kStep * D, v_rows, a.v_stride[2], j0, a.k_len);
+  };
+  if (span.begin < span.end) load_keys(span.begin, 0);
+  cp_async_commit();
+
+  float dq[D / 8][4] = {};
   for (int64_t j0 = span.begin; j0 < span.end; j0 += kStep) {
-    load_rows<D, kStep, kThreads>(sk, k_rows, a.k_stride[2], j0, a.k_len);
-    load_rows<D, kStep, kThreads>(sv, v_rows, a.v_stride[2], j0, a.k_len);
+    const int stage = int(((j0 - span.begin) / kStep) & 1);
+    if (j0 + kStep < span.end) load_keys(j0 + kStep, stage ^ 1);
     cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_wait<1>();  // this tile (and, at the first, the block's queries) has landed
     __syncthreads();
+    const T* k_tile = sk + stage * kStep * D;
+    const T* v_tile = sv + stage * kStep * D;
 
     const bool unmasked = attention_tile_unmasked(a, b, t0, t_last, j0, j0 + kStep);
     float p[kStep / 8][4], ds[kStep / 8][4];
-    rows_times_rows_t<T, D>(p, sq, warp * 16, sk);    // S = Q K^T
-    rows_times_rows_t<T, D>(ds, sdo, warp * 16, sv);  // dP = dO V^T
+    rows_times_rows_t<T, D>(p, sq, warp * 16, k_tile);    // S = Q K^T
+    rows_times_rows_t<T, D>(ds, sdo, warp * 16, v_tile);  // dP = dO V^T
 #pragma unroll
     for (int nb = 0; nb < kStep / 8; ++nb)
 #pragma unroll
@@ -188,8 +233,8 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttentionG
     for (int nb = 0; nb < kStep / 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) ds[nb][e] = p[nb][e] * (ds[nb][e] - delta[e / 2]);
-    accumulate_times_rows<T, D>(dq, ds, sk);  // dQ += dS K
-    __syncthreads();  // before the next key tile overwrites sk / sv
+    accumulate_times_rows<T, D>(dq, ds, k_tile);  // dQ += dS K
+    __syncthreads();  // every warp is done with this stage before it is refilled
   }
   cp_async_wait<0>();
   const int64_t q_rows = (b * a.heads + h) * a.q_len;
