@@ -338,30 +338,44 @@ __host__ __forceinline__ auto dispatch_pow2(int64_t needed, Fn&& fn) {
 }
 
 // Launches a "row in registers" kernel (softmax.cu, layernorm.cu) over rows of `cols`
-// elements moved VEC at a time: up to kWarpMaxCols a warp per row, four rows per block, the
-// per-thread register tile (ITERS packs) the smallest power of two that covers the row;
-// beyond, a block per row with 16 elements per thread. launch(iters, warp_per_row, grid,
-// threads) gets ITERS and warp_per_row as std::integral_constant / std::bool_constant.
-constexpr int kRowKernelRowsPerBlock = 4;     // rows per block, warp-per-row variant
-constexpr int kRowKernelMaxThreads = 1024;     // threads per block, block-per-row variant
+// elements of T moved VEC at a time (cols <= kBlockMaxCols): up to kWarpMaxCols a warp per
+// row, four rows per block, the per-thread register tile (ITERS packs) the smallest power
+// of two that covers the row; beyond, a block per row with 64 bytes of the row per thread
+// (row_kernel_iters), so that a thread of a 16-bit row has as many loads in flight as one
+// of an fp32 row. (With 16 elements a thread, on an H100 on 2026-11-23, bf16/fp16
+// layernorm rows of 1600 and 2880 reached 67-87% of copy bandwidth and fp32 rows 92-97%;
+// 64 bytes for 16-bit types is unverified.) launch(iters, warp_per_row, grid, threads)
+// gets ITERS and warp_per_row as std::integral_constant / std::bool_constant.
+constexpr int kRowKernelRowsPerBlock = 4;  // rows per block, warp-per-row variant
 
-// The __launch_bounds__ of a kernel that launch_row_kernel launches: without it the
-// compiler may spend more registers per thread than a 1024-thread block can have.
-__host__ __device__ constexpr int row_kernel_threads(bool warp_per_row) {
-  return warp_per_row ? 32 * kRowKernelRowsPerBlock : kRowKernelMaxThreads;
+// Packs per thread of the block-per-row variant: 64 bytes, or 16 single elements where the
+// row can't move in 16-byte packs (VEC = 1).
+template <typename T, int VEC>
+__host__ __device__ constexpr int row_kernel_iters() {
+  return VEC == 1 ? 16 : 64 / int(VEC * sizeof(T));
 }
 
-template <int VEC, int64_t kWarpMaxCols, typename Launch>
+// The __launch_bounds__ of a kernel that launch_row_kernel launches: the threads of its
+// longest row (kBlockMaxCols elements, VEC * ITERS a thread), so that the compiler may give
+// each thread as many registers as that block allows, and no fewer.
+__host__ __device__ constexpr int row_kernel_threads(bool warp_per_row, int64_t block_max_cols, int elems_per_thread) {
+  return warp_per_row ? 32 * kRowKernelRowsPerBlock
+                      : int((block_max_cols + 32 * elems_per_thread - 1) / (32 * elems_per_thread) * 32);
+}
+
+template <typename T, int VEC, int64_t kWarpMaxCols, int64_t kBlockMaxCols, typename Launch>
 __host__ cudaError_t launch_row_kernel(int64_t rows, int64_t cols, Launch&& launch) {
+  if (cols > kBlockMaxCols) return cudaErrorInvalidValue;
   const int64_t packs = ceil_div(cols, VEC);
   if (cols <= kWarpMaxCols) {
     const dim3 grid(capped_grid(ceil_div(rows, kRowKernelRowsPerBlock)));
     return dispatch_pow2<1, int(kWarpMaxCols / 32 / VEC)>(ceil_div(packs, 32), [&](auto iters) {
-      launch(iters, std::true_type{}, grid, row_kernel_threads(true));
+      launch(iters, std::true_type{}, grid, 32 * kRowKernelRowsPerBlock);
       return cudaGetLastError();
     });
   }
-  constexpr int kIters = 16 / VEC;
+  constexpr int kIters = row_kernel_iters<T, VEC>();
+  static_assert(row_kernel_threads(false, kBlockMaxCols, VEC * kIters) <= 1024, "a block holds the longest row");
   launch(std::integral_constant<int, kIters>{}, std::false_type{}, dim3(capped_grid(rows)),
          int(ceil_div(ceil_div(packs, kIters), 32) * 32));
   return cudaGetLastError();
