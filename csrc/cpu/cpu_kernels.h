@@ -59,12 +59,16 @@ constexpr int64_t kSkinnyMaxRows = 8;
 // Whether the processor multiplies bf16 pairs natively (AVX512_BF16's dot products, which
 // ATen's oneDNN GEMM uses) and the AVX-512 build is in use: then a bf16 GEMM of more than
 // kSkinnyMaxRowsNativeBf16 rows runs in bf16 rather than converted to fp32 (3x faster at
-// 512x768->2304 on AMD Zen 4), and the skinny GEMM multiplies on those dot products. On an
-// Intel Xeon with AMX, whose oneDNN GEMM runs on AMX tiles, the skinny GEMM measured
-// 1.3-1.9x oneDNN's at 2-4 rows of 768->2304 (even at 4 rows of 768->50257), 1.05x at 6
-// and 0.82x at 8: past 4 rows its dot products, not the weight's bytes, bound it.
+// 512x768->2304 on AMD Zen 4), and the skinny GEMM multiplies on those dot products, up to
+// that many rows where the processor has no AMX (with AMX, kSkinnyMaxRowsAmx). Against
+// F.linear (oneDNN on the same dot products) on an AMD EPYC (Zen 4, 2 threads), two rounds
+// of alternating processes: 5-8 rows 1.9-3.2x at 768->2304 and 1.9-3.8x at 768->50257; 12
+// rows 1.4-1.7x, 1.0-1.2x at 3072->768, 1.8-2.7x at 768->50257; 16 rows 1.2-1.5x, 0.9-1.1x
+// at 3072->768, 1.7x at 768->50257; at 24-32 rows 3072->768 fell to 0.9-1.1x. (On an Intel
+// Xeon with AMX, against oneDNN's GEMM on AMX tiles, these dot products lost from 8 rows:
+// 0.82x at 8 rows of 768->2304.)
 bool bf16_dot_product();
-constexpr int64_t kSkinnyMaxRowsNativeBf16 = 4;
+constexpr int64_t kSkinnyMaxRowsNativeBf16 = 16;
 
 // The same for fp16: whether the processor computes in fp16 (AVX512_FP16, which ATen's
 // oneDNN fp16 GEMM uses; fp32 accumulation) and the AVX-512 build is in use. Then an fp16
