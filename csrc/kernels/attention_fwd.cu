@@ -70,7 +70,8 @@ struct FwdTile {
 };
 
 template <typename T, int D, int WARPS, int R>
-__global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS, R>::kMinBlocks) attention_fwd_kernel(const AttentionArgs a, const AttentionPlan w) {
+__global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS, R>::kMinBlocks)
+    attention_fwd_kernel(const AttentionArgs a, const AttentionPlan w) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Tile = FwdTile<D, WARPS, R>;
   constexpr int BM = Tile::BM, BN = Tile::BN, THREADS = WARPS * 32;
@@ -285,7 +286,8 @@ constexpr int kRowsPerBlock = 4;  // rows (warps) per block of the combine kerne
 // Merges the split-KV partial results of one (batch, head, query) row per warp:
 // lse = log(sum_s e^lse_s + e^sink), out = sum_s e^(lse_s - lse) out_s.
 template <typename T, int D>
-__global__ void __launch_bounds__(32 * kRowsPerBlock) attention_combine_kernel(const AttentionArgs a, const AttentionPlan w) {
+__global__ void __launch_bounds__(32 * kRowsPerBlock)
+    attention_combine_kernel(const AttentionArgs a, const AttentionPlan w) {
   constexpr int PER_LANE = D / 32;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;

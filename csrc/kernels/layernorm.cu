@@ -43,7 +43,8 @@ __device__ __forceinline__ void store_row_chunk(T* p, int64_t col0, const float 
 
 // Variants 1 and 2; element (it * row_threads + t) * VEC + e of the row, as in softmax.cu.
 template <typename T, int VEC, int ITERS, bool kWarpPerRow>
-__global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow, kNormRegsMaxCols, VEC * ITERS)) layernorm_regs_kernel(const NormArgs a) {
+__global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow, kNormRegsMaxCols, VEC * ITERS))
+    layernorm_regs_kernel(const NormArgs a) {
   __shared__ float scratch[32];
   const int row_threads = kWarpPerRow ? 32 : blockDim.x;
   const int rows_per_block = blockDim.x / row_threads;
@@ -168,11 +169,11 @@ __global__ void __launch_bounds__(kStreamThreads) layernorm_stream_kernel(const 
 
 template <typename T, int VEC>
 cudaError_t launch_regs(const NormArgs& a, cudaStream_t stream) {
-  return dev::launch_row_kernel<T, VEC, kNormWarpMaxCols, kNormRegsMaxCols>(a.rows, a.cols, [&](auto iters, auto warp_per_row, dim3 grid,
-                                                                            int threads) {
-    layernorm_regs_kernel<T, VEC, decltype(iters)::value, decltype(warp_per_row)::value>
-        <<<grid, threads, 0, stream>>>(a);
-  });
+  return dev::launch_row_kernel<T, VEC, kNormWarpMaxCols, kNormRegsMaxCols>(
+      a.rows, a.cols, [&](auto iters, auto warp_per_row, dim3 grid, int threads) {
+        layernorm_regs_kernel<T, VEC, decltype(iters)::value, decltype(warp_per_row)::value>
+            <<<grid, threads, 0, stream>>>(a);
+      });
 }
 
 template <typename T>

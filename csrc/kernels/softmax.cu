@@ -58,7 +58,8 @@ __device__ __forceinline__ float exp_in_place(float (&v)[ITERS][VEC], float max,
 // ITERS steps of VEC contiguous elements each: element (it * row_threads + t) * VEC + v.
 // With VEC > 1 the row length is a multiple of VEC, so a pack is either whole or absent.
 template <typename T, int VEC, int ITERS, bool kWarpPerRow>
-__global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow, kSoftmaxBlockMaxCols, VEC * ITERS)) softmax_regs_kernel(const SoftmaxArgs a) {
+__global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow, kSoftmaxBlockMaxCols, VEC * ITERS))
+    softmax_regs_kernel(const SoftmaxArgs a) {
   __shared__ float scratch[32];
   const int row_threads = kWarpPerRow ? 32 : blockDim.x;
   const int rows_per_block = blockDim.x / row_threads;
@@ -341,11 +342,11 @@ bool launch_cluster(const SoftmaxArgs& a, cudaStream_t stream) {
 
 template <typename T, int VEC>
 cudaError_t launch_regs(const SoftmaxArgs& a, cudaStream_t stream) {
-  return dev::launch_row_kernel<T, VEC, kSoftmaxWarpMaxCols, kSoftmaxBlockMaxCols>(a.rows, a.cols, [&](auto iters, auto warp_per_row,
-                                                                               dim3 grid, int threads) {
-    softmax_regs_kernel<T, VEC, decltype(iters)::value, decltype(warp_per_row)::value>
-        <<<grid, threads, 0, stream>>>(a);
-  });
+  return dev::launch_row_kernel<T, VEC, kSoftmaxWarpMaxCols, kSoftmaxBlockMaxCols>(
+      a.rows, a.cols, [&](auto iters, auto warp_per_row, dim3 grid, int threads) {
+        softmax_regs_kernel<T, VEC, decltype(iters)::value, decltype(warp_per_row)::value>
+            <<<grid, threads, 0, stream>>>(a);
+      });
 }
 
 template <typename T>

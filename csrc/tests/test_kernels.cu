@@ -260,8 +260,8 @@ static void test_attention(std::mt19937& gen, const cudaDeviceProp& prop) {
   const Case shapes[] = {{2, 4, 4, 37, 37, 64, true, 0, false, false},   {1, 8, 2, 64, 64, 128, true, 16, true, false},
                          {2, 8, 1, 1, 3000, 64, true, 0, true, false},   {1, 64, 8, 1, 8192, 64, true, 128, true, false},
                          {1, 4, 1, 17, 130, 128, false, 0, false, false}, {3, 4, 2, 2, 90, 64, true, 0, false, true},
-                         {1, 2, 2, 150, 150, 128, true, 0, true, false}, {1, 4, 2, 300, 300, 64, true, 0, false, false},
-                         {2, 4, 1, 75, 333, 128, true, 64, true, true}};
+                         {1, 2, 2, 150, 150, 128, true, 0, true, false},
+                         {1, 4, 2, 300, 300, 64, true, 0, false, false}, {2, 4, 1, 75, 333, 128, true, 64, true, true}};
   for (DType t : {DType::BF16, DType::F16}) {
     for (const Case& c : shapes) {
       const int64_t q_size = c.batch * c.heads * c.q_len * c.dim, kv_size = c.batch * c.kv_heads * c.k_len * c.dim;
