@@ -92,6 +92,7 @@ def test_build_info():
     if os.cpu_count() and "GPTEXT_CPU_STREAM_BYTES" not in os.environ:
         # A VM is shown its socket's whole L3: the threshold is capped at 16 MB per processor.
         assert info["cpu_stream_bytes"] <= os.cpu_count() * (16 << 20)
+    assert info["cpu_gemm_column_block"] >= 0
     assert info["devices"][0] == {"device": "cpu", "kernels": True}
     if info["cuda"]:
         assert info["cuda_arch_list"] and info["cuda_runtime"] > 0
@@ -119,6 +120,23 @@ def test_cpu_stream_threshold_from_environment(setting, expected):
     out = subprocess.run([sys.executable, "-c", code], env={"GPTEXT_CPU_STREAM_BYTES": setting, "PATH": ""},
                          capture_output=True, text=True, check=True)
     assert int(out.stdout) == (expected or gptext.build_info()["cpu_stream_bytes"])
+
+
+@pytest.mark.parametrize("setting,expected", [("512", 512), ("0", 0), ("wide", None), ("-4", None)])
+def test_cpu_gemm_column_block_from_environment(setting, expected):
+    # GPTEXT_CPU_GEMM_BLOCK replaces the output columns a block of the CPU's ATen GEMM (0:
+    # one call for the whole product); a value that is not a non-negative integer is
+    # ignored. Either way the product is the same.
+    import subprocess
+    import sys
+
+    code = ("import gptext, torch; x = torch.randn(20, 7); w = torch.randn(1100, 7); "
+            "assert torch.allclose(gptext.ops.linear(x, w, activation='gelu'), "
+            "gptext.reference.linear(x, w, None, 'gelu', None), rtol=1e-5, atol=1e-5); "
+            "print(gptext.build_info()['cpu_gemm_column_block'])")
+    out = subprocess.run([sys.executable, "-c", code], env={"GPTEXT_CPU_GEMM_BLOCK": setting, "PATH": ""},
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout) == (expected if expected is not None else 1024)
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512", "sse9"])

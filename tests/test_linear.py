@@ -86,6 +86,28 @@ def test_cpu_prefill_rows_every_epilogue(kernels, dtype, m):
                     assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [9, 40])
+def test_cpu_column_blocks_every_epilogue(kernels, dtype, m):
+    """Products wider than the CPU's column block (1024 output columns a call of ATen's
+    GEMM, then gptext's epilogue from the fp32 block into the output's columns; in fp32,
+    and in 16 bits where the processor has no 16-bit arithmetic): two whole blocks and a
+    short one, a single block and one column more, rows of x strided, K = 0, and each
+    combination of bias, activation and residual."""
+    for n, k in [(2 * 1024 + 37, 33), (1025, 16), (1100, 0)]:
+        x, w, b, r = _operands(m, n, k, dtype, "cpu", seed=m + n)
+        if n == 1025:
+            x = torch.cat([x, torch.ones_like(x)], dim=1)[:, :k]  # rows 2k apart
+            assert not x.is_contiguous()
+        for bias in (None, b):
+            for residual in (None, r):
+                for activation in (None, "gelu"):
+                    y = gptext.ops.linear(x, w, bias, activation, residual=residual)
+                    expected = reference.linear(x, w, bias, activation, residual).float()
+                    assert y.shape == (m, n) and y.dtype == dtype
+                    assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 40, 600])

@@ -2166,6 +2166,16 @@ void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t
   dispatch(dtype, [&](auto tag) { epilogue_rows_t<decltype(tag)>(args, row_begin, row_end); });
 }
 
+void epilogue_block(DType dtype, const GemmArgs& args, const float* sums, int64_t ld, int64_t n0, int64_t width,
+                    int64_t row_begin, int64_t row_end) {
+  dispatch(dtype, [&](auto tag) {
+    dispatch_epilogue(args, [&](auto act, auto bias, auto residual) {
+      skinny_epilogue<decltype(tag), decltype(act)::value, decltype(bias)::value, decltype(residual)::value>(
+          args, sums + row_begin * ld, ld, n0, width, row_begin, row_end);
+    });
+  });
+}
+
 void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end) {
 #ifdef GPTEXT_CPU_AVX512
   if (dtype == DType::BF16 && args.m >= kAmxSkinnyMinRows && amx_bf16()) {

@@ -17,6 +17,11 @@ namespace gptext::cpu {
   void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_t row_end);  \
   /* In place: c = act(c + bias) + residual, for the rows given (GemmArgs' epilogue part). */   \
   void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end);  \
+  /* c[m, n0 + j] = act(sums[m * ld + j] + bias[n0 + j]) + residual[m, n0 + j] for j < width and \
+     rows [row_begin, row_end): the epilogue of a block of output columns whose fp32 sums a   \
+     GEMM left in `sums`, rounded once into c (GemmArgs' epilogue part). */                     \
+  void epilogue_block(DType dtype, const GemmArgs& args, const float* sums, int64_t ld, int64_t n0, \
+                      int64_t width, int64_t row_begin, int64_t row_end);                         \
   /* The whole linear for few rows (decode: see kSkinnyMaxRows*), output columns [n_begin, n_end). */ \
   void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end);         \
   /* Tasks [task_begin, task_end) of attention_forward_tasks(args). */                          \

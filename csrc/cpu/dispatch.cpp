@@ -139,6 +139,11 @@ void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t
   GPTEXT_CPU_CALL(epilogue_rows, dtype, args, row_begin, row_end);
 }
 
+void epilogue_block(DType dtype, const GemmArgs& args, const float* sums, int64_t ld, int64_t n0, int64_t width,
+                    int64_t row_begin, int64_t row_end) {
+  GPTEXT_CPU_CALL(epilogue_block, dtype, args, sums, ld, n0, width, row_begin, row_end);
+}
+
 void skinny_gemm(DType dtype, const GemmArgs& args, int64_t n_begin, int64_t n_end) {
   GPTEXT_CPU_CALL(skinny_gemm, dtype, args, n_begin, n_end);
 }
