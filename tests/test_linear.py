@@ -29,6 +29,18 @@ def _tolerance_scale(dtype, k):
     return 1.0 if dtype != torch.float32 else max(1.0, k ** 0.5)
 
 
+def _check_every_epilogue(x, w, b, r, dtype, activations):
+    """linear(x, w) with and without the bias b and the residual r, under each activation,
+    against the reference."""
+    for bias in (None, b):
+        for residual in (None, r):
+            for activation in activations:
+                y = gptext.ops.linear(x, w, bias, activation, residual=residual)
+                expected = reference.linear(x, w, bias, activation, residual).float()
+                assert y.shape == expected.shape and y.dtype == dtype
+                assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, x.shape[-1]))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -57,12 +69,7 @@ def test_cpu_few_rows_every_epilogue(kernels, dtype, m):
         if n == 50:
             x = torch.cat([x, torch.ones_like(x)], dim=1)[:, :k]  # rows 2k apart
             assert m == 1 or not x.is_contiguous()
-        for bias in (None, b):
-            for residual in (None, r):
-                for activation in (None, "gelu"):
-                    y = gptext.ops.linear(x, w, bias, activation, residual=residual)
-                    expected = reference.linear(x, w, bias, activation, residual).float()
-                    assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
+        _check_every_epilogue(x, w, b, r, dtype, (None, "gelu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -78,12 +85,7 @@ def test_cpu_prefill_rows_every_epilogue(kernels, dtype, m):
         if n == 48:
             x = torch.cat([x, torch.ones_like(x)], dim=1)[:, :k]  # rows 2k apart
             assert not x.is_contiguous()
-        for bias in (None, b):
-            for residual in (None, r):
-                for activation in (None, "gelu", "relu"):
-                    y = gptext.ops.linear(x, w, bias, activation, residual=residual)
-                    expected = reference.linear(x, w, bias, activation, residual).float()
-                    assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
+        _check_every_epilogue(x, w, b, r, dtype, (None, "gelu", "relu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -99,13 +101,7 @@ def test_cpu_column_blocks_every_epilogue(kernels, dtype, m):
         if n == 1025:
             x = torch.cat([x, torch.ones_like(x)], dim=1)[:, :k]  # rows 2k apart
             assert not x.is_contiguous()
-        for bias in (None, b):
-            for residual in (None, r):
-                for activation in (None, "gelu"):
-                    y = gptext.ops.linear(x, w, bias, activation, residual=residual)
-                    expected = reference.linear(x, w, bias, activation, residual).float()
-                    assert y.shape == (m, n) and y.dtype == dtype
-                    assert_close(y.float(), expected, dtype, scale=2 * _tolerance_scale(dtype, k))
+        _check_every_epilogue(x, w, b, r, dtype, (None, "gelu"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
