@@ -89,6 +89,19 @@ def _layernorm_residual_functions(case):
             lambda x, r, w, b: reference.layernorm_residual(x, r, w, b, LN_EPS))
 
 
+def _rmsnorm_residual_inputs(case, randn):
+    return randn(case.shape), randn(case.shape), randn((case.shape[-1],), 0.1, 1.0)
+
+
+def _rmsnorm_residual_functions(case):
+    def eager(x, r, w):
+        total = x + r
+        return F.rms_norm(total, (total.shape[-1],), w, LN_EPS), total
+
+    return (lambda x, r, w: ops.rmsnorm_residual(x, r, w, LN_EPS), eager,
+            lambda x, r, w: reference.rmsnorm_residual(x, r, w, LN_EPS))
+
+
 def _linear_inputs(case, randn):
     m, k, n = case.shape
     has_bias, _, has_residual = EPILOGUES[case.epilogue]
@@ -229,6 +242,9 @@ OP_SPECS = {
     "layernorm_residual": OpSpec(
         lambda case: "memory", _layernorm_residual_inputs, _layernorm_residual_functions,
         lambda case: (9.0 * _elements(case), float((4 * _elements(case) + 2 * case.shape[-1]) * _itemsize(case)))),
+    "rmsnorm_residual": OpSpec(
+        lambda case: "memory", _rmsnorm_residual_inputs, _rmsnorm_residual_functions,
+        lambda case: (7.0 * _elements(case), float((4 * _elements(case) + case.shape[-1]) * _itemsize(case)))),
     "linear": OpSpec(lambda case: "compute", _linear_inputs, _linear_functions, _linear_cost,
                      lambda case: case.shape[1]),
     "ffn": OpSpec(lambda case: "compute", _ffn_inputs, _ffn_functions, _ffn_cost, lambda case: 4 * case.shape[1]),

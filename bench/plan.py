@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from gptext import profiling
 
-OPS = ("softmax", "layernorm_residual", "linear", "ffn", "attention", "attention_bwd")
+OPS = ("softmax", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "attention", "attention_bwd")
 MODES = ("quick", "full")
 
 # Linear epilogues as GPT-2 uses them: c_attn (bias), c_fc (bias + GELU), the projections
@@ -47,7 +47,7 @@ class Timing:
 class Case:
     """One op at one shape and dtype.
 
-    shape: softmax, layernorm_residual: (rows, cols); linear: (M, K, N), weight [N, K];
+    shape: softmax, layernorm_residual, rmsnorm_residual: (rows, cols); linear: (M, K, N), weight [N, K];
     ffn: (M, width), hidden 4 x width; attention(_bwd): (batch, heads, kv_heads, q_len,
     k_len, head_dim), with epilogue "causal" or "".
     """
@@ -127,6 +127,7 @@ FAMILIES = {
     ("cpu", "quick"): (
         Family("softmax", "rows", ((4096, 1024), (256, 50257), (16384, 128))),
         Family("layernorm_residual", "rows", ((4096, 768), (1024, 2880), (8, 768))),
+        Family("rmsnorm_residual", "rows", ((1024, 2880), (8, 2880))),
         Family("linear", "decode", ((1, 768, 2304, "+b"), (8, 768, 3072, "+b+gelu"), (1, 768, 50257, ""))),
         Family("linear", "prefill", ((512, 768, 2304, "+b"),)),
         Family("ffn", "gpt2", ((1, 768), (256, 768))),
@@ -138,6 +139,7 @@ FAMILIES = {
         Family("softmax", "rows", ((4096, 1024), (256, 50257), (16384, 128))),
         Family("softmax", "sweep", ((1, 1024), (16, 1024), (256, 1024)), first_dtype_only=True),
         Family("layernorm_residual", "rows", ((4096, 768), (1024, 2880), (8, 768))),
+        Family("rmsnorm_residual", "rows", ((1024, 2880), (8, 2880))),
         Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS + ((768, 50257, ""),))),
         Family("linear", "prefill", _linear((512,), _GPT2_LINEARS)),
         Family("ffn", "gpt2", ((1, 768), (8, 768), (256, 768))),
@@ -148,6 +150,7 @@ FAMILIES = {
     ("cuda", "quick"): (
         Family("softmax", "rows", ((16384, 1024), (8192, 50257))),
         Family("layernorm_residual", "rows", ((16384, 768), (16384, 2880))),
+        Family("rmsnorm_residual", "rows", ((16384, 2880),)),
         Family("linear", "square", ((4096, 4096, 4096, ""),)),
         Family("linear", "prefill", ((8192, 768, 2304, "+b"),)),
         Family("linear", "decode", ((1, 768, 2304, "+b"),)),
@@ -161,6 +164,7 @@ FAMILIES = {
         Family("softmax", "sweep", tuple((rows, 1024) for rows in (1, 4, 16, 64, 256, 1024, 4096)),
                first_dtype_only=True),
         Family("layernorm_residual", "rows", ((16384, 768), (16384, 1600), (16384, 2880))),
+        Family("rmsnorm_residual", "rows", ((16384, 2880),)),
         Family("linear", "square", ((4096, 4096, 4096, ""),)),
         Family("linear", "prefill", _linear((8192,), _GPT2_LINEARS)),
         Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS)),

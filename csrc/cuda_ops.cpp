@@ -62,6 +62,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cu
   return {p.out, p.sum, p.mean, p.rstd};
 }
 
+// RMSNorm runs on the LayerNorm kernels (NormArgs::rms).
+std::tuple<at::Tensor, at::Tensor> rmsnorm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  NormProblem p = norm_problem("rmsnorm", x, std::nullopt, weight, std::nullopt, eps, /*rms=*/true);
+  check_cuda(kernels::layernorm_forward(p.args, p.dtype, current_stream()), "rmsnorm");
+  return {p.out, p.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_residual_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                                     const at::Tensor& weight, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  NormProblem p = norm_problem("rmsnorm_residual", x, residual, weight, std::nullopt, eps, /*rms=*/true);
+  check_cuda(kernels::layernorm_forward(p.args, p.dtype, current_stream()), "rmsnorm_residual");
+  return {p.out, p.sum, p.rstd};
+}
+
 // ---- linear: the two GEMM paths and the policy between them ------------------------------
 
 // One way to compute linear's product: cuBLAS, or gptext's WMMA kernel with a block tile.
@@ -312,6 +328,8 @@ TORCH_LIBRARY_IMPL(gptext, CUDA, m) {
   m.impl("softmax", &gptext::softmax_cuda);
   m.impl("layernorm", &gptext::layernorm_cuda);
   m.impl("layernorm_residual", &gptext::layernorm_residual_cuda);
+  m.impl("rmsnorm", &gptext::rmsnorm_cuda);
+  m.impl("rmsnorm_residual", &gptext::rmsnorm_residual_cuda);
   m.impl("linear", &gptext::linear_cuda);
   m.impl("ffn", &gptext::ffn_cuda);
   m.impl("attention", &gptext::attention_cuda);

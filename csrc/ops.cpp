@@ -139,6 +139,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_residual_cp
   return {p.out, p.sum, p.mean, p.rstd};
 }
 
+std::tuple<at::Tensor, at::Tensor> rmsnorm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  NormProblem p = norm_problem("rmsnorm", x, std::nullopt, weight, std::nullopt, eps, /*rms=*/true);
+  parallel_rows(p.args.rows, p.args.cols,
+                [&](int64_t begin, int64_t end) { cpu::layernorm_rows(p.dtype, p.args, begin, end); });
+  return {p.out, p.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_residual_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                                    const at::Tensor& weight, double eps) {
+  NormProblem p = norm_problem("rmsnorm_residual", x, residual, weight, std::nullopt, eps, /*rms=*/true);
+  parallel_rows(p.args.rows, p.args.cols,
+                [&](int64_t begin, int64_t end) { cpu::layernorm_rows(p.dtype, p.args, begin, end); });
+  return {p.out, p.sum, p.rstd};
+}
+
 // Up to this many rows a bf16 product runs on gptext's AMX GEMM (cpu::gemm_amx) where
 // amx_bf16() holds, past the skinny GEMM's rows; more go to oneDNN's (ATen's, also on AMX).
 // Against F.linear in rounds on an Intel Xeon (2 threads), x768->2304: 1.8-2.2x at 17-32
@@ -291,6 +306,8 @@ TORCH_LIBRARY(gptext, m) {
   m.def(
       "layernorm_residual(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps=1e-05) -> "
       "(Tensor out, Tensor sum, Tensor mean, Tensor rstd)");
+  m.def("rmsnorm(Tensor x, Tensor weight, float eps=1e-05) -> (Tensor out, Tensor rstd)");
+  m.def("rmsnorm_residual(Tensor x, Tensor residual, Tensor weight, float eps=1e-05) -> (Tensor out, Tensor sum, Tensor rstd)");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"none\", Tensor? residual=None) -> Tensor");
   m.def(
       "ffn(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual=None) -> Tensor");
@@ -312,6 +329,8 @@ TORCH_LIBRARY_IMPL(gptext, CPU, m) {
   m.impl("softmax", &gptext::softmax_cpu);
   m.impl("layernorm", &gptext::layernorm_cpu);
   m.impl("layernorm_residual", &gptext::layernorm_residual_cpu);
+  m.impl("rmsnorm", &gptext::rmsnorm_cpu);
+  m.impl("rmsnorm_residual", &gptext::rmsnorm_residual_cpu);
   m.impl("linear", &gptext::linear_cpu);
   m.impl("ffn", &gptext::ffn_cpu);
   m.impl("attention", &gptext::attention_cpu);

@@ -102,16 +102,17 @@ inline at::Tensor softmax_result(const SoftmaxProblem& p) {
   return p.dim == p.y.dim() - 1 ? p.y : p.y.movedim(-1, p.dim).contiguous();
 }
 
-// ---- LayerNorm -----------------------------------------------------------------------
+// ---- LayerNorm and RMSNorm -------------------------------------------------------------
 struct NormProblem {
   at::Tensor x, residual, weight, bias;  // contiguous; residual/bias undefined when absent
-  at::Tensor out, sum, mean, rstd;
+  at::Tensor out, sum, mean, rstd;       // mean undefined for an RMSNorm
   DType dtype;
   NormArgs args;
 };
 
 inline NormProblem norm_problem(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                                const at::Tensor& weight, const std::optional<at::Tensor>& bias, double eps) {
+                                const at::Tensor& weight, const std::optional<at::Tensor>& bias, double eps,
+                                bool rms = false) {
   NormProblem p;
   p.dtype = kernel_dtype(x, op, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "gptext.ops.", op,
@@ -136,7 +137,7 @@ inline NormProblem norm_problem(const char* op, const at::Tensor& x, const std::
   p.weight = weight.contiguous();
   p.out = at::empty(x.sizes(), p.x.options());
   const auto stat_shape = x.sizes().slice(0, x.dim() - 1);
-  p.mean = at::empty(stat_shape, x.options().dtype(at::kFloat));
+  if (!rms) p.mean = at::empty(stat_shape, x.options().dtype(at::kFloat));
   p.rstd = at::empty(stat_shape, x.options().dtype(at::kFloat));
   p.args = NormArgs{p.x.data_ptr(),
                     p.residual.defined() ? p.residual.data_ptr() : nullptr,
@@ -144,11 +145,12 @@ inline NormProblem norm_problem(const char* op, const at::Tensor& x, const std::
                     p.bias.defined() ? p.bias.data_ptr() : nullptr,
                     p.out.data_ptr(),
                     p.sum.defined() ? p.sum.data_ptr() : nullptr,
-                    p.mean.data_ptr<float>(),
+                    p.mean.defined() ? p.mean.data_ptr<float>() : nullptr,
                     p.rstd.data_ptr<float>(),
                     rows_of(p.x),
                     cols,
-                    float(eps)};
+                    float(eps),
+                    rms};
   return p;
 }
 

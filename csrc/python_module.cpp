@@ -237,13 +237,16 @@ PyObject* get_direct(PyObject*, PyObject*) { return PyBool_FromLong(g_direct.loa
 using Tensor = const at::Tensor&;
 using Optional = const OptTensor&;
 constexpr char kSoftmax[] = "softmax", kLayernorm[] = "layernorm", kLayernormResidual[] = "layernorm_residual",
-               kLinear[] = "linear", kFfn[] = "ffn", kAttention[] = "attention";
+               kRmsnorm[] = "rmsnorm", kRmsnormResidual[] = "rmsnorm_residual", kLinear[] = "linear", kFfn[] = "ffn", kAttention[] = "attention";
 // The schemas of csrc/ops.cpp, as C++ signatures (typed_op checks them when first called).
 using Softmax = Entry<kSoftmax, at::Tensor(Tensor, int64_t, double, bool, int64_t)>;
 using Layernorm = Entry<kLayernorm, std::tuple<at::Tensor, at::Tensor, at::Tensor>(Tensor, Tensor, Optional, double)>;
 using LayernormResidual =
     Entry<kLayernormResidual,
           std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(Tensor, Tensor, Tensor, Optional, double)>;
+using Rmsnorm = Entry<kRmsnorm, std::tuple<at::Tensor, at::Tensor>(Tensor, Tensor, double)>;
+using RmsnormResidual =
+    Entry<kRmsnormResidual, std::tuple<at::Tensor, at::Tensor, at::Tensor>(Tensor, Tensor, Tensor, double)>;
 using Linear = Entry<kLinear, at::Tensor(Tensor, Tensor, Optional, const std::string&, Optional)>;
 using Ffn = Entry<kFfn, at::Tensor(Tensor, Tensor, Optional, Tensor, Optional, Optional)>;
 using Attention = Entry<kAttention, std::tuple<at::Tensor, at::Tensor>(Tensor, Tensor, Tensor, bool, int64_t, Optional,
@@ -258,6 +261,8 @@ PyMethodDef methods[] = {
     GPTEXT_ENTRIES("softmax", Softmax),
     GPTEXT_ENTRIES("layernorm", Layernorm),
     GPTEXT_ENTRIES("layernorm_residual", LayernormResidual),
+    GPTEXT_ENTRIES("rmsnorm", Rmsnorm),
+    GPTEXT_ENTRIES("rmsnorm_residual", RmsnormResidual),
     GPTEXT_ENTRIES("linear", Linear),
     GPTEXT_ENTRIES("ffn", Ffn),
     GPTEXT_ENTRIES("attention", Attention),

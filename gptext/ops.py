@@ -48,6 +48,8 @@ __all__ = [
     "layernorm_residual",
     "linear",
     "linear_backend",
+    "rmsnorm",
+    "rmsnorm_residual",
     "set_backend",
     "set_gemm_policy",
     "softmax",
@@ -111,16 +113,19 @@ def _declined(*args):
 
 
 if _EXTENSION_ERROR is None:
-    _try_softmax, _try_layernorm, _try_layernorm_residual, _try_linear, _try_ffn, _try_attention = (
-        _C._try_softmax, _C._try_layernorm, _C._try_layernorm_residual, _C._try_linear, _C._try_ffn,
-        _C._try_attention)
+    (_try_softmax, _try_layernorm, _try_layernorm_residual, _try_rmsnorm, _try_rmsnorm_residual, _try_linear,
+     _try_ffn, _try_attention) = (
+        _C._try_softmax, _C._try_layernorm, _C._try_layernorm_residual, _C._try_rmsnorm, _C._try_rmsnorm_residual,
+        _C._try_linear, _C._try_ffn, _C._try_attention)
     # A polyfill is looked up by the C function it stands for, so the ops below call the
     # entry points themselves (not the wrappers this returns), with no is_compiling test.
-    for _entry in (_try_softmax, _try_layernorm, _try_layernorm_residual, _try_linear, _try_ffn, _try_attention):
+    for _entry in (_try_softmax, _try_layernorm, _try_layernorm_residual, _try_rmsnorm, _try_rmsnorm_residual,
+                   _try_linear, _try_ffn, _try_attention):
         torch.compiler.substitute_in_graph(_entry, skip_signature_check=True)(_declined)
     del _entry
 else:
-    _try_softmax = _try_layernorm = _try_layernorm_residual = _try_linear = _try_ffn = _try_attention = _declined
+    _try_softmax = _try_layernorm = _try_layernorm_residual = _try_rmsnorm = _try_rmsnorm_residual = _declined
+    _try_linear = _try_ffn = _try_attention = _declined
 
 
 def _sync_direct() -> None:
@@ -325,10 +330,10 @@ def _check_norm(op: str, x, weight, bias, eps) -> None:
         raise ValueError(f"gptext.ops.{op}: eps must be a finite number >= 0, got {eps}")
 
 
-def _check_norm_residual(x, residual, weight, bias, eps) -> None:
-    _check_norm("layernorm_residual", x, weight, bias, eps)
-    _check_tensor("layernorm_residual", "residual", residual, x)
-    _check_shape("layernorm_residual", "residual", residual, x.shape)
+def _check_norm_residual(op: str, x, residual, weight, bias, eps) -> None:
+    _check_norm(op, x, weight, bias, eps)
+    _check_tensor(op, "residual", residual, x)
+    _check_shape(op, "residual", residual, x.shape)
 
 
 _INF = float("inf")
@@ -483,11 +488,42 @@ def layernorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 @_observed("layernorm_residual")
 def _layernorm_residual(x, residual, weight, bias=None, eps=1e-5):
-    _check_norm_residual(x, residual, weight, bias, eps)
+    _check_norm_residual("layernorm_residual", x, residual, weight, bias, eps)
     if _use_kernels("layernorm_residual", x):
         out, total, _, _ = _compiled("layernorm_residual", x, residual, weight, bias, eps)
         return out, total
     return reference.layernorm_residual(x, residual, weight, bias, eps)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * weight, fp32 statistics."""
+    y = _try_rmsnorm(x, weight, eps)
+    return _rmsnorm(x, weight, eps) if y is None else y[0]
+
+
+@_observed("rmsnorm")
+def _rmsnorm(x, weight, eps=1e-5):
+    _check_norm("rmsnorm", x, weight, None, eps)
+    if _use_kernels("rmsnorm", x):
+        return _compiled("rmsnorm", x, weight, eps)[0]
+    return reference.rmsnorm(x, weight, eps)
+
+
+def rmsnorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual), x + residual) in one pass, as layernorm_residual does for
+    LayerNorm. Returns (normed, new residual stream)."""
+    y = _try_rmsnorm_residual(x, residual, weight, eps)
+    return _rmsnorm_residual(x, residual, weight, eps) if y is None else (y[0], y[1])
+
+
+@_observed("rmsnorm_residual")
+def _rmsnorm_residual(x, residual, weight, eps=1e-5):
+    _check_norm_residual("rmsnorm_residual", x, residual, weight, None, eps)
+    if _use_kernels("rmsnorm_residual", x):
+        out, total, _ = _compiled("rmsnorm_residual", x, residual, weight, eps)
+        return out, total
+    return reference.rmsnorm_residual(x, residual, weight, eps)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -605,7 +641,7 @@ def _register_compiled_ops() -> None:
 
     @torch.library.register_fake(lib + "layernorm_residual")
     def _layernorm_residual_fake(x, residual, weight, bias, eps=1e-5):
-        _check_norm_residual(x, residual, weight, bias, eps)
+        _check_norm_residual("layernorm_residual", x, residual, weight, bias, eps)
         return x.new_empty(x.shape), x.new_empty(x.shape), _stats_like(x), _stats_like(x)
 
     def _layernorm_residual_setup(ctx, inputs, output):
@@ -623,6 +659,42 @@ def _register_compiled_ops() -> None:
 
     torch.library.register_autograd(lib + "layernorm_residual", _layernorm_residual_backward,
                                     setup_context=_layernorm_residual_setup)
+
+    @torch.library.register_fake(lib + "rmsnorm")
+    def _rmsnorm_fake(x, weight, eps=1e-5):
+        _check_norm("rmsnorm", x, weight, None, eps)
+        return x.new_empty(x.shape), _stats_like(x)
+
+    def _rmsnorm_setup(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight, output[1])
+
+    def _rmsnorm_backward(ctx, grad_out, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = reference.rmsnorm_backward(grad_out, x, weight, rstd)
+        return dx, dweight, None
+
+    torch.library.register_autograd(lib + "rmsnorm", _rmsnorm_backward, setup_context=_rmsnorm_setup)
+
+    @torch.library.register_fake(lib + "rmsnorm_residual")
+    def _rmsnorm_residual_fake(x, residual, weight, eps=1e-5):
+        _check_norm_residual("rmsnorm_residual", x, residual, weight, None, eps)
+        return x.new_empty(x.shape), x.new_empty(x.shape), _stats_like(x)
+
+    def _rmsnorm_residual_setup(ctx, inputs, output):
+        _, _, weight, _ = inputs
+        _, total, rstd = output
+        ctx.save_for_backward(total, weight, rstd)
+
+    def _rmsnorm_residual_backward(ctx, grad_out, grad_total, _grad_rstd):
+        total, weight, rstd = ctx.saved_tensors
+        dv, dweight = reference.rmsnorm_backward(grad_out, total, weight, rstd)
+        if grad_total is not None:
+            dv = dv + grad_total
+        return dv, dv, dweight, None
+
+    torch.library.register_autograd(lib + "rmsnorm_residual", _rmsnorm_residual_backward,
+                                    setup_context=_rmsnorm_residual_setup)
 
     @torch.library.register_fake(lib + "linear")
     def _linear_fake(x, weight, bias=None, activation="none", residual=None):

@@ -26,6 +26,10 @@ __all__ = [
     "layernorm_stats",
     "linear",
     "linear_backward",
+    "rmsnorm",
+    "rmsnorm_backward",
+    "rmsnorm_residual",
+    "rmsnorm_stats",
     "softmax",
     "softmax_backward",
 ]
@@ -169,6 +173,35 @@ def layernorm_backward(grad: torch.Tensor, v: torch.Tensor, weight: torch.Tensor
     dweight = (rows * xhat.reshape(rows.shape)).sum(0).to(weight.dtype)
     dbias = rows.sum(0).to(weight.dtype) if has_bias else None
     return dv.to(v.dtype), dweight, dbias
+
+
+def rmsnorm_stats(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-row 1/sqrt(mean of squares + eps) over the last dimension, in fp32."""
+    v = _wide(x)
+    return torch.rsqrt((v * v).mean(-1) + eps)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over the last dimension (gpt-oss, T5): x / rms(x) * weight, fp32 statistics."""
+    return (_wide(x) * rmsnorm_stats(x, eps)[..., None] * _wide(weight)).to(x.dtype)
+
+
+def rmsnorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual), x + residual), the sum rounded to x's dtype first."""
+    total = (_wide(x) + _wide(residual)).to(x.dtype)
+    return rmsnorm(total, weight, eps), total
+
+
+def rmsnorm_backward(grad: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """Gradients of rmsnorm(v) w.r.t. v and weight, from the saved 1/rms."""
+    g = _wide(grad)
+    xhat = _wide(v) * rstd[..., None]
+    dxhat = g * _wide(weight)
+    dv = rstd[..., None] * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    rows = g.reshape(-1, g.shape[-1])
+    dweight = (rows * xhat.reshape(rows.shape)).sum(0).to(weight.dtype)
+    return dv.to(v.dtype), dweight
 
 
 def _activation(name: str | None):

@@ -551,7 +551,7 @@ void layernorm_rows_t(const NormArgs& a, int64_t row_begin, int64_t row_end) {
     } else {
       load_rows<Fmt>(x, buf, n);
     }
-    const float mean = reduce_row(buf, n, 0.0f, identity, add) / float(n);
+    const float mean = a.rms ? 0.0f : reduce_row(buf, n, 0.0f, identity, add) / float(n);
     const float squares = reduce_row(buf, n, 0.0f, [mean](float v) { return (v - mean) * (v - mean); }, add);
     const float rstd = norm_rstd(squares / float(n), a.eps);
     T* out = static_cast<T*>(a.out) + row * n;

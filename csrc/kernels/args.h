@@ -24,10 +24,12 @@ struct SoftmaxArgs {
   int64_t q_len;   // rows per (batch, head) block of scores; used only when causal
 };
 
-// LayerNorm over the last dimension, optionally after a residual add:
+// LayerNorm or RMSNorm over the last dimension, optionally after a residual add:
 //   v = x (+ residual, rounded to the storage type and written to `sum`);
-//   out = (v - mean(v)) * rstd * weight (+ bias);
-// mean and rstd (fp32, one per row) are written when their pointers are non-null.
+//   LayerNorm: out = (v - mean(v)) * rstd * weight (+ bias), rstd = 1/sqrt(var(v) + eps);
+//   RMSNorm:   out = v * rstd * weight,                       rstd = 1/sqrt(mean(v^2) + eps);
+// mean and rstd (fp32, one per row) are written when their pointers are non-null (an
+// RMSNorm has no mean to write: it is taken as 0).
 struct NormArgs {
   const void* x;
   const void* residual;  // null: plain LayerNorm
@@ -40,6 +42,7 @@ struct NormArgs {
   int64_t rows;
   int64_t cols;
   float eps;
+  bool rms;              // RMSNorm: no centring (mean taken as 0) and no bias
 };
 
 // GEMM with a fused epilogue: c[M, N] = act(a[M, K] @ b[N, K]^T + bias[N]) + residual[M, N].

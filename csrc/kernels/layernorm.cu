@@ -5,6 +5,9 @@
 // row fits in registers, exact two-pass (mean first, then the centred sum of squares, both
 // over registers: no cancellation as with E[v^2] - E[v]^2).
 //
+// RMSNorm (gpt-oss) is the same kernels with the mean taken as 0 (NormArgs::rms): the
+// centred sum of squares becomes the plain one, and there is no bias.
+//
 // Variants by hidden size (thresholds in norm_math.cuh):
 //   1. warp per row (<= 1024): four rows per 128-thread block, shuffles only;
 //   2. block per row, row in registers (<= 16384), reductions through shared memory;
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow, kNormRegs
 #pragma unroll
       for (int e = 0; e < VEC; ++e) sum += v[it][e];
     }
-    const float mean = dev::row_sum<kWarpPerRow>(sum, scratch) / float(a.cols);
+    const float mean = a.rms ? 0.0f : dev::row_sum<kWarpPerRow>(sum, scratch) / float(a.cols);
 
     float squares = 0.0f;
 #pragma unroll
@@ -153,16 +156,18 @@ __global__ void __launch_bounds__(kStreamThreads) layernorm_stream_kernel(const 
       state = welford_push(state, v);
     }
     state = block_welford(state, scratch);
-    const float rstd = norm_rstd(state.m2 / float(a.cols), a.eps);
+    // RMSNorm's mean of squares from the same statistics: E[v^2] = m2 / n + mean^2.
+    const float mean = a.rms ? 0.0f : state.mean;
+    const float rstd = norm_rstd(state.m2 / float(a.cols) + (a.rms ? state.mean * state.mean : 0.0f), a.eps);
     if (threadIdx.x == 0) {
-      if (a.mean != nullptr) a.mean[row] = state.mean;
+      if (a.mean != nullptr) a.mean[row] = mean;
       if (a.rstd != nullptr) a.rstd[row] = rstd;
     }
 
     const T* v_src = residual != nullptr ? sum : x;
     for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
       const float b = bias != nullptr ? to_float(bias[c]) : 0.0f;
-      out[c] = from_float<T>(layernorm_apply(to_float(v_src[c]), state.mean, rstd, to_float(weight[c]), b));
+      out[c] = from_float<T>(layernorm_apply(to_float(v_src[c]), mean, rstd, to_float(weight[c]), b));
     }
   }
 }
@@ -193,7 +198,9 @@ cudaError_t launch_layernorm(const NormArgs& a, cudaStream_t stream) {
 
 cudaError_t layernorm_forward(const NormArgs& args, DType dtype, cudaStream_t stream) {
   if (args.rows == 0) return cudaSuccess;
-  if (args.cols <= 0 || (args.residual != nullptr && args.sum == nullptr)) return cudaErrorInvalidValue;
+  if (args.cols <= 0 || (args.residual != nullptr && args.sum == nullptr) || (args.rms && args.bias != nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   return GPTEXT_DISPATCH_DTYPE(dtype, T, [&] { return launch_layernorm<T>(args, stream); });
 }
 

@@ -147,15 +147,18 @@ static void test_layernorm(std::mt19937& gen) {
   for (DType t : {DType::F32, DType::BF16, DType::F16}) {
     for (int64_t cols : {1, 37, 768, 1024, 1600, 2880, 16384, 20000}) {
       for (bool residual : {true, false}) {
-        for (int offset : {0, 1}) {
+        for (int variant = 0; variant < 4; ++variant) {  // aligned or not, LayerNorm or RMSNorm
+          const int offset = variant % 2;
+          const bool rms = variant >= 2;
           const int64_t rows = cols > 4096 ? 3 : 9;
           if (rows * cols > max_elements) continue;
           const HostArray x = random_array(t, rows * cols, gen, 2.0f), r = random_array(t, rows * cols, gen);
           const HostArray w = random_array(t, cols, gen), b = random_array(t, cols, gen, 0.1f);
           HostArray out(t, rows * cols), sum(t, rows * cols);
           std::vector<float> mean(rows), rstd(rows);
-          NormArgs args{x.bytes.data(), residual ? r.bytes.data() : nullptr, w.bytes.data(), b.bytes.data(),
-                        out.data(), residual ? sum.data() : nullptr, mean.data(), rstd.data(), rows, cols, 1e-5f};
+          NormArgs args{x.bytes.data(), residual ? r.bytes.data() : nullptr, w.bytes.data(),
+                        rms ? nullptr : b.bytes.data(), out.data(), residual ? sum.data() : nullptr, mean.data(),
+                        rstd.data(), rows, cols, 1e-5f, rms};
           cpu::layernorm_rows(t, args, 0, rows);
           DeviceArray dx(x, offset), dr(r, offset), dw(w), db(b), dout(out, offset), dsum(sum, offset);
           HostArray stats(DType::F32, 2 * rows);
@@ -163,14 +166,14 @@ static void test_layernorm(std::mt19937& gen) {
           args.x = dx.ptr;
           args.residual = residual ? dr.ptr : nullptr;
           args.weight = dw.ptr;
-          args.bias = db.ptr;
+          args.bias = rms ? nullptr : db.ptr;
           args.out = dout.ptr;
           args.sum = residual ? dsum.ptr : nullptr;
           args.mean = static_cast<float*>(dstats.ptr);
           args.rstd = static_cast<float*>(dstats.ptr) + rows;
           CUDA_OK(kernels::layernorm_forward(args, t, nullptr));
           CUDA_OK(cudaDeviceSynchronize());
-          const std::string name = "layernorm " + std::string(name_of(t)) + " " + std::to_string(cols) +
+          const std::string name = (rms ? "rmsnorm " : "layernorm ") + std::string(name_of(t)) + " " + std::to_string(cols) +
                                    (residual ? " residual" : "") + (offset ? " misaligned" : "");
           compare(name, dout.download(t), out, 1e-5f, 2 * rtol(t));
           if (residual) compare(name + " (sum)", dsum.download(t), sum, 0.0f, 0.0f);
