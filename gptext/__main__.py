@@ -57,11 +57,31 @@ def load_model(name: str, device: str, dtype: str):
     if os.path.isdir(name):
         return GPT.from_pretrained(name, dtype=torch_dtype, device=device), "checkpoint"
     if name in GPTConfig.presets():
+        cfg = GPTConfig.preset(name)
+        need, free = 4 * cfg.num_parameters(), free_memory(device)  # built in fp32, then converted
+        if free is not None and need > free:
+            raise CommandError(f"--model {name}: random weights for its {cfg.num_parameters() / 1e9:.1f}B parameters "
+                               f"need {need / 1e9:.0f} GB, and {device} has {free / 1e9:.0f} GB free; load a "
+                               f"checkpoint directory instead")
         torch.manual_seed(0)
-        model = GPT(GPTConfig.preset(name)).to(device=device, dtype=torch_dtype).eval()
+        model = GPT(cfg).to(device=device, dtype=torch_dtype).eval()
         return model, "random weights"
     raise CommandError(f"--model {name!r} is neither a checkpoint directory nor a preset "
                        f"({', '.join(GPTConfig.presets())})")
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free on the device (the CPU: physical memory available), or None if unknown."""
+    import os
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def default_device() -> str:
@@ -80,6 +100,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     model, origin = load_model(args.model, device, dtype)
+    if model.config.arch != "gpt2":
+        raise CommandError(f"generate: a {model.config.arch} model reads another vocabulary than GPT-2's, the one "
+                           f"gptext ships; give it token ids through the Python API (model.generate)")
     if origin == "random weights":
         print(f"[{args.model} with random weights: expect noise, not text]", file=sys.stderr)
     tok = gptext.get_tokenizer("gpt2")

@@ -11,7 +11,8 @@ Prompts of different lengths are left-padded: each sequence keeps its own positi
 so a batched prompt gives the same tokens as that prompt alone.
 
 The context window is a hard limit: prompt + max_new_tokens must fit in
-config.context_length (GPT-2's learned position embeddings stop there), else ValueError.
+config.context_length (GPT-2's learned position embeddings stop there; gpt-oss's RoPE was
+scaled to it), else ValueError.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class KVCache:
 
     def __init__(self, model: GPT, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         cfg = model.config
-        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
+        shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -205,6 +206,9 @@ def _prepare(model, idx, attention_mask, max_new_tokens, temperature, top_k, top
     weight = model.lm_head.weight
     if cuda_graph and not weight.is_cuda:
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
+    if cuda_graph and model.config.arch != "gpt2":
+        raise ValueError(f"cuda_graph=True: a {model.config.arch} model's expert routing reads its choices back "
+                         f"from the device, which a CUDA graph cannot capture; it decodes eagerly")
     tokens, pad, kind = _prompts(model, idx, attention_mask, weight.device)
     total = tokens.shape[1] + max_new_tokens
     if total > model.config.context_length:
@@ -225,7 +229,7 @@ def _steps(model, tokens, pad, max_new_tokens, temperature, top_k, top_p, eos_to
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
     if cuda_graph is None:
-        cuda_graph = weight.is_cuda
+        cuda_graph = weight.is_cuda and model.config.arch == "gpt2"  # see _prepare
     if max_new_tokens == 1:
         decoder = None  # the prefill alone gives the one token: no cache, and the held graph stays
     elif cuda_graph:
@@ -265,7 +269,8 @@ def generate(model: GPT, idx, max_new_tokens: int = 50, temperature: float = 1.0
                      probability >= p.
     eos_token_id:    a sequence stops after emitting it; generation ends when all have.
     generator:       a torch.Generator on the model's device, for reproducible sampling.
-    cuda_graph:      replay the decode step as a CUDA graph (default: on when on CUDA).
+    cuda_graph:      replay the decode step as a CUDA graph (default: on when on CUDA, for
+                     GPT-2; a gpt-oss model decodes eagerly).
 
     Returns, for a (B, T) tensor, a LongTensor (B, T + steps) whose finished rows are padded
     with eos_token_id; for a 1-D tensor, a 1-D tensor; for a list, a list of 1-D tensors,

@@ -1,19 +1,27 @@
-"""The GPT model (GPT-2 family), built from gptext's ops. Reads top to bottom:
+"""The GPT model, built from gptext's ops, in its two families (GPTConfig.arch):
 
-    embeddings -> n_layer x Block -> final LayerNorm -> head tied to the token embedding
+GPT-2:    token + learned position embeddings -> n_layer x Block -> LayerNorm -> head tied
+          to the token embedding
+gpt-oss:  token embedding -> n_layer x OssBlock -> RMSNorm -> untied head; each OssBlock is
+          grouped-query attention with RoPE (YaRN), per-head sinks and, on even layers, a
+          sliding window, then a mixture of SwiGLU experts
 
-Each Block is pre-LN: x + attn(ln_1(x)), then + mlp(ln_2(x)). The residual adds are fused
-into the LayerNorm that follows them (gptext.ops.layernorm_residual): a branch's output is
-handed to the next norm, which adds it to the residual stream and normalises the sum in one
-pass. So a Block takes the residual stream *and* the previous block's pending MLP output,
-and returns the stream and its own pending MLP output; the final norm adds the last one.
+Every block is pre-norm: x + attn(norm_1(x)), then + mlp(norm_2(x)). The residual adds are
+fused into the norm that follows them (gptext.ops.layernorm_residual / rmsnorm_residual): a
+branch's output is handed to the next norm, which adds it to the residual stream and
+normalises the sum in one pass. So a block takes the residual stream *and* the previous
+block's pending MLP output, and returns the stream and its own pending MLP output; the
+final norm adds the last one.
 
-Weights are stored as PyTorch stores them (Linear: [out_features, in_features]); the
-state_dict keys follow Hugging Face's GPT-2 names (transformer.h.0.attn.c_attn.weight, ...).
+Weights are stored as PyTorch stores them (Linear: [out_features, in_features], experts
+[expert, out, in]); the state_dict keys follow Hugging Face's names for each family
+(transformer.h.0.attn.c_attn.weight, ...; model.layers.0.self_attn.q_proj.weight, ...).
+RoPE and the MoE routing are plain PyTorch here: gptext has no kernels for them yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -38,6 +46,8 @@ class Step:
     kv_starts: (B,) int, first real key of each sequence (left padding before it), or None.
     kv_lens:   (B,) int, keys written so far when kv_len covers more (a static-shape decode
                step over the whole cache), or None.
+    rotary:    (cos, sin) of the new tokens' positions, each (B, 1, T, head_dim / 2) fp32,
+               for a gpt-oss model (GPT.run fills it in).
     """
 
     positions: torch.Tensor
@@ -45,6 +55,7 @@ class Step:
     kv_len: int = 0
     kv_starts: torch.Tensor | None = None
     kv_lens: torch.Tensor | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class LayerNorm(nn.Module):
@@ -120,38 +131,225 @@ class Block(nn.Module):
         return stream, self.dropout(self.mlp(x))  # the MLP output is added by the next norm
 
 
+# ---- gpt-oss ----------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """RMSNorm that first adds a pending branch output to the residual stream, as LayerNorm
+    above does."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, stream: torch.Tensor, branch: torch.Tensor | None = None):
+        if branch is None:
+            return ops.rmsnorm(stream, self.weight, self.eps), stream
+        return ops.rmsnorm_residual(branch, stream, self.weight, self.eps)
+
+
+def yarn_frequencies(cfg: GPTConfig, device=None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies with YaRN scaling, and the factor on cos and sin.
+
+    Frequencies that turn fewer than ntk_alpha times over the training context
+    (rope_initial_context) are interpolated (divided by the scaling factor), those that turn
+    more than ntk_beta times are kept, with a linear ramp between; cos and sin are scaled by
+    0.1 ln(factor) + 1 (YaRN's "concentration"). fp32 throughout, as gpt-oss computes them."""
+    half = cfg.head_dim // 2
+    base = torch.tensor(cfg.rope_theta, dtype=torch.float32, device=device)
+    inv_freq = 1.0 / base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim)
+    factor = cfg.rope_scaling_factor
+    if factor <= 1.0:
+        return inv_freq, 1.0
+
+    def ramp_edge(turns: float) -> float:  # the dimension whose frequency turns `turns` times
+        return half * math.log(cfg.rope_initial_context / (turns * 2 * math.pi)) / math.log(cfg.rope_theta)
+
+    low, high = max(ramp_edge(cfg.rope_ntk_beta), 0.0), min(ramp_edge(cfg.rope_ntk_alpha), cfg.head_dim - 1.0)
+    if high == low:
+        high += 0.001
+    ramp = ((torch.arange(half, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    inv_freq = (inv_freq / factor) * ramp + inv_freq * (1 - ramp)
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+class Rotary(nn.Module):
+    """cos and sin of every position's rotation angles, for RoPE."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        # Made where the default device is, but never on "meta": a model built there for
+        # loading gets real weights assigned, and this (a buffer, not a weight) must be real.
+        device = torch.get_default_device()
+        inv_freq, self.concentration = yarn_frequencies(cfg, "cpu" if device.type == "meta" else device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions (B, T), each (B, 1, T, head_dim / 2) fp32."""
+        angles = positions[:, None, :, None].float() * self.inv_freq.to(positions.device)
+        return angles.cos() * self.concentration, angles.sin() * self.concentration
+
+
+def rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on x (B, H, T, D): each head's first half and second half form the pairs
+    (x1, x2) rotated by the position's angles (gpt-oss's layout, not interleaved pairs)."""
+    cos, sin = rotary
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class GroupedQueryAttention(nn.Module):
+    """gpt-oss attention: n_head query heads share kv_heads key/value heads, RoPE on q and k,
+    a learned logit per head (a "sink") in every softmax denominator, and on even layers a
+    sliding window."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.kv_heads, self.head_dim = layer, cfg.n_head, cfg.kv_heads, cfg.head_dim
+        q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, q, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.n_embd, bias=True)
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_head))
+        self.window = cfg.sliding_window if layer % 2 == 0 else None
+
+    def forward(self, x: torch.Tensor, step: Step, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+
+        def heads(proj: nn.Linear, n: int) -> torch.Tensor:  # (B, n, T, D)
+            return ops.linear(x, proj.weight, proj.bias).view(B, T, n, self.head_dim).transpose(1, 2)
+
+        q = rotate(heads(self.q_proj, self.n_head), step.rotary)
+        k = rotate(heads(self.k_proj, self.kv_heads), step.rotary)
+        v = heads(self.v_proj, self.kv_heads)
+        if cache is not None:
+            cache.write(self.layer, k, v, step.slots)
+            k, v = cache.read(self.layer, step.kv_len)
+        y = ops.attention(q, k, v, causal=True, window=self.window, sinks=self.sinks, kv_starts=step.kv_starts,
+                          kv_lens=step.kv_lens)
+        return ops.linear(y.transpose(1, 2).reshape(B, T, -1), self.o_proj.weight, self.o_proj.bias)
+
+
+# gpt-oss's SwiGLU: the sigmoid's slope.
+SWIGLU_ALPHA = 1.702
+
+
+def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on h (..., 2 * width) whose columns alternate gate, linear:
+    gate * sigmoid(1.702 * gate) * (linear + 1), the gate clamped above at limit and the
+    linear half to [-limit, limit]; fp32 math."""
+    gate = h[..., 0::2].float().clamp(max=limit)
+    linear = h[..., 1::2].float().clamp(-limit, limit)
+    return (gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (linear + 1)).to(h.dtype)
+
+
+class Experts(nn.Module):
+    """The weights of n_experts SwiGLU MLPs, stacked: expert e is
+    down_proj[e] @ swiglu(gate_up_proj[e] @ x + gate_up_proj_bias[e]) + down_proj_bias[e]."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        e, c, hidden = cfg.n_experts, cfg.n_embd, cfg.expert_width
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * hidden, c))  # rows alternate gate, linear
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * hidden))
+        self.down_proj = nn.Parameter(torch.empty(e, c, hidden))
+        self.down_proj_bias = nn.Parameter(torch.zeros(e, c))
+
+
+class MoE(nn.Module):
+    """Mixture of experts: a linear router scores every expert, each token goes to its top
+    experts_per_token, and their outputs are summed weighted by the softmax of the chosen
+    logits. Tokens are grouped by expert, so each expert runs one pair of GEMMs."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.top_k, self.limit = cfg.experts_per_token, cfg.swiglu_limit
+        self.router = nn.Linear(cfg.n_embd, cfg.n_experts)
+        self.experts = Experts(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = ops.linear(flat, self.router.weight, self.router.bias)
+        top, chosen = logits.topk(self.top_k, dim=-1)  # (tokens, top_k)
+        weights = ops.softmax(top).reshape(-1, 1)
+        routes = chosen.reshape(-1)  # route r sends token r // top_k to expert routes[r]
+        order = routes.argsort(stable=True)
+        counts = torch.bincount(routes, minlength=self.router.weight.shape[0]).tolist()
+        w = self.experts
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            picked = order[start:start + count]
+            start += count
+            tokens = picked // self.top_k
+            h = swiglu(ops.linear(flat[tokens], w.gate_up_proj[e], w.gate_up_proj_bias[e]), self.limit)
+            y = ops.linear(h, w.down_proj[e], w.down_proj_bias[e])
+            out.index_add_(0, tokens, y.float() * weights[picked].float())
+        return out.to(x.dtype).view(x.shape)
+
+
+class OssBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.layer_norm_eps)
+        self.self_attn = GroupedQueryAttention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.layer_norm_eps)
+        self.mlp = MoE(cfg)
+
+    def forward(self, stream, pending, step: Step, cache=None):
+        x, stream = self.input_layernorm(stream, pending)
+        x, stream = self.post_attention_layernorm(stream, self.self_attn(x, step, cache))
+        return stream, self.mlp(x)
+
+
+# ---- the model ------------------------------------------------------------------------
+
 class GPT(nn.Module):
-    """A GPT-2-family language model on gptext's ops.
+    """A GPT-2- or gpt-oss-family language model on gptext's ops (cfg.arch picks).
 
     model(idx) -> logits (B, T, vocab_size); model(idx, targets) -> (logits, loss).
-    GPT.from_pretrained(dir) / model.save_pretrained(dir): Hugging Face GPT-2 checkpoints.
+    GPT.from_pretrained(dir) / model.save_pretrained(dir): Hugging Face checkpoints.
     model.generate(idx, ...): sampling with a KV cache (see gptext.generate).
     """
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.context_length, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            ln_f=LayerNorm(cfg.n_embd, cfg.layer_norm_eps),
-        ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input embedding and output head
+        if cfg.arch == "gpt2":
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.context_length, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+                ln_f=LayerNorm(cfg.n_embd, cfg.layer_norm_eps),
+            ))
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.lm_head.weight = self.transformer.wte.weight  # tied input embedding and output head
+        else:
+            self.model = nn.ModuleDict(dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                layers=nn.ModuleList(OssBlock(cfg, i) for i in range(cfg.n_layer)),
+                norm=RMSNorm(cfg.n_embd, cfg.layer_norm_eps),
+            ))
+            self.rotary = Rotary(cfg)
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self._init_weights()
 
     def _init_weights(self):
-        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit norms, and the two
-        projections that write into the residual stream scaled by 1/sqrt(2 n_layer)."""
+        """N(0, 0.02) weights, zero biases, unit norms; GPT-2 also scales the two projections
+        that write into the residual stream by 1/sqrt(2 n_layer), and gpt-oss draws its
+        sinks and router biases from N(0, 0.02) too (as Hugging Face initialises them)."""
+        gpt2 = self.config.arch == "gpt2"
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if gpt2 and name.endswith("c_proj.weight"):
                 nn.init.normal_(p, 0.0, residual_std)
-            elif name.endswith(".bias"):
+            elif name.endswith("bias") and not name.endswith("router.bias"):
                 nn.init.zeros_(p)
-            elif "ln_" in name:
+            elif name.endswith("norm.weight") or (gpt2 and "ln_" in name):
                 nn.init.ones_(p)
             else:
                 nn.init.normal_(p, 0.0, 0.02)
@@ -175,12 +373,19 @@ class GPT(nn.Module):
     def run(self, idx: torch.Tensor, step: Step, cache=None, last_only: bool = False) -> torch.Tensor:
         """The forward pass proper, on already-checked tokens: logits for every position (or
         only the last one), reading and writing `cache` as `step` says."""
-        t = self.transformer
-        stream = t.drop(t.wte(idx) + t.wpe(step.positions))
+        if self.config.arch == "gpt2":
+            t = self.transformer
+            stream = t.drop(t.wte(idx) + t.wpe(step.positions))
+            blocks, final_norm = t.h, t.ln_f
+        else:
+            m = self.model
+            stream = m.embed_tokens(idx)
+            step = dataclasses.replace(step, rotary=self.rotary(step.positions))
+            blocks, final_norm = m.layers, m.norm
         pending = None
-        for block in t.h:
+        for block in blocks:
             stream, pending = block(stream, pending, step, cache)
-        x, _ = t.ln_f(stream, pending)
+        x, _ = final_norm(stream, pending)
         if last_only:
             x = x[:, -1:]
         return ops.linear(x, self.lm_head.weight)
@@ -210,17 +415,18 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "GPT":
-        """A model from a local Hugging Face GPT-2 checkpoint directory (config.json plus
-        model.safetensors, sharded safetensors, or pytorch_model.bin)."""
-        from .weights import load_gpt2
+        """A model from a local Hugging Face checkpoint directory, GPT-2 or gpt-oss (config.json
+        plus model.safetensors, sharded safetensors, or pytorch_model.bin)."""
+        from .weights import load_pretrained
 
-        return load_gpt2(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device)
 
     def save_pretrained(self, path) -> None:
-        """Writes a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors)."""
-        from .weights import save_gpt2
+        """Writes a Hugging Face checkpoint directory of the model's family (config.json +
+        model.safetensors)."""
+        from .weights import save_pretrained
 
-        save_gpt2(self, path)
+        save_pretrained(self, path)
 
     def generate(self, idx, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None, generator=None, **kwargs):

@@ -1,9 +1,16 @@
-"""Checkpoints: Hugging Face GPT-2 directories in and out.
+"""Checkpoints: Hugging Face GPT-2 and gpt-oss directories in and out.
 
 A directory holds config.json and the weights as model.safetensors (or shards listed in
 model.safetensors.index.json), or as pytorch_model.bin (read with weights_only=True: no
-arbitrary unpickling). Hugging Face's GPT-2 stores its linear layers as Conv1D, [in, out];
-gptext stores them as PyTorch Linear, [out, in], and transposes on the way in and out.
+arbitrary unpickling). config.json's model_type picks the family.
+
+GPT-2: Hugging Face stores the linear layers as Conv1D, [in, out]; gptext stores them as
+PyTorch Linear, [out, in], and transposes on the way in and out.
+gpt-oss: Hugging Face stores each layer's experts stacked as [expert, in, out]; gptext as
+[expert, out, in]. OpenAI's released checkpoints hold the expert weights in MXFP4
+(``*_blocks``: two 4-bit e2m1 values per byte, 32 to a block; ``*_scales``: one power-of-two
+exponent per block, biased by 127), already [expert, out, in]; they are dequantised on load.
+
 Every tensor's shape is checked, and missing or unknown tensors are reported by name.
 Saving writes each file to a temporary name and renames it into place.
 """
@@ -20,7 +27,8 @@ import torch
 from .config import GPTConfig
 from .model import GPT
 
-__all__ = ["load_gpt2", "save_gpt2", "CheckpointError"]
+__all__ = ["load_pretrained", "load_gpt2", "load_gpt_oss", "save_pretrained", "save_gpt2", "save_gpt_oss",
+           "dequantize_mxfp4", "CheckpointError"]
 
 # Hugging Face GPT-2 activation names that are GPT-2's tanh-form GELU.
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -97,18 +105,62 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no model.safetensors, pytorch_model.bin or shard index found")
 
 
-def load_gpt2(path, dtype: torch.dtype | None = None, device=None) -> GPT:
-    """A GPT from a Hugging Face GPT-2 checkpoint directory, in eval mode. dtype defaults to
-    the checkpoint's; device to the CPU."""
+def _open(path) -> tuple[Path, dict]:
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
-    cfg = config_from_hf(_read_json(directory / "config.json"), directory / "config.json")
+    return directory, _read_json(directory / "config.json")
 
-    found: dict[str, tuple[torch.Tensor, Path]] = {}
-    for file in _weight_files(directory):
-        for name, tensor in _read_tensors(file).items():
-            found[name.removeprefix("transformer.")] = (tensor, file)
+
+def _read_all(directory: Path) -> dict[str, tuple[torch.Tensor, Path]]:
+    """Every tensor of the checkpoint by name, with the file it came from."""
+    return {name: (tensor, file) for file in _weight_files(directory) for name, tensor in _read_tensors(file).items()}
+
+
+def _assign(model: GPT, state: dict, unknown: list, directory: Path, device, shown=lambda name: name) -> GPT:
+    """Loads state into a model built on the meta device, reporting missing and unknown
+    tensors by name (shown(name): as the checkpoint names them); returns it on `device`, in
+    eval mode."""
+    expected = {name for name in model.state_dict() if not (model.config.tied_head and name == "lm_head.weight")}
+    missing = sorted(map(shown, expected - set(state)))
+    if missing or unknown:
+        raise CheckpointError(f"{directory}: " + "; ".join(
+            part for part in (f"missing tensors: {', '.join(missing)}" if missing else "",
+                              f"unknown tensors: {', '.join(sorted(unknown))}" if unknown else "") if part))
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tied_head:
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied parameter
+    return model.to(device or "cpu").eval()
+
+
+def _checked(name: str, tensor: torch.Tensor, want: tuple, file: Path, shown=None) -> torch.Tensor:
+    """tensor if it has the shape the config implies, else a CheckpointError naming it.
+    shown(shape) gives the shapes in the checkpoint's own layout, for the message."""
+    if tuple(tensor.shape) != want:
+        shown = shown or (lambda shape: shape)
+        raise CheckpointError(f"{file}: {name} has shape {shown(tuple(tensor.shape))}; the config implies "
+                              f"{shown(want)}")
+    return tensor
+
+
+def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> GPT:
+    """A GPT from a local Hugging Face checkpoint directory of either family (config.json's
+    model_type: "gpt2" or "gpt_oss"), in eval mode. dtype defaults to the checkpoint's;
+    device to the CPU."""
+    directory, hf = _open(path)
+    loaders = {"gpt2": load_gpt2, "gpt_oss": load_gpt_oss}
+    if hf.get("model_type") not in loaders:
+        raise CheckpointError(f"{directory / 'config.json'}: model_type is {hf.get('model_type')!r}; gptext loads "
+                              f"{' and '.join(map(repr, loaders))} checkpoints")
+    return loaders[hf["model_type"]](directory, dtype=dtype, device=device)
+
+
+def load_gpt2(path, dtype: torch.dtype | None = None, device=None) -> GPT:
+    """A GPT from a Hugging Face GPT-2 checkpoint directory, in eval mode. dtype defaults to
+    the checkpoint's; device to the CPU."""
+    directory, hf = _open(path)
+    cfg = config_from_hf(hf, directory / "config.json")
+    found = {name.removeprefix("transformer."): value for name, value in _read_all(directory).items()}
 
     with torch.device("meta"):
         model = GPT(cfg)
@@ -126,23 +178,114 @@ def load_gpt2(path, dtype: torch.dtype | None = None, device=None) -> GPT:
         if name not in expected:
             unknown.append(name)
             continue
-        if name.endswith(_CONV1D):
-            tensor = tensor.t()
-        want = tuple(expected[name].shape)
-        if tuple(tensor.shape) != want:
-            shown = tuple(tensor.t().shape) if name.endswith(_CONV1D) else tuple(tensor.shape)
-            raise CheckpointError(f"{file}: {name} has shape {shown}; the config implies "
-                                  f"{want[::-1] if name.endswith(_CONV1D) else want}")
+        conv1d = name.endswith(_CONV1D)
+        tensor = _checked(name, tensor.t() if conv1d else tensor, tuple(expected[name].shape), file,
+                          (lambda shape: shape[::-1]) if conv1d else None)
         state["transformer." + name] = tensor.to(dtype=dtype or tensor.dtype).contiguous()
-    missing = sorted(set(expected) - {n.removeprefix("transformer.") for n in state})
-    if missing or unknown:
-        raise CheckpointError(f"{directory}: " + "; ".join(
-            part for part in (f"missing tensors: {', '.join(missing)}" if missing else "",
-                              f"unknown tensors: {', '.join(sorted(unknown))}" if unknown else "") if part))
+    return _assign(model, state, unknown, directory, device, lambda name: name.removeprefix("transformer."))
 
-    model.load_state_dict(state, strict=False, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied parameter
-    return model.to(device or "cpu").eval()
+
+# Hugging Face gpt-oss expert weights, stored [expert, in, out]; gptext's are [expert, out, in].
+_EXPERT_MATRICES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# The sixteen values of a 4-bit e2m1 (FP4) code, by code.
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """MXFP4 to floats: blocks (..., G, 16) uint8 hold G blocks of 32 e2m1 values, two per
+    byte (the low nibble first); scales (..., G) uint8 are each block's power of two, biased
+    by 127. Returns (..., G * 32)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise CheckpointError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.dim() < 2 or blocks.shape[-1] != 16 or tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise CheckpointError(f"MXFP4 blocks {tuple(blocks.shape)} must be (..., G, 16) with scales (..., G), "
+                              f"got scales {tuple(scales.shape)}")
+    table = torch.tensor(_FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    pairs = torch.stack((table[(blocks & 0x0F).long()], table[(blocks >> 4).long()]), dim=-1)  # (..., G, 16, 2)
+    values = torch.ldexp(pairs.flatten(-2), scales.to(torch.int32)[..., None] - 127)  # (..., G, 32)
+    return values.flatten(-2).to(dtype)
+
+
+def oss_config_from_hf(hf: dict, source: Path) -> GPTConfig:
+    """GPTConfig from a Hugging Face gpt-oss config.json, refusing variants gptext doesn't run."""
+    if hf.get("model_type") != "gpt_oss":
+        raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}; expected 'gpt_oss'")
+    problems = []
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 150000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    yarn = dict(rope_scaling_factor=1.0)
+    if rope_type == "yarn":
+        yarn = dict(rope_scaling_factor=float(rope.get("factor", 32.0)),
+                    rope_ntk_beta=float(rope.get("beta_fast") or 32.0), rope_ntk_alpha=float(rope.get("beta_slow") or 1.0),
+                    rope_initial_context=int(rope.get("original_max_position_embeddings", 4096)))
+        if rope.get("truncate", True):
+            problems.append("YaRN with a truncated (integer) correction range (gpt-oss's is not truncated)")
+        if any(rope.get(key) is not None for key in ("attention_factor", "mscale", "mscale_all_dim")):
+            problems.append("YaRN with attention_factor / mscale set (gptext uses 0.1 ln(factor) + 1)")
+    elif rope_type != "default":
+        problems.append(f"rope_type {rope_type!r} (gptext runs 'yarn' and 'default')")
+    layers = hf.get("num_hidden_layers", 36)
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if hf.get("layer_types") not in (None, alternating):
+        problems.append("layer_types other than sliding-window attention on even layers, full on odd ones")
+    if not isinstance(hf.get("sliding_window", 128), int):
+        problems.append(f"sliding_window {hf.get('sliding_window')!r}")
+    if not hf.get("attention_bias", True):
+        problems.append("attention_bias = false")
+    if hf.get("tie_word_embeddings", False):
+        problems.append("tie_word_embeddings = true (gpt-oss's head is its own matrix)")
+    quantization = hf.get("quantization_config")
+    if quantization is not None and quantization.get("quant_method") != "mxfp4":
+        problems.append(f"quantization {quantization.get('quant_method')!r} (gptext reads bf16/fp32 and MXFP4)")
+    if problems:
+        raise CheckpointError(f"{source}: unsupported gpt-oss variant: " + "; ".join(problems))
+    try:
+        return GPTConfig(arch="gpt-oss", vocab_size=hf.get("vocab_size", 201088),
+                         context_length=hf.get("max_position_embeddings", 131072), n_embd=hf.get("hidden_size", 2880),
+                         n_layer=layers, n_head=hf.get("num_attention_heads", 64),
+                         n_kv_head=hf.get("num_key_value_heads", 8), head_width=hf.get("head_dim", 64),
+                         n_experts=hf.get("num_local_experts", hf.get("num_experts", 128)),
+                         experts_per_token=hf.get("num_experts_per_tok", 4),
+                         expert_width=hf.get("intermediate_size", 2880), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+                         sliding_window=hf.get("sliding_window", 128), rope_theta=theta,
+                         layer_norm_eps=float(hf.get("rms_norm_eps", 1e-5)), **yarn)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+
+
+def load_gpt_oss(path, dtype: torch.dtype | None = None, device=None) -> GPT:
+    """A GPT from a Hugging Face gpt-oss checkpoint directory (bf16/fp32 or MXFP4 experts),
+    in eval mode. dtype defaults to the checkpoint's (that of its embedding); device to the
+    CPU."""
+    directory, hf = _open(path)
+    cfg = oss_config_from_hf(hf, directory / "config.json")
+    found = _read_all(directory)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    embedding = found.get("model.embed_tokens.weight")
+    dtype = dtype or (embedding[0].dtype if embedding is not None else torch.bfloat16)
+    state, unknown = {}, []
+    for name, (tensor, file) in found.items():
+        if name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" in found:
+            continue  # read with its blocks
+        if name.endswith("_blocks"):
+            base = name.removesuffix("_blocks")
+            if base not in expected or not base.endswith(_EXPERT_MATRICES) or base + "_scales" not in found:
+                unknown.append(name)
+                continue
+            tensor = dequantize_mxfp4(tensor, found[base + "_scales"][0], torch.float32)
+            state[base] = _checked(base, tensor, expected[base], file).to(dtype)
+            continue
+        if name not in expected:
+            unknown.append(name)
+            continue
+        if name.endswith(_EXPERT_MATRICES):
+            tensor = _checked(name, tensor.transpose(1, 2), expected[name], file,
+                              lambda shape: (shape[0], shape[2], shape[1]) if len(shape) == 3 else shape)
+        state[name] = _checked(name, tensor, expected[name], file).to(dtype).contiguous()
+    return _assign(model, state, unknown, directory, device)
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -193,3 +336,49 @@ def save_gpt2(model: GPT, path) -> None:
     _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(directory / "config.json",
                   lambda tmp: Path(tmp).write_text(json.dumps(hf_config(model.config, dtype), indent=2) + "\n"))
+
+
+def oss_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
+    """config.json for Hugging Face's GptOssForCausalLM."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling_factor > 1.0:
+        rope.update(rope_type="yarn", factor=cfg.rope_scaling_factor, beta_fast=cfg.rope_ntk_beta,
+                    beta_slow=cfg.rope_ntk_alpha, truncate=False, original_max_position_embeddings=cfg.rope_initial_context)
+    return {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+        "intermediate_size": cfg.expert_width, "swiglu_limit": cfg.swiglu_limit, "sliding_window": cfg.sliding_window,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.n_layer)],
+        "rms_norm_eps": cfg.layer_norm_eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+        "attention_bias": True, "tie_word_embeddings": False, "hidden_act": "silu", "initializer_range": 0.02,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def save_gpt_oss(model: GPT, path) -> None:
+    """Writes config.json and model.safetensors in Hugging Face's gpt-oss layout (experts
+    [expert, in, out]; a model without q/k/v bias gets zero biases)."""
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.transpose(1, 2) if name.endswith(_EXPERT_MATRICES) else tensor
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    if not model.config.qkv_bias:
+        for layer in range(model.config.n_layer):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                weight = tensors[f"model.layers.{layer}.self_attn.{proj}.weight"]
+                tensors[f"model.layers.{layer}.self_attn.{proj}.bias"] = weight.new_zeros(weight.shape[0])
+    dtype = model.model.embed_tokens.weight.dtype
+    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / "config.json",
+                  lambda tmp: Path(tmp).write_text(json.dumps(oss_hf_config(model.config, dtype), indent=2) + "\n"))
+
+
+def save_pretrained(model: GPT, path) -> None:
+    """Writes a Hugging Face checkpoint directory of the model's family."""
+    (save_gpt2 if model.config.arch == "gpt2" else save_gpt_oss)(model, path)

@@ -50,6 +50,8 @@ def test_generate_seeded_sampling_is_reproducible(checkpoint):
 def test_generate_errors(checkpoint, tmp_path):
     out = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
     assert out.returncode == 2 and "neither a checkpoint directory nor a preset" in out.stderr
+    out = run("generate", "--model", "gpt-oss-120b", "--prompt", "x")  # 467 GB of fp32 weights
+    assert out.returncode == 2 and "116.8B parameters need 467 GB" in out.stderr
     out = run("generate", "--model", str(checkpoint), "--prompt", "x", "--max-new-tokens", "100")
     assert out.returncode == 2 and "context_length" in out.stderr and out.stdout == ""
     (tmp_path / "config.json").write_text("{}")
