@@ -284,7 +284,9 @@ def load_gpt_oss(path, dtype: torch.dtype | None = None, device=None) -> GPT:
         if name.endswith(_EXPERT_MATRICES):
             tensor = _checked(name, tensor.transpose(1, 2), expected[name], file,
                               lambda shape: (shape[0], shape[2], shape[1]) if len(shape) == 3 else shape)
-        state[name] = _checked(name, tensor, expected[name], file).to(dtype).contiguous()
+        else:
+            tensor = _checked(name, tensor, expected[name], file)
+        state[name] = tensor.to(dtype).contiguous()
     return _assign(model, state, unknown, directory, device)
 
 
@@ -299,6 +301,16 @@ def _atomic_write(target: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_checkpoint(path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """model.safetensors and config.json into the directory `path`, each written atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
@@ -318,10 +330,6 @@ def hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
 def save_gpt2(model: GPT, path) -> None:
     """Writes config.json and model.safetensors in Hugging Face's GPT-2 layout (the tied head
     is left out, as Hugging Face does; a model without q/k/v bias gets a zero bias)."""
-    from safetensors.torch import save_file
-
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -332,10 +340,7 @@ def save_gpt2(model: GPT, path) -> None:
         for layer in range(model.config.n_layer):
             weight = tensors[f"h.{layer}.attn.c_attn.weight"]
             tensors[f"h.{layer}.attn.c_attn.bias"] = weight.new_zeros(weight.shape[1])
-    dtype = model.transformer.wte.weight.dtype
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json",
-                  lambda tmp: Path(tmp).write_text(json.dumps(hf_config(model.config, dtype), indent=2) + "\n"))
+    _write_checkpoint(path, tensors, hf_config(model.config, model.transformer.wte.weight.dtype))
 
 
 def oss_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
@@ -360,10 +365,6 @@ def oss_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
 def save_gpt_oss(model: GPT, path) -> None:
     """Writes config.json and model.safetensors in Hugging Face's gpt-oss layout (experts
     [expert, in, out]; a model without q/k/v bias gets zero biases)."""
-    from safetensors.torch import save_file
-
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.transpose(1, 2) if name.endswith(_EXPERT_MATRICES) else tensor
@@ -373,10 +374,7 @@ def save_gpt_oss(model: GPT, path) -> None:
             for proj in ("q_proj", "k_proj", "v_proj"):
                 weight = tensors[f"model.layers.{layer}.self_attn.{proj}.weight"]
                 tensors[f"model.layers.{layer}.self_attn.{proj}.bias"] = weight.new_zeros(weight.shape[0])
-    dtype = model.model.embed_tokens.weight.dtype
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json",
-                  lambda tmp: Path(tmp).write_text(json.dumps(oss_hf_config(model.config, dtype), indent=2) + "\n"))
+    _write_checkpoint(path, tensors, oss_hf_config(model.config, model.model.embed_tokens.weight.dtype))
 
 
 def save_pretrained(model: GPT, path) -> None:
