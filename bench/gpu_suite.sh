@@ -9,7 +9,7 @@
 #   tiles        build/native/test_kernels --bench: the WMMA GEMM's block tiles timed
 #                against each other at 4096^3 and GPT-2's prefill shapes, and the attention
 #                forward with 16 and 32 query rows a warp at causal T = 1024-8192 (tiles.txt)
-#   bench        python3 -m bench --full --device cuda --out OUTDIR
+#   bench        python3 -m bench --full --device cuda --models gpt2 --out OUTDIR
 #   memcheck     compute-sanitizer --tool memcheck  over build/native/test_kernels --small
 #   racecheck    compute-sanitizer --tool racecheck over build/native/test_kernels --small
 #   ncu          Nsight Compute on the kernels furthest from their targets (ncu.txt): the
@@ -17,15 +17,19 @@
 #                test_kernels --bench) and the attention forward and backward kernels at
 #                T = 4096, D = 64 (bench.one); where ncu is missing or may not read the
 #                GPU's counters, the step says so and the suite goes on
+#   bench_oss    python3 -m bench --full --device cuda --ops none --models gpt-oss --out
+#                OUTDIR/oss: the gpt-oss model section (2 of gpt-oss-20b's layers), after
+#                the rest of the bench and the sanitizers, as it loads a 5.6 GB checkpoint
 #   pytest_all   python3 -m pytest -q (the whole suite: about 100 s on an H100 host)
 # Each step runs under `timeout` and the script goes on whatever it returns. The benchmark
 # runs before the sanitizers and the whole test suite, so that the headline figures come
 # back even when those run out of time; the steps before it never eat into the time kept
 # for it.
 #
-# Writes at most 7 files into OUTDIR: gpu_suite.json (commit, date, device, versions, each
-# step's status, seconds and log tail, the bench JSON's path), suite.log (every step's
-# log), tiles.txt, ncu.txt, and the bench's results.json, speedup.png and roofline.png.
+# Writes at most 8 files into OUTDIR: gpu_suite.json (commit, date, device, versions, each
+# step's status, seconds and log tail, the bench JSONs' paths), suite.log (every step's
+# log), tiles.txt, ncu.txt, the bench's results.json, speedup.png and roofline.png, and
+# oss/results.json.
 #
 # The commit is $2, else $GPTEXT_COMMIT, else git's HEAD (a copy of the repository
 # without .git has none). Without a GPU (nvidia-smi or torch.cuda missing) the GPU steps
@@ -52,7 +56,7 @@ OUT=$(cd "$OUT" && pwd)
 
 export PY=${PYTHON:-python3}
 BUDGET=${SUITE_BUDGET:-570}
-STEPS=${SUITE_STEPS:-build,pytest_cuda,ctest,tiles,bench,memcheck,racecheck,ncu,pytest_all}
+STEPS=${SUITE_STEPS:-build,pytest_cuda,ctest,tiles,bench,memcheck,racecheck,ncu,bench_oss,pytest_all}
 COMMIT=${2:-${GPTEXT_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}}
 export GPTEXT_COMMIT=$COMMIT
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -157,7 +161,7 @@ else
   record tiles skipped 0 "build/native/test_kernels was not built (see the ctest step)"
 fi
 if [ "$GPU" -eq 1 ]; then
-  BENCH_ARGS=${SUITE_BENCH_ARGS:---full --device cuda --compile-budget 120}
+  BENCH_ARGS=${SUITE_BENCH_ARGS:---full --device cuda --compile-budget 120 --models gpt2}
 else
   BENCH_ARGS=${SUITE_BENCH_ARGS:---quick --device cpu --no-model --ops softmax --dtypes fp32}
 fi
@@ -197,8 +201,9 @@ elif [ -z "$NCU" ]; then
 elif [ ! -x build/native/test_kernels ]; then
   record ncu skipped 0 "build/native/test_kernels was not built (see the ctest step)"
 else
-  run_step ncu 120 100 ncu_profiles
+  run_step ncu 120 200 ncu_profiles
 fi
+gpu_step bench_oss 150 90 "\"\$PY\" -m bench --full --device cuda --ops none --models gpt-oss --out '$OUT/oss'"
 gpu_step pytest_all 180 0 '"$PY" -m pytest -q --tb=short -rfE'
 
 # The summary is written with the standard library only, so that it is there even when
@@ -225,7 +230,7 @@ for line in Path(os.environ["STATUS"]).read_text().splitlines():
     log = logs / f"{step}.log"
     tail = log.read_text(errors="replace")[-2500:] if log.exists() else ""
     steps.append({"step": step, "status": status, "seconds": int(seconds), "note": note, "log_tail": tail})
-bench = out / "results.json"
+bench, oss = out / "results.json", out / "oss" / "results.json"
 summary = {
     "commit": os.environ["GPTEXT_COMMIT"],
     "date": datetime.datetime.fromtimestamp(int(os.environ["START"]), datetime.timezone.utc)
@@ -235,6 +240,7 @@ summary = {
     "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
     "steps": steps,
     "bench_json": str(bench) if bench.exists() else None,
+    "bench_oss_json": str(oss) if oss.exists() else None,
     "log": str(out / "suite.log"),
 }
 (out / "gpu_suite.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -1,8 +1,11 @@
-"""The model section: GPT-2 prefill and decode tokens/s for gptext on its kernels, gptext
-on its reference, and Hugging Face transformers, all on the same random weights.
+"""The model sections: prefill and decode tokens/s of a GPT-2 and a gpt-oss model for gptext
+on its kernels, gptext on its reference, and Hugging Face transformers, all on the same
+random weights.
 
-gptext builds the model (seeded), saves it as a Hugging Face GPT-2 checkpoint, and
-transformers loads that directory, so the three compute with identical weights. Before
+gptext builds the model (seeded, on the device, in the section's dtype), saves it as a
+Hugging Face checkpoint of its family, and transformers loads that directory
+(AutoModelForCausalLM: GPT2LMHeadModel or GptOssForCausalLM), so the three compute with
+identical weights. Before
 any timing, the logits of one batch are compared: gptext's kernels against its reference
 and against transformers (relative RMS error within the dtype's tolerance); a mismatch
 makes every row WRONG, with no speed-up claimed.
@@ -45,7 +48,8 @@ METHODS = {
     "decode": "tokens/s = (new_tokens - 1) x batch / (median seconds of generate(new_tokens) - median seconds of "
               "generate(1)): both calls run the same prefill and sample one token from its logits, so the "
               "difference is new_tokens - 1 decode steps. Greedy; each library's default decode path (gptext: a "
-              "CUDA graph on CUDA; transformers: generate with its own KV cache). Repeats run in rounds over the "
+              "CUDA graph of the step on CUDA for GPT-2, eager steps for gpt-oss; transformers: generate with its own "
+              "KV cache). Repeats run in rounds over the "
               "competitors, interleaved",
 }
 
@@ -70,38 +74,42 @@ def _gptext_competitor(name: str, backend: str, model: GPT) -> ModelCompetitor:
                            _on_backend(backend, lambda idx, n: model.generate(idx, max_new_tokens=n, temperature=0)))
 
 
-def _hf_competitor(checkpoint: str, device: torch.device, dtype: torch.dtype) -> ModelCompetitor:
+def _hf_competitor(checkpoint: str, device: torch.device, dtype: torch.dtype) -> tuple[ModelCompetitor, dict]:
+    """transformers' model of the checkpoint, and what it runs (class, attention)."""
     try:
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        hf = transformers.GPT2LMHeadModel.from_pretrained(checkpoint).to(device=device, dtype=dtype).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device=device).eval()
     except Exception as error:  # noqa: BLE001 - transformers missing or failing: its rows say why
-        return ModelCompetitor("hf", None, None, f"transformers unavailable: {results.reason(error)}")
+        return ModelCompetitor("hf", None, None, f"transformers unavailable: {results.reason(error)}"), {}
+    runs = {"class": type(hf).__name__, "attention": getattr(hf.config, "_attn_implementation", None)}
 
     def generate(idx, n):
         return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, do_sample=False,
                            pad_token_id=0, eos_token_id=None)
 
-    return ModelCompetitor("hf", lambda idx: hf(idx, use_cache=False).logits, generate)
+    return ModelCompetitor("hf", lambda idx: hf(idx, use_cache=False).logits, generate), runs
 
 
 def build(plan: ModelPlan, device: torch.device) -> tuple[dict, list[ModelCompetitor]]:
     """(setup record, competitors: gptext, reference, hf)."""
     torch.manual_seed(0)
     cfg = GPTConfig.preset(plan.preset, **plan.config_overrides)
-    model = GPT(cfg).eval()
     dtype = metrics.DTYPES[plan.dtype]
+    with torch.device(device):  # initialised where it runs: a GPU draws billions of weights in moments
+        model = GPT(cfg).eval()
+    model = model.to(dtype)
     with tempfile.TemporaryDirectory(prefix="gptext-bench-") as checkpoint:
         model.save_pretrained(checkpoint)
-        hf = _hf_competitor(checkpoint, device, dtype)
-    model = model.to(device=device, dtype=dtype)
+        hf, hf_runs = _hf_competitor(checkpoint, device, dtype)
     field = [_gptext_competitor("gptext", "kernels", model),
              _gptext_competitor("reference", "reference", copy.deepcopy(model)), hf]
-    setup = {"preset": plan.preset, "config": dataclasses.asdict(cfg), "parameters": model.num_parameters(),
-             "dtype": plan.dtype, "weights": "random (seed 0), saved by gptext as a Hugging Face GPT-2 checkpoint "
-             "that transformers loaded: identical in every competitor", "methods": METHODS,
+    setup = {"name": plan.handle, "preset": plan.preset, "overrides": dict(plan.config_overrides),
+             "config": dataclasses.asdict(cfg), "parameters": model.num_parameters(), "dtype": plan.dtype,
+             "weights": f"random (seed 0) in {plan.dtype}, saved by gptext as a Hugging Face {cfg.arch} checkpoint "
+             "that transformers loaded: identical in every competitor", "hf": hf_runs, "methods": METHODS,
              "timing": {"prefill": vars(plan.timing), "decode": vars(plan.decode_timing)}}
     return setup, field
 
@@ -266,8 +274,9 @@ def _finish(record: dict, gate: dict) -> None:
 
 def run(plan: ModelPlan, device: torch.device, on_entry: Callable[[dict, dict], None] = lambda record, entry: None,
         on_update: Callable[[dict], None] = lambda section: None) -> dict:
-    """The whole section, {"setup", "check", "rows"}; on_update(section) after the check and
-    after each row, on_entry(row record, entry) as each competitor finishes."""
+    """One model's section, {"setup", "check", "rows"}; on_update(section) after the check
+    and after each row, on_entry(row record, entry) as each competitor finishes. The
+    competitors' models are freed when it returns."""
     setup, field = build(plan, device)
     vocab = setup["config"]["vocab_size"]
     section = {"setup": setup, "check": check(field, plan, vocab, device), "rows": []}

@@ -96,12 +96,20 @@ class ModelCase:
 
 @dataclass(frozen=True)
 class ModelPlan:
+    """One model section: a preset (with overrides: a smaller variant of its layout), the
+    dtype, and the cases; name is the section's handle (python -m bench --models NAME,...)."""
+
     preset: str
     dtype: str
     cases: tuple[ModelCase, ...]
     timing: Timing
     decode_timing: Timing
     config_overrides: dict = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def handle(self) -> str:
+        return self.name or self.preset
 
 
 def _linear(ms, shapes):
@@ -194,26 +202,57 @@ KERNEL_TIMING = {
 # competitors (bench.model): `repeats` rounds (at least 3), after a generate(2) per
 # competitor and `warmup` full calls more (on CUDA one, as it captures gptext's decode
 # graph for that length); max_seconds is not used.
+#
+# Each device and mode runs a GPT-2 section and a gpt-oss section. The gpt-oss section keeps
+# gpt-oss-20b's layout (201,088-token vocabulary, grouped-query attention with sinks, a
+# 128-token window on even layers, 4 of 32 experts per token) at a size that three copies of
+# (gptext, its reference, transformers) fit in memory: on a CPU a narrower model of 4
+# layers, on a GPU gpt-oss-20b's own widths with 2 of its 24 layers.
+_OSS_CPU = dict(n_embd=768, n_layer=4, n_head=16, n_kv_head=2, head_width=64, expert_width=768,
+                context_length=4096)
+_OSS_GPU = dict(n_layer=2, context_length=8192)
 MODEL_PLANS = {
-    ("cpu", "quick"): ModelPlan("gpt2-124m", "float32",
-                                (ModelCase("prefill", 1, 128), ModelCase("prefill", 4, 128),
-                                 ModelCase("decode", 1, 128, 128)),
-                                Timing(1, 5, 2.0), Timing(0, 3, 0.0)),
-    ("cpu", "full"): ModelPlan("gpt2-124m", "float32",
-                               (ModelCase("prefill", 1, 128), ModelCase("prefill", 4, 128),
-                                ModelCase("prefill", 8, 256), ModelCase("decode", 1, 128, 128),
-                                ModelCase("decode", 8, 128, 128)),
-                               Timing(1, 10, 5.0), Timing(0, 5, 60.0)),
-    ("cuda", "quick"): ModelPlan("gpt2-124m", "bfloat16",
-                                 (ModelCase("prefill", 1, 128), ModelCase("prefill", 8, 1024),
-                                  ModelCase("decode", 1, 128, 128)),
-                                 Timing(3, 20, 1.0), Timing(1, 3, 0.0)),
-    ("cuda", "full"): ModelPlan("gpt2-124m", "bfloat16",
-                                (ModelCase("prefill", 1, 128), ModelCase("prefill", 1, 1024),
-                                 ModelCase("prefill", 8, 1024), ModelCase("decode", 1, 128, 128),
-                                 ModelCase("decode", 8, 128, 128)),
-                                Timing(3, 30, 1.0), Timing(1, 5, 20.0)),
+    ("cpu", "quick"): (
+        ModelPlan("gpt2-124m", "float32",
+                  (ModelCase("prefill", 1, 128), ModelCase("prefill", 4, 128), ModelCase("decode", 1, 128, 128)),
+                  Timing(1, 5, 2.0), Timing(0, 3, 0.0), name="gpt2"),
+        ModelPlan("gpt-oss-20b", "float32", (ModelCase("prefill", 1, 256), ModelCase("decode", 1, 256, 32)),
+                  Timing(1, 5, 2.0), Timing(0, 3, 0.0), _OSS_CPU, name="gpt-oss"),
+    ),
+    ("cpu", "full"): (
+        ModelPlan("gpt2-124m", "float32",
+                  (ModelCase("prefill", 1, 128), ModelCase("prefill", 4, 128), ModelCase("prefill", 8, 256),
+                   ModelCase("decode", 1, 128, 128), ModelCase("decode", 8, 128, 128)),
+                  Timing(1, 10, 5.0), Timing(0, 5, 60.0), name="gpt2"),
+        ModelPlan("gpt-oss-20b", "float32",
+                  (ModelCase("prefill", 1, 256), ModelCase("prefill", 4, 256), ModelCase("decode", 1, 256, 64),
+                   ModelCase("decode", 4, 256, 64)),
+                  Timing(1, 10, 5.0), Timing(0, 5, 60.0), _OSS_CPU, name="gpt-oss"),
+    ),
+    ("cuda", "quick"): (
+        ModelPlan("gpt2-124m", "bfloat16",
+                  (ModelCase("prefill", 1, 128), ModelCase("prefill", 8, 1024), ModelCase("decode", 1, 128, 128)),
+                  Timing(3, 20, 1.0), Timing(1, 3, 0.0), name="gpt2"),
+        ModelPlan("gpt-oss-20b", "bfloat16", (ModelCase("prefill", 1, 1024), ModelCase("decode", 1, 128, 64)),
+                  Timing(3, 20, 1.0), Timing(1, 3, 0.0), _OSS_GPU, name="gpt-oss"),
+    ),
+    ("cuda", "full"): (
+        ModelPlan("gpt2-124m", "bfloat16",
+                  (ModelCase("prefill", 1, 128), ModelCase("prefill", 1, 1024), ModelCase("prefill", 8, 1024),
+                   ModelCase("decode", 1, 128, 128), ModelCase("decode", 8, 128, 128)),
+                  Timing(3, 30, 1.0), Timing(1, 5, 20.0), name="gpt2"),
+        ModelPlan("gpt-oss-20b", "bfloat16",
+                  (ModelCase("prefill", 1, 1024), ModelCase("prefill", 4, 4096), ModelCase("decode", 1, 128, 128),
+                   ModelCase("decode", 8, 128, 128)),
+                  Timing(3, 20, 1.0), Timing(1, 5, 20.0), _OSS_GPU, name="gpt-oss"),
+    ),
 }
+MODELS = ("gpt2", "gpt-oss")
+
+
+def model_plans(device_type: str, mode: str, names=MODELS) -> tuple[ModelPlan, ...]:
+    """The model sections of a run, in MODELS order, keeping those named."""
+    return tuple(plan for plan in MODEL_PLANS[device_type, mode] if plan.handle in names)
 
 
 def kernel_cases(device_type: str, mode: str, ops=OPS, dtypes=None, shape_filters=()) -> list[Case]:

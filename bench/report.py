@@ -81,12 +81,12 @@ def _rate(row: dict, competitor: str) -> str:
     return f"{entry['tokens_per_s']:.1f}" if entry.get("tokens_per_s") else "-"
 
 
-def model_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+def model_rows(section: dict) -> tuple[list[str], list[list[str]]]:
     header = ["phase", "batch x tokens", "gptext tokens/s",
               *[f"{label} tokens/s" for label in MODEL_COMPETITORS.values()],
               *[f"vs {label}" for label in MODEL_COMPETITORS.values()]]
     rows = []
-    for row in document["model"]["rows"]:
+    for row in section["rows"]:
         if row["status"] == "ok":
             speedups = [tables.times(row["speedup"].get(c)) for c in MODEL_COMPETITORS]
         else:
@@ -114,13 +114,14 @@ def document_section(path: str, document: dict) -> list[str]:
         lines += [f"**Kernels on {_where(document)}**: gptext's median time and the GEMM or device it ran on, "
                   f"its speed-up over each competitor (> 1: gptext faster), and its share of the binding limit "
                   f"(mem: copy bandwidth, mma: matmul peak).{sweeps}", "", *_markdown(header, rows), ""]
-    model = document.get("model")
-    if model and model["rows"]:
+    for model in document["models"]:
+        if not model["rows"]:
+            continue
         setup = model["setup"]
-        lines += [f"**Model on {_where(document)}**: {setup['preset']} in {metrics.SHORT[setup['dtype']]}, the same "
-                  f"random weights in all three; {tables.model_check_line(model['check'])}. Decode tokens/s come "
-                  f"from generate(N) minus generate(1) (the method is in the JSON).", "",
-                  *_markdown(*model_rows(document)), ""]
+        lines += [f"**Model on {_where(document)}**: {tables.model_size(setup)} in {metrics.SHORT[setup['dtype']]}, "
+                  f"the same random weights in all three; {tables.model_check_line(model['check'])}. Decode tokens/s "
+                  f"come from generate(N) minus generate(1) (the method is in the JSON).", "",
+                  *_markdown(*model_rows(model)), ""]
     failures = document.get("failures") or []
     if failures:
         lines += [f"Failures in this run ({len(failures)}): " + "; ".join(failures), ""]

@@ -1,7 +1,8 @@
 """The results file: one JSON document per run, rewritten after every case so that a run
 cut short (a timeout on a GPU host) still leaves what it measured, with complete=false.
 
-    schema    "gptext-bench/1"
+    schema    "gptext-bench/2" (load() also reads /1, whose single "model" section it
+              turns into a one-element "models")
     complete  true once the run finished
     meta      date (ISO 8601 UTC), mode, command, device {type, name, driver, capability,
               threads}, versions {python, torch, cuda, gptext, transformers}, build_info
@@ -15,12 +16,13 @@ cut short (a timeout on a GPU host) still leaves what it measured, with complete
               competitor, status (ok | WRONG | error | unavailable | n/a | skipped),
               reason, error_ratio, compile_seconds, time {median, p10, p90, samples} (s),
               tflops, gbps, fraction {memory, compute, roofline, bound}]
-    model     null, or {setup, check {status, tolerance, vs_reference, vs_hf}, rows [per
-              case: phase, label, batch, tokens, new_tokens, dtype, method, status,
-              speedup, agrees_with, results [competitor, status, reason, time, time_1,
-              tokens_per_s]]}
+    models    one section per model run (GPT-2, gpt-oss): {setup {name, preset, overrides,
+              config, parameters, dtype, hf, ...}, check {status, tolerance, vs_reference,
+              vs_hf}, rows [per case: phase, label, batch, tokens, new_tokens, dtype, method,
+              status, speedup, agrees_with, results [competitor, status, reason, time,
+              time_1, tokens_per_s]]}
     errors    exceptions that stopped a whole case or section, one line each
-    seconds   how long the limits, kernels and model took
+    seconds   how long the limits, kernels and models took
     failures  one line per WRONG or failed gptext row and per error (the run's exit status
               is 1 if any)
 
@@ -42,7 +44,7 @@ import torch
 
 from . import metrics
 
-SCHEMA = "gptext-bench/1"
+SCHEMA = "gptext-bench/2"
 REPO = Path(__file__).resolve().parent.parent
 
 META_KEYS = ("date", "mode", "command", "device", "versions", "build_info", "commit", "settings")
@@ -143,7 +145,7 @@ def validate(document) -> None:
         if missing:
             raise ValueError(f"{where} lacks {', '.join(missing)}")
 
-    need(document, ("schema", "complete", "meta", "limits", "ops", "model", "failures"), "the results file")
+    need(document, ("schema", "complete", "meta", "limits", "ops", "models", "failures"), "the results file")
     if document["schema"] != SCHEMA:
         raise ValueError(f"schema is {document['schema']!r}; this reader knows {SCHEMA!r}")
     need(document["meta"], META_KEYS, "meta")
@@ -153,10 +155,21 @@ def validate(document) -> None:
         raise ValueError("ops must be a list")
     for i, case in enumerate(document["ops"]):
         need(case, CASE_KEYS, f"ops[{i}]")
-    if document["model"] is not None:
-        need(document["model"], ("setup", "check", "rows"), "model")
-        for i, row in enumerate(document["model"]["rows"]):
-            need(row, MODEL_ROW_KEYS, f"model.rows[{i}]")
+    if not isinstance(document["models"], list):
+        raise ValueError("models must be a list")
+    for j, section in enumerate(document["models"]):
+        need(section, ("setup", "check", "rows"), f"models[{j}]")
+        for i, row in enumerate(section["rows"]):
+            need(row, MODEL_ROW_KEYS, f"models[{j}].rows[{i}]")
+
+
+def upgrade(document) -> dict:
+    """A document of an older schema in the current one (as a copy); others unchanged."""
+    if isinstance(document, dict) and document.get("schema") == "gptext-bench/1" and "model" in document:
+        model = document["model"]
+        document = {k: v for k, v in document.items() if k != "model"}
+        document.update(schema=SCHEMA, models=[] if model is None else [model])
+    return document
 
 
 def load(path) -> dict:
@@ -166,6 +179,7 @@ def load(path) -> dict:
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read ({error})") from None
     try:
+        document = upgrade(document)
         validate(document)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
@@ -181,16 +195,21 @@ def failures(document: dict) -> list[str]:
             if r["status"] in metrics.FAILED:
                 lines.append(f"{r['status']}: {case['op']} {case['label']} {case['dtype']} {r['competitor']}: "
                              f"{r.get('reason', '')}")
-    model = document.get("model")
-    if model:
+    for model in document.get("models", []):
+        name = section_name(model["setup"])
         if model["check"]["status"] != "ok":
-            lines.append(f"{model['check']['status']}: model logits check: "
+            lines.append(f"{model['check']['status']}: model {name} logits check: "
                          f"{model['check'].get('reason') or check_text(model['check'])}")
         for row in model["rows"]:
             for r in row["results"]:
                 if r["competitor"] == "gptext" and r["status"] == "error":
-                    lines.append(f"error: model {row['phase']} {row['label']}: {r.get('reason', '')}")
+                    lines.append(f"error: model {name} {row['phase']} {row['label']}: {r.get('reason', '')}")
     return lines
+
+
+def section_name(setup: dict) -> str:
+    """A model section's handle (schema /1 sections have none: their preset)."""
+    return setup.get("name") or setup["preset"]
 
 
 def check_text(check: dict) -> str:

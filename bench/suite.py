@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import gptext
 from gptext import profiling
 
 from . import kernels, metrics, model, results, tables
-from .plan import DTYPES, KERNEL_TIMING, MODEL_PLANS, OPS, Timing, kernel_cases
+from .plan import DTYPES, KERNEL_TIMING, MODELS, OPS, Timing, kernel_cases, model_plans
 
 OUT_ROOT = results.REPO / "bench" / "out"
 
@@ -36,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmark gptext's kernels against eager PyTorch, torch.compile and gptext's reference, and "
-                    "GPT-2 prefill/decode against Hugging Face transformers, on this machine's device.")
+                    "GPT-2 and gpt-oss prefill/decode against Hugging Face transformers, on this machine's device.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="fewer shapes and dtypes: a few minutes on a small CPU (the default, and what `make bench` "
@@ -56,9 +57,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave torch.compile out")
     parser.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
                         help="stop compiling once this many seconds went into torch.compile (later cases skip it)")
-    parser.add_argument("--no-model", dest="model", action="store_false", help="skip the model section")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"model sections to run, comma-separated, or 'none' (default: {','.join(MODELS)})")
+    parser.add_argument("--no-model", dest="models", action="store_const", const="none",
+                        help="skip the model sections (--models none)")
     parser.add_argument("--model-dtype", default=None,
-                        help="dtype of the model section: fp32, bf16 or fp16 (default: the device's, fp32 on a CPU, "
+                        help="dtype of the model sections: fp32, bf16 or fp16 (default: the device's, fp32 on a CPU, "
                              "bf16 on CUDA)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="time budget of each kernel measurement (default: the mode's)")
@@ -78,7 +82,7 @@ class Settings:
     shapes: list[str]
     compile: bool
     compile_budget: float | None
-    model: bool
+    models: list[str]
     model_dtype: str | None
     timing: Timing
     out: Path
@@ -104,6 +108,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         model_dtype = metrics.parse_dtype(args.model_dtype) if args.model_dtype else None
     except ValueError as error:
         raise UsageError(f"--model-dtype: {error}") from None
+    models = [] if args.models.strip() == "none" else _list(args.models)
+    unknown = [name for name in models if name not in MODELS]
+    if unknown:
+        raise UsageError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)} or 'none'")
     notes = []
     with_compile = args.compile
     if with_compile is None:
@@ -121,7 +129,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else OUT_ROOT / (args.name or f"{stamp}-{device.type}-{args.mode}")
     return Settings(args.mode, device, ops, dtypes, _list(args.shapes), with_compile, args.compile_budget,
-                    args.model, model_dtype, timing, out, notes)
+                    models, model_dtype, timing, out, notes)
 
 
 class Run:
@@ -136,12 +144,12 @@ class Run:
         limits = profiling.device_limits(device, dtypes=[metrics.DTYPES[d] for d in settings.dtypes])
         recorded = {"ops": settings.ops, "dtypes": settings.dtypes, "shapes": settings.shapes,
                     "compile": settings.compile, "compile_budget": settings.compile_budget,
-                    "model": settings.model, "model_dtype": settings.model_dtype, "gemm_policy": gptext.gemm_policy(),
+                    "models": settings.models, "model_dtype": settings.model_dtype, "gemm_policy": gptext.gemm_policy(),
                     "tf32": torch.backends.cuda.matmul.allow_tf32, "timing": vars(settings.timing),
                     "threads": torch.get_num_threads()}
         self.document = {"schema": results.SCHEMA, "complete": False,
                          "meta": results.meta(settings.mode, argv, device, limits.name, recorded),
-                         "limits": limits.as_dict(), "notes": settings.notes, "ops": [], "model": None,
+                         "limits": limits.as_dict(), "notes": settings.notes, "ops": [], "models": [],
                          "errors": [], "failures": [], "seconds": {"limits": time.perf_counter() - start}}
         self.save()
         print(tables.headline(self.document), *settings.notes, sep="\n", flush=True)
@@ -177,29 +185,41 @@ class Run:
             self.save()
         print(f"kernels: {len(cases)} cases in {self.document['seconds']['kernels']:.0f} s", flush=True)
 
-    def model(self) -> None:
-        plan = MODEL_PLANS[self.settings.device.type, self.settings.mode]
-        if self.settings.model_dtype:
-            plan = dataclasses.replace(plan, dtype=self.settings.model_dtype)
+    def models(self) -> None:
+        """Each model section in turn; one that fails is recorded and the next runs."""
+        plans = model_plans(self.settings.device.type, self.settings.mode, self.settings.models)
         start = time.perf_counter()
+        for plan in plans:
+            if self.settings.model_dtype:
+                plan = dataclasses.replace(plan, dtype=self.settings.model_dtype)
+            self.model(plan)
+            self.document["seconds"]["models"] = time.perf_counter() - start
+        print(f"models: {len(plans)} section(s) in {time.perf_counter() - start:.0f} s", flush=True)
+
+    def model(self, plan) -> None:
+        sections = self.document["models"]
+        index = len(sections)
 
         def on_update(section):
-            if self.document["model"] is None:
+            if len(sections) == index:
                 print(tables.model_title(section["setup"]), tables.model_check_line(section["check"]),
                       tables.MODEL.header(), sep="\n", flush=True)
-            self.document["model"] = section
-            self.document["seconds"]["model"] = time.perf_counter() - start
+                sections.append(section)
+            sections[index] = section
             self.save()
 
         def on_entry(record, entry):
-            progress = f"{len(self.document['model']['rows']) + 1}/{len(plan.cases)}"
-            gate_ok = self.document["model"]["check"]["status"] == "ok"
-            print(tables.model_line(record, entry, gate_ok, progress), flush=True)
+            section = sections[index]
+            progress = f"{len(section['rows']) + 1}/{len(plan.cases)}"
+            print(tables.model_line(record, entry, section["check"]["status"] == "ok", progress), flush=True)
 
-        with self.guard("model section"):
+        start = time.perf_counter()
+        with self.guard(f"model section {plan.handle}"):
             model.run(plan, self.settings.device, on_entry, on_update)
-        self.document["seconds"]["model"] = time.perf_counter() - start
-        print(f"model: {len(plan.cases)} cases in {self.document['seconds']['model']:.0f} s", flush=True)
+        gc.collect()  # the section's three models, before the next section builds its own
+        if self.settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"model {plan.handle}: {len(plan.cases)} cases in {time.perf_counter() - start:.0f} s", flush=True)
 
     def finish(self) -> int:
         beyond = sum(1 for case in self.document["ops"] for r in case["results"]
@@ -238,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(settings, argv)
     # The model first: its whole-pipeline timings are the most sensitive to what a process
     # has already done, and torch.compile (kernel section) leaves workers and caches behind.
-    if settings.model:
-        run.model()
+    run.models()
     run.kernels()
     status = run.finish()
     print(f"{'FAILED' if status else 'done'} in {time.perf_counter() - start:.0f} s")

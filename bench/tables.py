@@ -100,9 +100,18 @@ def kernels_title(cases: int) -> str:
     return f"\nKernels: {cases} cases"
 
 
+def model_size(setup: dict) -> str:
+    """The model a section ran: its preset, and what of it was changed (a smaller variant)."""
+    overrides = setup.get("overrides") or {}
+    changed = f" with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""
+    return f"{setup['preset']}{changed} ({setup['parameters'] / 1e6:.0f}M parameters)"
+
+
 def model_title(setup: dict) -> str:
-    return (f"\nModel: {setup['preset']} ({setup['parameters'] / 1e6:.0f}M parameters, {setup['dtype']}), the same "
-            f"random weights in gptext, its reference and transformers")
+    hf = setup.get("hf") or {}
+    runs = f" ({hf['class']}, {hf['attention']} attention)" if hf.get("class") else ""
+    return (f"\nModel: {model_size(setup)} in {setup['dtype']}, the same random weights in gptext, its reference "
+            f"and transformers{runs}")
 
 
 def kernel_line(record: dict, entry: dict, progress: str = "") -> str:
@@ -159,8 +168,7 @@ def render(document: dict) -> str:
         parts += [kernels_title(total), KERNELS.header()]
         for i, record in enumerate(document["ops"], 1):
             parts += [kernel_line(record, entry, f"{i}/{total}") for entry in record["results"]]
-    model = document.get("model")
-    if model:
+    for model in document.get("models", []):
         parts += [model_title(model["setup"]), model_check_line(model["check"]), MODEL.header()]
         total = len(model["rows"])
         for i, record in enumerate(model["rows"], 1):

@@ -15,7 +15,7 @@ import torch
 
 import gptext
 from bench import kernels, metrics, model, report, results, suite, tables
-from bench.plan import Case, ModelCase, ModelPlan, Timing, kernel_cases
+from bench.plan import Case, ModelCase, ModelPlan, Timing, kernel_cases, model_plans
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,7 +139,7 @@ def test_wrong_gptext_is_never_a_win():
     assert record["status"] == "WRONG" and record["speedup"] == {}
     lines = [tables.kernel_line(record, entry) for entry in record["results"]]
     assert "WRONG" in lines[0] and lines[1].split()[-1] == "-"  # eager timed, but no speed-up claimed
-    document = {"ops": [record], "model": None}
+    document = {"ops": [record], "models": []}
     assert results.failures(document) == [f"WRONG: softmax 8x16 float32 gptext: {wrong['reason']}"]
 
 
@@ -200,13 +200,27 @@ def test_results_round_trip(tmp_path):
     results.save(document, tmp_path / "r.json")
     loaded = results.load(tmp_path / "r.json")
     assert loaded["ops"][0]["results"][0]["error_ratio"] is None
-    assert loaded["model"]["rows"][0]["speedup"] == document["model"]["rows"][0]["speedup"]
+    assert loaded["models"][0]["rows"][0]["speedup"] == document["models"][0]["rows"][0]["speedup"]
     del loaded["meta"]["commit"]
     with pytest.raises(ValueError, match="commit"):
         results.validate(loaded)
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json"):
         results.load(tmp_path / "bad.json")
+
+
+def test_results_of_the_first_schema_are_read(tmp_path):
+    # gptext-bench/1 held one model section under "model": load() gives it as "models"
+    new = _document("cpu", "Test CPU", "2026-01-02T03:04:05Z")
+    old = {k: v for k, v in new.items() if k != "models"}
+    old.update(schema="gptext-bench/1", model=new["models"][0])
+    results.save(old, tmp_path / "old.json")
+    loaded = results.load(tmp_path / "old.json")
+    assert loaded["schema"] == results.SCHEMA and loaded["models"] == new["models"] and "model" not in loaded
+    results.save({**old, "model": None}, tmp_path / "none.json")
+    assert results.load(tmp_path / "none.json")["models"] == []
+    with pytest.raises(ValueError, match="schema"):
+        results.validate({**new, "schema": "gptext-bench/0"})
 
 
 def test_commit_source(tmp_path, monkeypatch):
@@ -225,6 +239,22 @@ def test_model_dtype_option():
     assert suite.settings_from(suite.parse_args(["--device", "cpu"])).model_dtype is None
     with pytest.raises(suite.UsageError, match="--model-dtype"):
         suite.settings_from(suite.parse_args(["--device", "cpu", "--model-dtype", "int4"]))
+
+
+def test_models_option_and_plans():
+    # every device and mode runs a GPT-2 and a gpt-oss section; --models picks among them
+    for key in (("cpu", "quick"), ("cpu", "full"), ("cuda", "quick"), ("cuda", "full")):
+        plans = model_plans(*key)
+        assert [p.handle for p in plans] == ["gpt2", "gpt-oss"]
+        oss = gptext.GPTConfig.preset(plans[1].preset, **plans[1].config_overrides)
+        assert oss.arch == "gpt-oss" and oss.vocab_size == 201088 and oss.kv_heads < oss.n_head
+    assert [p.handle for p in model_plans("cpu", "quick", ["gpt-oss"])] == ["gpt-oss"]
+    parse = lambda *a: suite.settings_from(suite.parse_args(["--device", "cpu", *a]))  # noqa: E731
+    assert parse().models == ["gpt2", "gpt-oss"]
+    assert parse("--models", "gpt-oss").models == ["gpt-oss"]
+    assert parse("--no-model").models == [] and parse("--models", "none").models == []
+    with pytest.raises(suite.UsageError, match="--models: unknown llama"):
+        parse("--models", "gpt2,llama")
 
 
 def test_model_section_on_a_tiny_gpt():
@@ -247,6 +277,31 @@ def test_model_section_on_a_tiny_gpt():
     assert prefill["speedup"]["hf"] == pytest.approx(metrics.paired_speedup(times[2], times[0]))
     assert "time_1" in decode["results"][0] and "new_tokens - 1" in decode["method"]
     assert set(decode["agrees_with"]) == {"reference", "hf"}
+    assert section["setup"]["hf"]["class"] == "GPT2LMHeadModel" and section["setup"]["name"] == "gpt2-124m"
+
+
+def test_model_section_on_a_tiny_gpt_oss(tmp_path, capsys):
+    # the gpt-oss section, through the whole command: transformers runs GptOssForCausalLM on
+    # the checkpoint gptext saved, and the logits gate compares all three
+    pytest.importorskip("transformers")
+    tiny = ModelPlan("gpt-oss-20b", "float32", (ModelCase("prefill", 1, 12), ModelCase("decode", 1, 6, 3)),
+                     Timing(0, 3, 0.0), Timing(0, 3, 0.0), name="gpt-oss",
+                     config_overrides={"n_layer": 2, "n_embd": 32, "n_head": 4, "n_kv_head": 2, "head_width": 8,
+                                       "n_experts": 4, "experts_per_token": 2, "expert_width": 16,
+                                       "vocab_size": 300, "context_length": 64, "sliding_window": 4})
+    plans = {("cpu", "quick"): (tiny,)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(suite, "model_plans", lambda device, mode, names: plans[device, mode])
+        assert suite.main(["--device", "cpu", "--dtypes", "fp32", "--ops", "none", "--models", "gpt-oss",
+                           "--out", str(tmp_path)]) == 0
+    document = results.load(tmp_path / "results.json")
+    (section,) = document["models"]
+    assert section["setup"]["hf"]["class"] == "GptOssForCausalLM" and section["setup"]["overrides"]["n_layer"] == 2
+    assert section["check"]["status"] == "ok" and section["check"]["vs_hf"] < 1e-4
+    assert [row["status"] for row in section["rows"]] == ["ok", "ok"]
+    assert all(r["status"] == "ok" for row in section["rows"] for r in row["results"])
+    printed = capsys.readouterr().out
+    assert "gpt-oss-20b with n_layer=2" in printed and "GptOssForCausalLM" in printed
 
 
 # ---- the README --------------------------------------------------------------------------
@@ -279,8 +334,9 @@ def _document(device_type, name, date, status="ok"):
                  "settings": {}},
         "limits": {"device": device_type, "name": name, "copy_gbps": 10.0, "matmul_tflops": {"float32": 1.0}},
         "ops": [case],
-        "model": {"setup": {"preset": "gpt2-124m", "dtype": "float32", "parameters": 124e6},
-                  "check": {"status": "ok", "tolerance": 1e-4, "input": "2x32"}, "rows": [row]},
+        "models": [{"setup": {"name": "gpt2", "preset": "gpt2-124m", "overrides": {}, "dtype": "float32",
+                              "parameters": 124e6},
+                    "check": {"status": "ok", "tolerance": 1e-4, "input": "2x32"}, "rows": [row]}],
     }
     document["failures"] = results.failures(document)
     results.validate(document)
@@ -356,7 +412,8 @@ def test_gpu_suite_records_every_step(tmp_path):
     assert summary["commit"] == "feedbeef" and summary["date"].endswith("Z") and summary["bench_json"] is None
     steps = {s["step"]: s for s in summary["steps"]}
     assert list(steps) == ["build", "pytest_cuda", "ctest", "tiles", "bench", "memcheck", "racecheck", "ncu",
-                           "pytest_all"]
+                           "bench_oss", "pytest_all"]
+    assert summary["bench_oss_json"] is None
     assert {s["status"] for s in steps.values()} <= {"skipped", "unavailable"}
     assert steps["bench"]["note"] == "not in SUITE_STEPS"
     if not summary["device"]["gpu"]:
