@@ -150,6 +150,44 @@ def _ffn_cost(case):
     return 4.0 * m * hidden * width, float(elements * _itemsize(case))
 
 
+# Expert linear cases: shape (tokens, slots, experts, N, K); epilogue "swiglu" (x shared
+# by a token's slots, the SwiGLU fused: an MoE's first product) or "routes" (one row of x
+# per route: its second). Every route is given a different expert (tokens x slots <=
+# experts), so each expert read is one the op must make.
+def _expert_inputs(case, randn):
+    tokens, slots, experts, n, k = case.shape
+    x = randn((tokens, slots, k) if case.epilogue == "routes" else (tokens, k))
+    weight, bias = randn((experts, n, k), k ** -0.5), randn((experts, n), 0.1)
+    chosen = torch.randperm(experts, generator=torch.Generator().manual_seed(experts))[:tokens * slots]
+    return x, weight, bias, chosen.view(tokens, slots).to(x.device)
+
+
+def _expert_functions(case):
+    activation = "swiglu" if case.epilogue == "swiglu" else None
+
+    def eager(x, weight, bias, chosen):
+        # The experts' matrices gathered per route, then one batched product: what PyTorch
+        # does without a host-side grouping by expert (which a CUDA graph could not hold).
+        tokens, slots = chosen.shape
+        picked = chosen.reshape(-1)
+        rows = (x if x.dim() == 3 else x[:, None].expand(tokens, slots, x.shape[-1])).reshape(-1, 1, x.shape[-1])
+        h = torch.baddbmm(bias[picked][:, None], rows, weight[picked].transpose(1, 2))[:, 0]
+        if activation:
+            gate, linear = h[:, 0::2].clamp(max=7.0), h[:, 1::2].clamp(-7.0, 7.0)
+            h = gate * torch.sigmoid(1.702 * gate) * (linear + 1)
+        return h.view(tokens, slots, -1)
+
+    return (lambda *t: ops.expert_linear(*t, activation), eager, lambda *t: reference.expert_linear(*t, activation))
+
+
+def _expert_cost(case):
+    tokens, slots, experts, n, k = case.shape
+    routes = tokens * slots
+    rows = routes if case.epilogue == "routes" else tokens
+    out = routes * (n // 2 if case.epilogue == "swiglu" else n)
+    return 2.0 * routes * n * k, float((routes * (n * k + n) + rows * k + out) * _itemsize(case))
+
+
 def _elements(case) -> int:
     return math.prod(case.shape)
 
@@ -248,6 +286,8 @@ OP_SPECS = {
     "linear": OpSpec(lambda case: "compute", _linear_inputs, _linear_functions, _linear_cost,
                      lambda case: case.shape[1]),
     "ffn": OpSpec(lambda case: "compute", _ffn_inputs, _ffn_functions, _ffn_cost, lambda case: 4 * case.shape[1]),
+    "expert_linear": OpSpec(lambda case: "memory", _expert_inputs, _expert_functions, _expert_cost,
+                            lambda case: case.shape[4]),
     "attention": OpSpec(_attention_bound, _attention_inputs, _attention_functions, _attention_cost, row_rms=True),
     # Gradients compound roundings the forward's do not: delta = rowsum(dO * O) uses the
     # 16-bit output, and every dQ / dK element sums k_len of them (the tests allow 4x too).

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from gptext import profiling
 
-OPS = ("softmax", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "attention", "attention_bwd")
+OPS = ("softmax", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "expert_linear", "attention",
+       "attention_bwd")
 MODES = ("quick", "full")
 
 # Linear epilogues as GPT-2 uses them: c_attn (bias), c_fc (bias + GELU), the projections
@@ -48,7 +49,8 @@ class Case:
     """One op at one shape and dtype.
 
     shape: softmax, layernorm_residual, rmsnorm_residual: (rows, cols); linear: (M, K, N), weight [N, K];
-    ffn: (M, width), hidden 4 x width; attention(_bwd): (batch, heads, kv_heads, q_len,
+    ffn: (M, width), hidden 4 x width; expert_linear: (tokens, slots, experts, N, K), with
+    epilogue "swiglu" or "routes" (one row of x per route); attention(_bwd): (batch, heads, kv_heads, q_len,
     k_len, head_dim), with epilogue "causal" or "".
     """
 
@@ -63,6 +65,9 @@ class Case:
         if self.op == "linear":
             m, k, n = self.shape
             return f"{m}x{k}->{n}" + (f" {self.epilogue}" if self.epilogue else "")
+        if self.op == "expert_linear":
+            tokens, slots, experts, n, k = self.shape
+            return f"{tokens}x{slots}/{experts}x{k}->{n} {self.epilogue}"
         if self.op.startswith("attention"):
             batch, heads, kv_heads, q_len, k_len, dim = self.shape
             return f"{batch}x{heads}/{kv_heads}x{q_len}x{k_len}x{dim}" + (f" {self.epilogue}" if self.epilogue else "")
@@ -131,6 +136,12 @@ _GPU_PREFILL = tuple((1, 16, 16, t, t, d) for d in (64, 128) for t in (1024, 409
 _GPU_DECODE = ((1, 12, 12, 1, 8192, 64), (8, 12, 12, 1, 8192, 64), (1, 64, 8, 1, 8192, 64),
                (1, 32, 8, 1, 8192, 128))
 
+# A gpt-oss MoE's two products in a decode step: (tokens, slots, experts, N, K, epilogue),
+# the first with the SwiGLU fused, the second over each route's own row. On a GPU
+# gpt-oss-20b's own sizes (batch 1 and 8); on a CPU the bench model's narrower experts.
+_OSS_GPU_EXPERTS = ((1, 4, 32, 5760, 2880, "swiglu"), (1, 4, 32, 2880, 2880, "routes"), (8, 4, 32, 5760, 2880, "swiglu"))
+_OSS_CPU_EXPERTS = ((1, 4, 32, 1536, 768, "swiglu"), (1, 4, 32, 768, 768, "routes"))
+
 FAMILIES = {
     ("cpu", "quick"): (
         Family("softmax", "rows", ((4096, 1024), (256, 50257), (16384, 128))),
@@ -139,6 +150,7 @@ FAMILIES = {
         Family("linear", "decode", ((1, 768, 2304, "+b"), (8, 768, 3072, "+b+gelu"), (1, 768, 50257, ""))),
         Family("linear", "prefill", ((512, 768, 2304, "+b"),)),
         Family("ffn", "gpt2", ((1, 768), (256, 768))),
+        Family("expert_linear", "decode", _OSS_CPU_EXPERTS[:1]),
         Family("attention", "prefill", _attention(((1, 12, 12, 128, 128, 64),))),
         Family("attention", "decode", _attention(((1, 12, 12, 1, 1024, 64),))),
         Family("attention_bwd", "prefill", _attention(((1, 4, 4, 128, 128, 64),))),
@@ -151,6 +163,7 @@ FAMILIES = {
         Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS + ((768, 50257, ""),))),
         Family("linear", "prefill", _linear((512,), _GPT2_LINEARS)),
         Family("ffn", "gpt2", ((1, 768), (8, 768), (256, 768))),
+        Family("expert_linear", "decode", _OSS_CPU_EXPERTS),
         Family("attention", "prefill", _attention(((1, 12, 12, 128, 128, 64), (1, 12, 12, 512, 512, 64)))),
         Family("attention", "decode", _attention(((1, 12, 12, 1, 1024, 64), (1, 16, 2, 1, 2048, 64)))),
         Family("attention_bwd", "prefill", _attention(((1, 4, 4, 128, 128, 64),))),
@@ -163,6 +176,7 @@ FAMILIES = {
         Family("linear", "prefill", ((8192, 768, 2304, "+b"),)),
         Family("linear", "decode", ((1, 768, 2304, "+b"),)),
         Family("ffn", "gpt2", ((8192, 768),)),
+        Family("expert_linear", "decode", _OSS_GPU_EXPERTS[:1]),
         Family("attention", "prefill", _attention(((1, 16, 16, 1024, 1024, 64), (1, 16, 16, 4096, 4096, 64)))),
         Family("attention", "decode", _attention(((1, 64, 8, 1, 8192, 64),))),
         Family("attention_bwd", "prefill", _attention(((1, 16, 16, 1024, 1024, 64),))),
@@ -177,6 +191,7 @@ FAMILIES = {
         Family("linear", "prefill", _linear((8192,), _GPT2_LINEARS)),
         Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS)),
         Family("ffn", "gpt2", ((8192, 768),)),
+        Family("expert_linear", "decode", _OSS_GPU_EXPERTS),
         Family("attention", "prefill", _attention(_GPU_PREFILL), first_dtype_only=True),
         Family("attention", "decode", _attention(_GPU_DECODE), first_dtype_only=True),
         Family("attention_bwd", "prefill", _attention(((1, 16, 16, 4096, 4096, 64), (1, 16, 16, 4096, 4096, 128))),

@@ -267,6 +267,16 @@ void check_fused(const AttentionArgs& args, DType dtype) {
                     dtype == DType::F32 ? " in float32" : "");
 }
 
+// Expert linear layers: the expert_linear kernel, one warp per few output columns of a
+// route (no expert indices read back: graph-capturable). Unverified on a GPU so far.
+at::Tensor expert_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& experts, const std::string& activation, double limit) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  ExpertProblem p = expert_problem(x, weight, bias, experts, activation, limit);
+  check_cuda(kernels::expert_linear_forward(p.args, p.dtype, current_stream()), "expert_linear");
+  return p.out;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   bool causal, int64_t window, const std::optional<at::Tensor>& sinks,
                                                   double scale, const std::optional<at::Tensor>& kv_starts,
@@ -332,6 +342,7 @@ TORCH_LIBRARY_IMPL(gptext, CUDA, m) {
   m.impl("rmsnorm_residual", &gptext::rmsnorm_residual_cuda);
   m.impl("linear", &gptext::linear_cuda);
   m.impl("ffn", &gptext::ffn_cuda);
+  m.impl("expert_linear", &gptext::expert_linear_cuda);
   m.impl("attention", &gptext::attention_cuda);
   m.impl("attention_backward", &gptext::attention_backward_cuda);
   m.impl("_linear_backend", &gptext::linear_backend_cuda);

@@ -270,6 +270,55 @@ at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w_fc, const std::optio
   return linear_cpu(hidden, w_proj, b_proj, "none", residual);
 }
 
+// The expert linear layers of a mixture of experts (ExpertArgs in args.h): each route's row
+// times its expert's matrix on gptext's skinny GEMM (one row, the expert's weights read in
+// place), the routes and blocks of their output columns split over threads. With SwiGLU
+// the products are rounded to the storage type first, as a linear layer's output is, then
+// paired. Expert indices are checked here (the CUDA kernel writes NaN rows instead).
+at::Tensor expert_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& experts, const std::string& activation, double limit) {
+  ExpertProblem p = expert_problem(x, weight, bias, experts, activation, limit);
+  const ExpertArgs& a = p.args;
+  const int64_t routes = a.tokens * a.slots;
+  if (routes == 0 || a.n == 0) return p.out;
+  for (int64_t r = 0; r < routes; ++r) {
+    TORCH_CHECK_INDEX(a.experts[r] >= 0 && a.experts[r] < a.num_experts, "gptext.ops.expert_linear: experts holds ",
+                      a.experts[r], " (token ", r / a.slots, ", slot ", r % a.slots, "), outside [0, ", a.num_experts,
+                      ") for a weight of ", a.num_experts, " experts");
+  }
+  const at::Tensor h = a.swiglu ? at::empty({routes, a.n}, p.x.options()) : p.out;
+  const int64_t bytes = dtype_size(p.dtype);
+  const auto* xs = static_cast<const char*>(a.x);
+  const auto* ws = static_cast<const char*>(a.weight);
+  const auto* bs = static_cast<const char*>(a.bias);
+  auto* hs = static_cast<char*>(h.data_ptr());
+  const int64_t block = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k, 1));
+  const int64_t blocks = (a.n + block - 1) / block;
+  at::parallel_for(0, routes * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / blocks, n0 = (task % blocks) * block, e = a.experts[r];
+      const int64_t row = a.x_per_route ? r : r / a.slots;
+      const GemmArgs g{xs + row * a.k * bytes, ws + e * a.n * a.k * bytes, hs + r * a.n * bytes,
+                       bs != nullptr ? bs + e * a.n * bytes : nullptr, nullptr, 1, a.n, a.k, a.k, a.k, a.n,
+                       Activation::None};
+      cpu::skinny_gemm(p.dtype, g, n0, std::min(n0 + block, a.n));
+    }
+  });
+  if (a.swiglu) {
+    auto* out = static_cast<char*>(p.out.data_ptr());
+    const int64_t half = a.n / 2;
+    at::parallel_for(0, routes, std::max<int64_t>(1, 16384 / a.n), [&](int64_t begin, int64_t end) {
+      std::vector<float> pairs(static_cast<size_t>(a.n)), values(static_cast<size_t>(half));
+      for (int64_t r = begin; r < end; ++r) {
+        cpu::from_storage(p.dtype, hs + r * a.n * bytes, pairs.data(), a.n);
+        for (int64_t j = 0; j < half; ++j) values[j] = swiglu_clamped(pairs[2 * j], pairs[2 * j + 1], a.limit);
+        cpu::to_storage(p.dtype, values.data(), out + r * half * bytes, half);
+      }
+    });
+  }
+  return p.out;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  bool causal, int64_t window, const std::optional<at::Tensor>& sinks,
                                                  double scale, const std::optional<at::Tensor>& kv_starts,
@@ -312,6 +361,9 @@ TORCH_LIBRARY(gptext, m) {
   m.def(
       "ffn(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual=None) -> Tensor");
   m.def(
+      "expert_linear(Tensor x, Tensor weight, Tensor? bias, Tensor experts, str activation=\"none\", "
+      "float limit=7.0) -> Tensor");
+  m.def(
       "attention(Tensor q, Tensor k, Tensor v, bool causal=True, int window=0, Tensor? sinks=None, float scale=1.0, "
       "Tensor? kv_starts=None, Tensor? kv_lens=None) -> (Tensor out, Tensor lse)");
   m.def(
@@ -333,6 +385,7 @@ TORCH_LIBRARY_IMPL(gptext, CPU, m) {
   m.impl("rmsnorm_residual", &gptext::rmsnorm_residual_cpu);
   m.impl("linear", &gptext::linear_cpu);
   m.impl("ffn", &gptext::ffn_cpu);
+  m.impl("expert_linear", &gptext::expert_linear_cpu);
   m.impl("attention", &gptext::attention_cpu);
   m.impl("attention_backward", &gptext::attention_backward_cpu);
   m.impl("_linear_backend", &gptext::linear_backend_cpu);

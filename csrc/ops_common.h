@@ -202,6 +202,65 @@ inline LinearProblem linear_problem(const char* op, const at::Tensor& x, const a
   return p;
 }
 
+// ---- expert linear layers (mixture of experts) ----------------------------------------
+// x (tokens, k) or (tokens, slots, k); weight (num_experts, n, k); bias (num_experts, n);
+// experts (tokens, slots), integer; out (tokens, slots, n), or n / 2 columns with SwiGLU.
+struct ExpertProblem {
+  at::Tensor x;        // contiguous
+  at::Tensor weight;   // contiguous
+  at::Tensor bias;     // contiguous or undefined
+  at::Tensor experts;  // int64, contiguous
+  at::Tensor out;      // (tokens, slots, out columns), allocated
+  DType dtype;
+  ExpertArgs args;
+};
+
+inline ExpertProblem expert_problem(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, const at::Tensor& experts,
+                                    const std::string& activation, double limit) {
+  constexpr const char* op = "expert_linear";
+  ExpertProblem p;
+  p.dtype = kernel_dtype(x, op, "x");
+  check_same(weight, x, op, "weight", "x");
+  TORCH_CHECK_VALUE(activation == "none" || activation == "swiglu",
+                    "gptext.ops.expert_linear: activation must be 'none' or 'swiglu', got '", activation, "'");
+  const bool swiglu = activation == "swiglu";
+  TORCH_CHECK_VALUE(!swiglu || (std::isfinite(limit) && limit > 0), "gptext.ops.expert_linear: limit must be a "
+                    "positive finite number, got ", limit);
+  TORCH_CHECK_VALUE(weight.dim() == 3, "gptext.ops.expert_linear: weight must be 3-d (experts, out_features, "
+                    "in_features), got shape ", weight.sizes());
+  TORCH_CHECK_TYPE(experts.scalar_type() == at::kLong || experts.scalar_type() == at::kInt,
+                   "gptext.ops.expert_linear: experts must be an int64 or int32 tensor, got ", experts.scalar_type());
+  TORCH_CHECK_VALUE(experts.device() == x.device(), "gptext.ops.expert_linear: experts is on ", experts.device(),
+                    " but x is on ", x.device());
+  TORCH_CHECK_VALUE(experts.dim() == 2, "gptext.ops.expert_linear: experts must be 2-d (tokens, slots), got shape ",
+                    experts.sizes());
+  const int64_t tokens = experts.size(0), slots = experts.size(1);
+  const int64_t num_experts = weight.size(0), n = weight.size(1), k = weight.size(2);
+  TORCH_CHECK_VALUE((x.dim() == 2 && x.size(0) == tokens) ||
+                        (x.dim() == 3 && x.size(0) == tokens && x.size(1) == slots),
+                    "gptext.ops.expert_linear: x has shape ", x.sizes(), "; expected (tokens, in_features) or "
+                    "(tokens, slots, in_features) with (tokens, slots) = ", experts.sizes(), " as experts has");
+  TORCH_CHECK_VALUE(x.size(-1) == k, "gptext.ops.expert_linear: x has ", x.size(-1), " features in its last "
+                    "dimension but weight ", weight.sizes(), " expects ", k);
+  TORCH_CHECK_VALUE(num_experts > 0, "gptext.ops.expert_linear: weight has no experts (shape ", weight.sizes(), ")");
+  TORCH_CHECK_VALUE(!swiglu || n % 2 == 0, "gptext.ops.expert_linear: SwiGLU needs an even number of output "
+                    "features (gate and linear columns alternate), got ", n);
+  if (bias.has_value()) {
+    check_same(*bias, x, op, "bias", "x");
+    check_shape(*bias, {num_experts, n}, op, "bias");
+    p.bias = bias->contiguous();
+  }
+  p.x = x.contiguous();
+  p.weight = weight.contiguous();
+  p.experts = experts.to(at::kLong).contiguous();
+  p.out = at::empty({tokens, slots, swiglu ? n / 2 : n}, x.options());
+  p.args = ExpertArgs{p.x.data_ptr(), p.weight.data_ptr(), p.bias.defined() ? p.bias.data_ptr() : nullptr,
+                      p.experts.data_ptr<int64_t>(), p.out.data_ptr(), tokens, slots, num_experts, n, k,
+                      x.dim() == 3, swiglu, float(limit)};
+  return p;
+}
+
 // ---- attention -----------------------------------------------------------------------
 struct AttentionProblem {
   at::Tensor q, k, v;                 // head_dim contiguous (made so if it was not)

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from . import ops
-from .model import GPT, Step
+from .model import GPT, MoE, Step
 
 __all__ = ["KVCache", "generate", "sample_next", "stream"]
 
@@ -206,16 +206,28 @@ def _prepare(model, idx, attention_mask, max_new_tokens, temperature, top_k, top
     weight = model.lm_head.weight
     if cuda_graph and not weight.is_cuda:
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
-    if cuda_graph and model.config.arch != "gpt2":
-        raise ValueError(f"cuda_graph=True: a {model.config.arch} model's expert routing reads its choices back "
-                         f"from the device, which a CUDA graph cannot capture; it decodes eagerly")
     tokens, pad, kind = _prompts(model, idx, attention_mask, weight.device)
+    gap = _graph_gap(model, tokens.shape[0])
+    if cuda_graph and gap:
+        raise ValueError(f"cuda_graph=True: {gap}; leave cuda_graph unset to decode eagerly")
     total = tokens.shape[1] + max_new_tokens
     if total > model.config.context_length:
         raise ValueError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                          f"the model's context_length ({model.config.context_length}); shorten the prompt or "
                          f"generate fewer tokens")
     return tokens, pad, kind
+
+
+def _graph_gap(model: GPT, batch: int) -> str | None:
+    """Why the model's decode step for `batch` sequences can't be captured as a CUDA graph,
+    or None. A gpt-oss step can while its routes take the expert_linear path (MoE), which
+    reads nothing back from the device."""
+    cfg = model.config
+    routes = batch * cfg.experts_per_token
+    if cfg.arch != "gpt2" and routes > MoE.ROUTED_MAX_ROUTES:
+        return (f"a decode step of {batch} sequences sends {routes} routes to the experts, more than the "
+                f"{MoE.ROUTED_MAX_ROUTES} that run without reading the routing back to the host")
+    return None
 
 
 # Inference mode, not just no_grad: the compiled ops then skip their Python autograd layer
@@ -229,7 +241,7 @@ def _steps(model, tokens, pad, max_new_tokens, temperature, top_k, top_p, eos_to
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
     if cuda_graph is None:
-        cuda_graph = weight.is_cuda and model.config.arch == "gpt2"  # see _prepare
+        cuda_graph = weight.is_cuda and _graph_gap(model, batch) is None
     if max_new_tokens == 1:
         decoder = None  # the prefill alone gives the one token: no cache, and the held graph stays
     elif cuda_graph:
@@ -269,8 +281,9 @@ def generate(model: GPT, idx, max_new_tokens: int = 50, temperature: float = 1.0
                      probability >= p.
     eos_token_id:    a sequence stops after emitting it; generation ends when all have.
     generator:       a torch.Generator on the model's device, for reproducible sampling.
-    cuda_graph:      replay the decode step as a CUDA graph (default: on when on CUDA, for
-                     GPT-2; a gpt-oss model decodes eagerly).
+    cuda_graph:      replay the decode step as a CUDA graph (default: on when on CUDA, and
+                     for a gpt-oss model while batch x experts_per_token is at most
+                     MoE.ROUTED_MAX_ROUTES; past that it decodes eagerly).
 
     Returns, for a (B, T) tensor, a LongTensor (B, T + steps) whose finished rows are padded
     with eos_token_id; for a 1-D tensor, a 1-D tensor; for a list, a list of 1-D tensors,

@@ -16,7 +16,8 @@ final norm adds the last one.
 Weights are stored as PyTorch stores them (Linear: [out_features, in_features], experts
 [expert, out, in]); the state_dict keys follow Hugging Face's names for each family
 (transformer.h.0.attn.c_attn.weight, ...; model.layers.0.self_attn.q_proj.weight, ...).
-RoPE and the MoE routing are plain PyTorch here: gptext has no kernels for them yet.
+RoPE and the MoE's routing (top-k, grouping) are plain PyTorch here; the experts' products
+run on gptext.ops.linear or, in a decode step, gptext.ops.expert_linear.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, reference
 from .config import GPTConfig
 
 __all__ = ["GPT", "Step"]
@@ -231,19 +232,6 @@ class GroupedQueryAttention(nn.Module):
         return ops.linear(y.transpose(1, 2).reshape(B, T, -1), self.o_proj.weight, self.o_proj.bias)
 
 
-# gpt-oss's SwiGLU: the sigmoid's slope.
-SWIGLU_ALPHA = 1.702
-
-
-def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
-    """gpt-oss's clamped SwiGLU on h (..., 2 * width) whose columns alternate gate, linear:
-    gate * sigmoid(1.702 * gate) * (linear + 1), the gate clamped above at limit and the
-    linear half to [-limit, limit]; fp32 math."""
-    gate = h[..., 0::2].float().clamp(max=limit)
-    linear = h[..., 1::2].float().clamp(-limit, limit)
-    return (gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (linear + 1)).to(h.dtype)
-
-
 class Experts(nn.Module):
     """The weights of n_experts SwiGLU MLPs, stacked: expert e is
     down_proj[e] @ swiglu(gate_up_proj[e] @ x + gate_up_proj_bias[e]) + down_proj_bias[e]."""
@@ -260,7 +248,17 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """Mixture of experts: a linear router scores every expert, each token goes to its top
     experts_per_token, and their outputs are summed weighted by the softmax of the chosen
-    logits. Tokens are grouped by expert, so each expert runs one pair of GEMMs."""
+    logits.
+
+    Two ways to the same function. Few routes (tokens x experts_per_token up to
+    ROUTED_MAX_ROUTES: a decode step) go through gptext.ops.expert_linear, route by route
+    with each expert's matrix read in place and the SwiGLU fused, and never read the
+    routing back to the host, so a CUDA graph can capture the step. More routes (a prefill)
+    are grouped by expert, each expert one pair of GEMMs over its tokens, which needs the
+    group sizes on the host.
+    """
+
+    ROUTED_MAX_ROUTES = 64
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -272,12 +270,26 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         logits = ops.linear(flat, self.router.weight, self.router.bias)
         top, chosen = logits.topk(self.top_k, dim=-1)  # (tokens, top_k)
-        weights = ops.softmax(top).reshape(-1, 1)
+        weights = ops.softmax(top)
+        if chosen.numel() <= self.ROUTED_MAX_ROUTES:
+            out = self._routed(flat, chosen, weights)
+        else:
+            out = self._grouped(flat, chosen, weights)
+        return out.to(x.dtype).view(x.shape)
+
+    def _routed(self, flat, chosen, weights):
+        w = self.experts
+        h = ops.expert_linear(flat, w.gate_up_proj, w.gate_up_proj_bias, chosen, "swiglu", self.limit)
+        y = ops.expert_linear(h, w.down_proj, w.down_proj_bias, chosen)  # (tokens, top_k, C)
+        return (y.float() * weights.float()[..., None]).sum(1)
+
+    def _grouped(self, flat, chosen, weights):
+        weights = weights.reshape(-1, 1)
         routes = chosen.reshape(-1)  # route r sends token r // top_k to expert routes[r]
         order = routes.argsort(stable=True)
         counts = torch.bincount(routes, minlength=self.router.weight.shape[0]).tolist()
         w = self.experts
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
@@ -285,10 +297,10 @@ class MoE(nn.Module):
             picked = order[start:start + count]
             start += count
             tokens = picked // self.top_k
-            h = swiglu(ops.linear(flat[tokens], w.gate_up_proj[e], w.gate_up_proj_bias[e]), self.limit)
+            h = reference.swiglu(ops.linear(flat[tokens], w.gate_up_proj[e], w.gate_up_proj_bias[e]), self.limit)
             y = ops.linear(h, w.down_proj[e], w.down_proj_bias[e])
             out.index_add_(0, tokens, y.float() * weights[picked].float())
-        return out.to(x.dtype).view(x.shape)
+        return out
 
 
 class OssBlock(nn.Module):

@@ -39,6 +39,7 @@ __all__ = [
     "attention",
     "backend",
     "build_info",
+    "expert_linear",
     "ffn",
     "gemm_policy",
     "get_backend",
@@ -407,6 +408,41 @@ def _check_attention(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens) 
             raise ValueError(f"gptext.ops.attention: {name} must be an integer ({q.shape[0]},) tensor on {q.device}")
 
 
+def _check_expert_linear(x, weight, bias, experts, activation, limit) -> None:
+    op = "expert_linear"
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "weight", weight, x)
+    if not isinstance(experts, torch.Tensor) or experts.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"gptext.ops.expert_linear: experts must be an int64 or int32 tensor, got "
+                        f"{getattr(experts, 'dtype', type(experts).__name__)}")
+    if not (experts.is_cpu and x.is_cpu) and experts.device != x.device:
+        raise ValueError(f"gptext.ops.expert_linear: experts is on {experts.device} but x is on {x.device}")
+    if experts.dim() != 2:
+        raise ValueError(f"gptext.ops.expert_linear: experts must be 2-d (tokens, slots), got shape "
+                         f"{tuple(experts.shape)}")
+    if weight.dim() != 3 or weight.shape[0] == 0:
+        raise ValueError(f"gptext.ops.expert_linear: weight must be 3-d (experts, out_features, in_features) with at "
+                         f"least one expert, got shape {tuple(weight.shape)}")
+    tokens, slots = experts.shape
+    if x.shape[:-1] not in ((tokens,), (tokens, slots)):
+        raise ValueError(f"gptext.ops.expert_linear: x has shape {tuple(x.shape)}; expected (tokens, in_features) or "
+                         f"(tokens, slots, in_features) with (tokens, slots) = {tuple(experts.shape)} as experts has")
+    if x.shape[-1] != weight.shape[2]:
+        raise ValueError(f"gptext.ops.expert_linear: x has {x.shape[-1]} features in its last dimension but weight "
+                         f"{tuple(weight.shape)} expects {weight.shape[2]}")
+    if bias is not None:
+        _check_tensor(op, "bias", bias, x)
+        _check_shape(op, "bias", bias, weight.shape[:2])
+    if activation not in (None, "none", "swiglu"):
+        raise ValueError(f"gptext.ops.expert_linear: activation must be None or 'swiglu', got {activation!r}")
+    if activation == "swiglu":
+        if weight.shape[1] % 2:
+            raise ValueError(f"gptext.ops.expert_linear: SwiGLU needs an even number of output features (gate and "
+                             f"linear columns alternate), got {weight.shape[1]}")
+        if not (limit > 0 and limit < _INF):
+            raise ValueError(f"gptext.ops.expert_linear: limit must be a positive finite number, got {limit}")
+
+
 # Head sizes the fused CUDA attention kernels are compiled for.
 CUDA_ATTENTION_HEAD_DIMS = (64, 128)
 
@@ -560,6 +596,42 @@ def _ffn(x, w_fc, b_fc, w_proj, b_proj, residual=None):
     if _use_kernels("ffn", x):
         return _compiled("ffn", x, w_fc, b_fc, w_proj, b_proj, residual)
     return reference.ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
+
+
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, experts: torch.Tensor,
+                  activation: str | None = None, limit: float = 7.0) -> torch.Tensor:
+    """A mixture of experts' linear layer, route by route, with each expert's matrix read in
+    place: out[t, s] = x[t] @ weight[e].T + bias[e] for e = experts[t, s] (x[t, s] instead
+    of x[t] when x is 3-d), accumulated in fp32 and rounded to x's dtype.
+
+    x (tokens, K) or (tokens, slots, K); weight (experts, N, K); bias (experts, N) or None;
+    experts (tokens, slots) int64/int32, each in [0, experts). Returns (tokens, slots, N), or
+    with activation 'swiglu' (tokens, slots, N / 2): gpt-oss's clamped SwiGLU of each
+    column pair (2j the gate, 2j + 1 the linear half; see reference.swiglu), applied to the
+    rounded product. The indices stay on the device: on CUDA the call reads no value back
+    to the host, so a decode step that uses it can be captured in a CUDA graph; an index
+    out of range raises IndexError on the CPU and gives NaN rows on CUDA. Made for few
+    routes (a decode step): each route streams its expert's matrix once.
+    """
+    return _expert_linear(x, weight, bias, experts, activation, limit)
+
+
+@_observed("expert_linear")
+def _expert_linear(x, weight, bias, experts, activation=None, limit=7.0):
+    limit = float(limit)
+    _check_expert_linear(x, weight, bias, experts, activation, limit)
+    if _use_kernels("expert_linear", x):
+        return _compiled("expert_linear", x, weight, bias, experts, activation or "none", limit)
+    # The reference reads the indices back to check them (an index out of range would be a
+    # device-side assert on CUDA), except where nothing may be read back: a CUDA graph being
+    # captured, or torch.compile tracing.
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if experts.numel() and not capturing and not torch.compiler.is_compiling():
+        low, high = int(experts.min()), int(experts.max())
+        if low < 0 or high >= weight.shape[0]:
+            raise IndexError(f"gptext.ops.expert_linear: experts holds {low if low < 0 else high}, outside "
+                             f"[0, {weight.shape[0]}) for a weight of {weight.shape[0]} experts")
+    return reference.expert_linear(x, weight, bias, experts, activation, limit)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int | None = None,
@@ -731,6 +803,31 @@ def _register_compiled_ops() -> None:
         return dx, dw_fc, db_fc, dw_proj, db_proj, grad if ctx.has_residual else None
 
     torch.library.register_autograd(lib + "ffn", _ffn_backward, setup_context=_ffn_setup)
+
+    @torch.library.register_fake(lib + "expert_linear")
+    def _expert_linear_fake(x, weight, bias, experts, activation="none", limit=7.0):
+        _check_expert_linear(x, weight, bias, experts, activation, limit)
+        n = weight.shape[1] // 2 if activation == "swiglu" else weight.shape[1]
+        return x.new_empty((*experts.shape, n))
+
+    def _expert_linear_setup(ctx, inputs, output):
+        x, weight, bias, experts, activation, limit = inputs
+        ctx.save_for_backward(x, weight, bias, experts)
+        ctx.activation, ctx.limit = activation, limit
+
+    def _expert_linear_backward(ctx, grad):
+        # The reference forward, recomputed with autograd on, differentiated.
+        x, weight, bias, experts = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
+        with torch.enable_grad():
+            out = reference.expert_linear(*inputs[:2], inputs[2], experts, ctx.activation, ctx.limit)
+            wanted = [t for t in inputs if t is not None]
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        dx, dweight, dbias = (next(grads) if t is not None else None for t in inputs)
+        return dx, dweight, dbias, None, None, None
+
+    torch.library.register_autograd(lib + "expert_linear", _expert_linear_backward,
+                                    setup_context=_expert_linear_setup)
 
     @torch.library.register_fake(lib + "attention")
     def _attention_fake(q, k, v, causal=True, window=0, sinks=None, scale=1.0, kv_starts=None, kv_lens=None):

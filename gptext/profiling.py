@@ -236,6 +236,12 @@ def _cost(op: str, a: dict, out) -> tuple[str, str, float, float]:
         hidden_bytes = 2.0 * m * hidden * x.element_size()  # written by the first GEMM, read by the second
         return (ops.implementation(op, x, w_fc), f"{m}x{width}->{hidden}->{width}", 4.0 * m * hidden * width,
                 _nbytes(x, w_fc, a.get("b_fc"), w_proj, a.get("b_proj"), a.get("residual"), out) + hidden_bytes)
+    if op == "expert_linear":
+        w, chosen = a["weight"], a["experts"]
+        routes, (n, k) = chosen.numel(), w.shape[1:]
+        experts_read = min(routes, w.shape[0])  # each route reads its expert's matrix; no expert counts twice
+        return (ops.implementation(op, x), f"{routes}x{n}x{k}/{w.shape[0]}", 2.0 * routes * n * k,
+                _nbytes(x, a.get("bias"), out) + float(experts_read * n * k * w.element_size()))
     shape = "x".join(map(str, x.shape))
     if op == "softmax":
         return ops.implementation(op, x), shape, 5.0 * x.numel(), _nbytes(x, out)

@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "attention",
     "attention_mask",
+    "expert_linear",
     "ffn",
     "gelu_tanh",
     "gelu_tanh_grad",
@@ -32,6 +33,7 @@ __all__ = [
     "rmsnorm_stats",
     "softmax",
     "softmax_backward",
+    "swiglu",
 ]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -246,3 +248,37 @@ def ffn(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
     activation is rounded to x's dtype between the two products, as the kernels store it."""
     hidden = linear(x, w_fc, b_fc, "gelu")
     return linear(hidden, w_proj, b_proj, residual=residual)
+
+
+# gpt-oss's SwiGLU: the sigmoid's slope.
+SWIGLU_ALPHA = 1.702
+
+
+def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on h (..., 2 * width) whose columns alternate gate, linear:
+    gate * sigmoid(1.702 * gate) * (linear + 1), the gate clamped above at limit and the
+    linear half to [-limit, limit]."""
+    gate = _wide(h[..., 0::2]).clamp(max=limit)
+    linear_half = _wide(h[..., 1::2]).clamp(-limit, limit)
+    return (gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (linear_half + 1)).to(h.dtype)
+
+
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, experts: torch.Tensor,
+                  activation: str | None = None, limit: float = 7.0) -> torch.Tensor:
+    """A mixture of experts' linear layer for each route (token t's choice s): out[t, s] =
+    linear(x[t] (or x[t, s] for a 3-d x), weight[experts[t, s]], bias[experts[t, s]]),
+    rounded to x's dtype, then with activation 'swiglu' the gpt-oss SwiGLU of its column
+    pairs. One route at a time, each expert's matrix picked on the device (no index is read
+    back to the host)."""
+    tokens, slots = experts.shape
+    rows = x if x.dim() == 3 else x[:, None, :].expand(tokens, slots, x.shape[-1])
+    rows, chosen = rows.reshape(tokens * slots, x.shape[-1]), experts.reshape(-1).long()
+    outputs = []
+    for r in range(rows.shape[0]):
+        e = chosen[r:r + 1]
+        b = bias.index_select(0, e)[0] if bias is not None else None
+        outputs.append(linear(rows[r:r + 1], weight.index_select(0, e)[0], b))
+    h = torch.cat(outputs) if outputs else x.new_empty((0, weight.shape[1]))
+    if activation == "swiglu":
+        h = swiglu(h, limit)
+    return h.view(tokens, slots, h.shape[-1])

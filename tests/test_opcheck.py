@@ -33,6 +33,13 @@ def _samples(device):
         (OPS.ffn, (t(5, 8, grad=True), t(32, 8, grad=True), t(32, grad=True), t(8, 32, grad=True), t(8, grad=True),
                    t(5, 8, grad=True)), {}),
         (OPS.ffn, (t(2, 3, 8), t(32, 8), None, t(8, 32), None), {}),
+        (OPS.expert_linear, (t(3, 8, grad=True), t(4, 6, 8, grad=True), t(4, 6, grad=True),
+                             torch.tensor([[0, 3], [2, 2], [1, 0]], device=device)), {}),
+        (OPS.expert_linear, (t(3, 2, 8, grad=True), t(4, 6, 8, grad=True), None,
+                             torch.tensor([[0, 3], [2, 2], [1, 0]], device=device, dtype=torch.int32), "swiglu", 1.5),
+         {}),
+        (OPS.expert_linear, (t(2, 8, dtype=torch.bfloat16), t(3, 6, 8, dtype=torch.bfloat16),
+                             t(3, 6, dtype=torch.bfloat16), torch.tensor([[2], [0]], device=device), "swiglu", 7.0), {}),
     ]
     # Attention needs the CUDA kernels' dtypes and head sizes there (fp32 CUDA runs the reference).
     adtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -103,6 +103,20 @@ def test_profile_forward_sees_every_op():
     assert "total forward pass" in table and table.count("\n") == len(records) + 5
 
 
+def test_profile_of_a_gpt_oss_step():
+    # A decode-sized step of gpt-oss: its MoE runs on expert_linear, which the profile costs.
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("gpt-oss-20b", vocab_size=97, context_length=64, n_embd=32, n_layer=2, n_head=4,
+                           n_kv_head=2, head_width=8, n_experts=6, experts_per_token=2, expert_width=24)
+    records, _ = profiling.profile_forward(GPT(cfg).eval(), torch.randint(0, 97, (1, 3)))
+    experts = [r for r in records if r.op == "expert_linear"]
+    assert [r.shape for r in experts] == ["6x48x32/6", "6x32x24/6"] * 2  # 3 tokens x 2 routes
+    first = experts[0]
+    assert first.flops == 2.0 * 6 * 48 * 32
+    assert first.bytes == 4 * (3 * 32 + 6 * 48 + 6 * 24 + 6 * 48 * 32)  # x, bias, out, six experts' matrices
+    assert [r.op for r in records].count("rmsnorm_residual") == 4
+
+
 def test_profile_command(tmp_path):
     torch.manual_seed(0)
     GPT(GPTConfig(n_embd=32, n_head=2, n_layer=2, context_length=32)).save_pretrained(tmp_path)

@@ -42,6 +42,18 @@ GPTEXT_HD float apply_activation(Activation act, float x) {
   }
 }
 
+// gpt-oss's clamped SwiGLU of one (gate, linear) pair, as its experts apply it:
+//   gate * sigmoid(kSwigluAlpha * gate) * (linear + 1),
+// the gate clamped above at limit, the linear half to [-limit, limit]. A NaN passes the
+// clamps as NaN (as torch.clamp leaves it), and gate = -inf gives NaN (-inf * 0), as in
+// PyTorch. The accurate expf on both sides: this runs once per output, after a dot product.
+constexpr float kSwigluAlpha = 1.702f;
+GPTEXT_HD float swiglu_clamped(float gate, float linear, float limit) {
+  gate = gate > limit ? limit : gate;
+  linear = linear > limit ? limit : (linear < -limit ? -limit : linear);
+  return gate / (1.0f + expf(-kSwigluAlpha * gate)) * (linear + 1.0f);
+}
+
 // out = act(acc + bias) + residual: the fused epilogue of `linear`. Callers pass 0 for a
 // missing bias or residual.
 GPTEXT_HD float linear_epilogue(float acc, float bias, Activation act, float residual) {

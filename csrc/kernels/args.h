@@ -64,6 +64,31 @@ struct GemmArgs {
   Activation act;
 };
 
+// The linear layers of a mixture of experts, one per route. Route r < tokens * slots is
+// token r / slots's choice number r % slots; it multiplies its row of x by its expert's
+// matrix:
+//   h[r, :] = x_row(r) @ weight[e]^T + bias[e],   e = experts[r],   weight (num_experts, n, k),
+// accumulated in fp32 and rounded to the storage type, as a linear layer's output is. out[r]
+// is that row (n columns), or with swiglu the swiglu_clamped() of each pair of columns (2j
+// the gate, 2j + 1 the linear half: n / 2 columns). x_row(r) is x[r] when x_per_route, else
+// x[r / slots] (every choice of a token reads the token's row). An expert index outside
+// [0, num_experts) gives a row of NaN on the GPU (the CPU implementation raises instead).
+struct ExpertArgs {
+  const void* x;
+  const void* weight;
+  const void* bias;        // (num_experts, n); may be null
+  const int64_t* experts;  // (tokens * slots,)
+  void* out;
+  int64_t tokens;
+  int64_t slots;
+  int64_t num_experts;
+  int64_t n;
+  int64_t k;
+  bool x_per_route;
+  bool swiglu;             // n even
+  float limit;             // swiglu's clamp, > 0
+};
+
 }  // namespace gptext
 
 namespace gptext {

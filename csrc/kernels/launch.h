@@ -16,6 +16,7 @@
 
 namespace gptext::kernels {
 
+using ::gptext::ExpertArgs;
 using ::gptext::GemmArgs;
 using ::gptext::NormArgs;
 using ::gptext::SoftmaxArgs;
@@ -34,6 +35,12 @@ cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, GemmTile tile, cudaStre
 // The same epilogue applied in place to a product already in c (the cuBLAS path):
 // c = act(c + bias) + residual.
 cudaError_t gemm_epilogue(const GemmArgs& args, DType dtype, cudaStream_t stream);
+
+// ---- expert linear layers of a mixture of experts (experts.cu): ExpertArgs in args.h ---
+// One warp per group of output columns of one route, reading the expert's rows in place
+// (no gather of the weights, no host-side grouping by expert): the decode step's form,
+// where few routes each stream their expert's matrix once.
+cudaError_t expert_linear_forward(const ExpertArgs& args, DType dtype, cudaStream_t stream);
 
 // ---- fused attention (attention_fwd.cu, attention_bwd.cu) -----------------------------
 // Tensor-core kernels for bf16/fp16 with head_dim 64 or 128 (anything else returns

@@ -253,6 +253,64 @@ static void test_gemm(std::mt19937& gen) {
   }
 }
 
+// The expert linear layers (experts.cu) against an fp64 host loop over the routes: every
+// dtype, x shared by a token's slots or one row per route, SwiGLU or not, K with and
+// without the vector width (and misaligned x for the scalar path), N with a tail, and an
+// out-of-range expert index, whose row must come out NaN.
+static void test_expert_linear(std::mt19937& gen) {
+  struct Case {
+    int64_t tokens, slots, experts, n, k;
+  };
+  const Case shapes[] = {{1, 4, 8, 5760 / 16, 2880}, {3, 2, 5, 38, 64}, {2, 3, 4, 7, 13}, {4, 1, 3, 64, 0},
+                         {1, 2, 2, 2, 1}};
+  for (DType t : {DType::F32, DType::BF16, DType::F16}) {
+    for (const Case& s : shapes) {
+      const int64_t routes = s.tokens * s.slots;
+      if ((s.experts * s.n + routes) * s.k > max_elements) continue;
+      for (int variant = 0; variant < 4; ++variant) {
+        const bool per_route = variant & 1, swiglu = (variant & 2) && s.n % 2 == 0;
+        const HostArray x = random_array(t, (per_route ? routes : s.tokens) * s.k, gen);
+        const HostArray w = random_array(t, s.experts * s.n * s.k, gen, 0.5f), bias = random_array(t, s.experts * s.n, gen);
+        std::vector<int64_t> chosen(routes);
+        for (int64_t r = 0; r < routes; ++r) chosen[r] = int64_t(gen() % uint32_t(s.experts));
+        chosen[routes - 1] = s.experts;  // out of range: a NaN row
+        const int64_t cols = swiglu ? s.n / 2 : s.n;
+        HostArray want(t, routes * cols);
+        for (int64_t r = 0; r < routes; ++r) {
+          const int64_t e = chosen[r], row = per_route ? r : r / s.slots;
+          std::vector<float> h(s.n);
+          for (int64_t j = 0; j < s.n; ++j) {
+            double acc = 0;
+            if (e < s.experts)
+              for (int64_t p = 0; p < s.k; ++p) acc += double(x.get(row * s.k + p)) * w.get((e * s.n + j) * s.k + p);
+            HostArray rounded(t, 1);
+            rounded.set(0, e < s.experts ? float(acc) + bias.get(e * s.n + j) : NAN);
+            h[j] = rounded.get(0);
+          }
+          for (int64_t j = 0; j < cols; ++j)
+            want.set(r * cols + j, swiglu ? swiglu_clamped(h[2 * j], h[2 * j + 1], 1.5f) : h[j]);
+        }
+        const int misalign = variant == 1 ? 1 : 0;
+        DeviceArray dx(x, misalign), dw(w), dbias(bias), dout(HostArray(t, routes * cols));
+        int64_t* dchosen = nullptr;
+        CUDA_OK(cudaMalloc(&dchosen, routes * sizeof(int64_t)));
+        CUDA_OK(cudaMemcpy(dchosen, chosen.data(), routes * sizeof(int64_t), cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemset(dout.ptr, 0, dout.bytes));  // zeros: an unwritten NaN row fails
+        const ExpertArgs args{dx.ptr, dw.ptr, dbias.ptr, dchosen, dout.ptr, s.tokens, s.slots, s.experts, s.n, s.k,
+                              per_route, swiglu, 1.5f};
+        CUDA_OK(kernels::expert_linear_forward(args, t, nullptr));
+        CUDA_OK(cudaDeviceSynchronize());
+        compare("expert_linear " + std::string(name_of(t)) + " " + std::to_string(s.tokens) + "x" +
+                    std::to_string(s.slots) + " of " + std::to_string(s.experts) + " " + std::to_string(s.n) + "x" +
+                    std::to_string(s.k) + (per_route ? " per-route x" : "") + (misalign ? " misaligned" : "") +
+                    (swiglu ? " swiglu" : ""),
+                dout.download(t), want, 1e-2f, 2 * rtol(t));
+        cudaFree(dchosen);
+      }
+    }
+  }
+}
+
 static void test_attention(std::mt19937& gen, const cudaDeviceProp& prop) {
   struct Case {
     int64_t batch, heads, kv_heads, q_len, k_len, dim;
@@ -573,6 +631,7 @@ int main(int argc, char** argv) {
   std::mt19937 gen(1234);
   test_softmax(gen);
   test_layernorm(gen);
+  test_expert_linear(gen);
   if (prop.major >= 8) {
     test_gemm(gen);
     test_attention(gen, prop);
