@@ -226,41 +226,31 @@ KERNEL_TIMING = {
 _OSS_CPU = dict(n_embd=768, n_layer=4, n_head=16, n_kv_head=2, head_width=64, expert_width=768,
                 context_length=4096)
 _OSS_GPU = dict(n_layer=2, context_length=8192)
+
+
+def _cases(prefill=(), decode=()):
+    """Model cases from (batch, tokens) prefills and (batch, tokens, new_tokens) decodes."""
+    return (*(ModelCase("prefill", *p) for p in prefill), *(ModelCase("decode", *d) for d in decode))
+
+
+def _sections(dtype, timing, decode_timing, oss_overrides, gpt2_cases, oss_cases, oss_timing=None):
+    return (ModelPlan("gpt2-124m", dtype, gpt2_cases, timing, decode_timing, name="gpt2"),
+            ModelPlan("gpt-oss-20b", dtype, oss_cases, oss_timing or timing, decode_timing, oss_overrides,
+                      name="gpt-oss"))
+
+
 MODEL_PLANS = {
-    ("cpu", "quick"): (
-        ModelPlan("gpt2-124m", "float32",
-                  (ModelCase("prefill", 1, 128), ModelCase("prefill", 4, 128), ModelCase("decode", 1, 128, 128)),
-                  Timing(1, 5, 2.0), Timing(0, 3, 0.0), name="gpt2"),
-        ModelPlan("gpt-oss-20b", "float32", (ModelCase("prefill", 1, 256), ModelCase("decode", 1, 256, 32)),
-                  Timing(1, 5, 2.0), Timing(0, 3, 0.0), _OSS_CPU, name="gpt-oss"),
-    ),
-    ("cpu", "full"): (
-        ModelPlan("gpt2-124m", "float32",
-                  (ModelCase("prefill", 1, 128), ModelCase("prefill", 4, 128), ModelCase("prefill", 8, 256),
-                   ModelCase("decode", 1, 128, 128), ModelCase("decode", 8, 128, 128)),
-                  Timing(1, 10, 5.0), Timing(0, 5, 60.0), name="gpt2"),
-        ModelPlan("gpt-oss-20b", "float32",
-                  (ModelCase("prefill", 1, 256), ModelCase("prefill", 4, 256), ModelCase("decode", 1, 256, 64),
-                   ModelCase("decode", 4, 256, 64)),
-                  Timing(1, 10, 5.0), Timing(0, 5, 60.0), _OSS_CPU, name="gpt-oss"),
-    ),
-    ("cuda", "quick"): (
-        ModelPlan("gpt2-124m", "bfloat16",
-                  (ModelCase("prefill", 1, 128), ModelCase("prefill", 8, 1024), ModelCase("decode", 1, 128, 128)),
-                  Timing(3, 20, 1.0), Timing(1, 3, 0.0), name="gpt2"),
-        ModelPlan("gpt-oss-20b", "bfloat16", (ModelCase("prefill", 1, 1024), ModelCase("decode", 1, 128, 64)),
-                  Timing(3, 20, 1.0), Timing(1, 3, 0.0), _OSS_GPU, name="gpt-oss"),
-    ),
-    ("cuda", "full"): (
-        ModelPlan("gpt2-124m", "bfloat16",
-                  (ModelCase("prefill", 1, 128), ModelCase("prefill", 1, 1024), ModelCase("prefill", 8, 1024),
-                   ModelCase("decode", 1, 128, 128), ModelCase("decode", 8, 128, 128)),
-                  Timing(3, 30, 1.0), Timing(1, 5, 20.0), name="gpt2"),
-        ModelPlan("gpt-oss-20b", "bfloat16",
-                  (ModelCase("prefill", 1, 1024), ModelCase("prefill", 4, 4096), ModelCase("decode", 1, 128, 128),
-                   ModelCase("decode", 8, 128, 128)),
-                  Timing(3, 20, 1.0), Timing(1, 5, 20.0), _OSS_GPU, name="gpt-oss"),
-    ),
+    ("cpu", "quick"): _sections("float32", Timing(1, 5, 2.0), Timing(0, 3, 0.0), _OSS_CPU,
+                                _cases([(1, 128), (4, 128)], [(1, 128, 128)]), _cases([(1, 256)], [(1, 256, 32)])),
+    ("cpu", "full"): _sections("float32", Timing(1, 10, 5.0), Timing(0, 5, 60.0), _OSS_CPU,
+                               _cases([(1, 128), (4, 128), (8, 256)], [(1, 128, 128), (8, 128, 128)]),
+                               _cases([(1, 256), (4, 256)], [(1, 256, 64), (4, 256, 64)])),
+    ("cuda", "quick"): _sections("bfloat16", Timing(3, 20, 1.0), Timing(1, 3, 0.0), _OSS_GPU,
+                                 _cases([(1, 128), (8, 1024)], [(1, 128, 128)]), _cases([(1, 1024)], [(1, 128, 64)])),
+    ("cuda", "full"): _sections("bfloat16", Timing(3, 30, 1.0), Timing(1, 5, 20.0), _OSS_GPU,
+                                _cases([(1, 128), (1, 1024), (8, 1024)], [(1, 128, 128), (8, 128, 128)]),
+                                _cases([(1, 1024), (4, 4096)], [(1, 128, 128), (8, 128, 128)]),
+                                oss_timing=Timing(3, 20, 1.0)),
 }
 MODELS = ("gpt2", "gpt-oss")
 
