@@ -16,7 +16,7 @@ SOURCES     := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*
 # The CPU op tests run once more on each narrower build of the CPU kernels (GPTEXT_CPU_ISA),
 # so that a wide machine also tests what a narrower one runs.
 CPU_ISAS    ?= baseline avx2
-OP_TESTS    := tests/test_softmax.py tests/test_layernorm.py tests/test_rmsnorm.py tests/test_linear.py tests/test_experts.py tests/test_attention.py
+OP_TESTS    := tests/test_softmax.py tests/test_layernorm.py tests/test_rmsnorm.py tests/test_linear.py tests/test_rope.py tests/test_experts.py tests/test_attention.py
 
 .PHONY: bench test native pytest pytest-isa clean
 

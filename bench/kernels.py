@@ -150,6 +150,29 @@ def _ffn_cost(case):
     return 4.0 * m * hidden * width, float(elements * _itemsize(case))
 
 
+# RoPE cases: shape (batch, heads, positions, head_dim); x is a projection's output
+# (batch, positions, heads x head_dim) viewed head-split, as the model passes it.
+def _rope_inputs(case, randn):
+    batch, heads, positions, dim = case.shape
+    x = randn((batch, positions, heads * dim)).view(batch, positions, heads, dim).transpose(1, 2)
+    angles = randn((batch, positions, dim // 2), 3.0).float()
+    return x, angles.cos(), angles.sin()
+
+
+def _rope_functions(case):
+    def eager(x, cos, sin):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        cos, sin = cos[:, None], sin[:, None]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return (lambda *t: ops.rope(*t), eager, lambda *t: reference.rope(*t))
+
+
+def _rope_cost(case):
+    batch, heads, positions, dim = case.shape
+    return 6.0 * _elements(case) / 2, float(2 * _elements(case) * _itemsize(case) + 2 * batch * positions * dim * 2)
+
+
 # Expert linear cases: shape (tokens, slots, experts, N, K); epilogue "swiglu" (x shared
 # by a token's slots, the SwiGLU fused: an MoE's first product) or "routes" (one row of x
 # per route: its second). Every route is given a different expert (tokens x slots <=
@@ -286,6 +309,7 @@ OP_SPECS = {
     "linear": OpSpec(lambda case: "compute", _linear_inputs, _linear_functions, _linear_cost,
                      lambda case: case.shape[1]),
     "ffn": OpSpec(lambda case: "compute", _ffn_inputs, _ffn_functions, _ffn_cost, lambda case: 4 * case.shape[1]),
+    "rope": OpSpec(lambda case: "memory", _rope_inputs, _rope_functions, _rope_cost),
     "expert_linear": OpSpec(lambda case: "memory", _expert_inputs, _expert_functions, _expert_cost,
                             lambda case: case.shape[4]),
     "attention": OpSpec(_attention_bound, _attention_inputs, _attention_functions, _attention_cost, row_rms=True),

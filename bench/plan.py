@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from gptext import profiling
 
-OPS = ("softmax", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "expert_linear", "attention",
+OPS = ("softmax", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "rope", "expert_linear", "attention",
        "attention_bwd")
 MODES = ("quick", "full")
 
@@ -49,7 +49,7 @@ class Case:
     """One op at one shape and dtype.
 
     shape: softmax, layernorm_residual, rmsnorm_residual: (rows, cols); linear: (M, K, N), weight [N, K];
-    ffn: (M, width), hidden 4 x width; expert_linear: (tokens, slots, experts, N, K), with
+    ffn: (M, width), hidden 4 x width; rope: (batch, heads, positions, head_dim); expert_linear: (tokens, slots, experts, N, K), with
     epilogue "swiglu" or "routes" (one row of x per route); attention(_bwd): (batch, heads, kv_heads, q_len,
     k_len, head_dim), with epilogue "causal" or "".
     """
@@ -150,6 +150,7 @@ FAMILIES = {
         Family("linear", "decode", ((1, 768, 2304, "+b"), (8, 768, 3072, "+b+gelu"), (1, 768, 50257, ""))),
         Family("linear", "prefill", ((512, 768, 2304, "+b"),)),
         Family("ffn", "gpt2", ((1, 768), (256, 768))),
+        Family("rope", "gpt-oss", ((1, 64, 256, 64),)),
         Family("expert_linear", "decode", _OSS_CPU_EXPERTS[:1]),
         Family("attention", "prefill", _attention(((1, 12, 12, 128, 128, 64),))),
         Family("attention", "decode", _attention(((1, 12, 12, 1, 1024, 64),))),
@@ -163,6 +164,7 @@ FAMILIES = {
         Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS + ((768, 50257, ""),))),
         Family("linear", "prefill", _linear((512,), _GPT2_LINEARS)),
         Family("ffn", "gpt2", ((1, 768), (8, 768), (256, 768))),
+        Family("rope", "gpt-oss", ((1, 64, 256, 64), (1, 8, 256, 64))),
         Family("expert_linear", "decode", _OSS_CPU_EXPERTS),
         Family("attention", "prefill", _attention(((1, 12, 12, 128, 128, 64), (1, 12, 12, 512, 512, 64)))),
         Family("attention", "decode", _attention(((1, 12, 12, 1, 1024, 64), (1, 16, 2, 1, 2048, 64)))),
@@ -176,6 +178,7 @@ FAMILIES = {
         Family("linear", "prefill", ((8192, 768, 2304, "+b"),)),
         Family("linear", "decode", ((1, 768, 2304, "+b"),)),
         Family("ffn", "gpt2", ((8192, 768),)),
+        Family("rope", "gpt-oss", ((4, 64, 4096, 64),)),
         Family("expert_linear", "decode", _OSS_GPU_EXPERTS[:1]),
         Family("attention", "prefill", _attention(((1, 16, 16, 1024, 1024, 64), (1, 16, 16, 4096, 4096, 64)))),
         Family("attention", "decode", _attention(((1, 64, 8, 1, 8192, 64),))),
@@ -191,6 +194,7 @@ FAMILIES = {
         Family("linear", "prefill", _linear((8192,), _GPT2_LINEARS)),
         Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS)),
         Family("ffn", "gpt2", ((8192, 768),)),
+        Family("rope", "gpt-oss", ((4, 64, 4096, 64), (4, 8, 4096, 64))),
         Family("expert_linear", "decode", _OSS_GPU_EXPERTS),
         Family("attention", "prefill", _attention(_GPU_PREFILL), first_dtype_only=True),
         Family("attention", "decode", _attention(_GPU_DECODE), first_dtype_only=True),

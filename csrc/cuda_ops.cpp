@@ -267,6 +267,14 @@ void check_fused(const AttentionArgs& args, DType dtype) {
                     dtype == DType::F32 ? " in float32" : "");
 }
 
+// RoPE: one kernel, 128-bit accesses where the strides allow. Unverified on a GPU so far.
+at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  RopeProblem p = rope_problem(x, cos, sin);
+  check_cuda(kernels::rope_forward(p.args, p.dtype, current_stream()), "rope");
+  return p.out;
+}
+
 // Expert linear layers: the expert_linear kernel, one warp per few output columns of a
 // route (no expert indices read back: graph-capturable). Unverified on a GPU so far.
 at::Tensor expert_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -342,6 +350,7 @@ TORCH_LIBRARY_IMPL(gptext, CUDA, m) {
   m.impl("rmsnorm_residual", &gptext::rmsnorm_residual_cuda);
   m.impl("linear", &gptext::linear_cuda);
   m.impl("ffn", &gptext::ffn_cuda);
+  m.impl("rope", &gptext::rope_cuda);
   m.impl("expert_linear", &gptext::expert_linear_cuda);
   m.impl("attention", &gptext::attention_cuda);
   m.impl("attention_backward", &gptext::attention_backward_cuda);

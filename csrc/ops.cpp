@@ -270,6 +270,14 @@ at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w_fc, const std::optio
   return linear_cpu(hidden, w_proj, b_proj, "none", residual);
 }
 
+at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  RopeProblem p = rope_problem(x, cos, sin);
+  const RopeArgs& a = p.args;
+  parallel_rows(a.batch * a.heads * a.positions, a.head_dim,
+                [&](int64_t begin, int64_t end) { cpu::rope_rows(p.dtype, a, begin, end); });
+  return p.out;
+}
+
 // The expert linear layers of a mixture of experts (ExpertArgs in args.h): each route's row
 // times its expert's matrix on gptext's skinny GEMM (one row, the expert's weights read in
 // place), the routes and blocks of their output columns split over threads. With SwiGLU
@@ -360,6 +368,7 @@ TORCH_LIBRARY(gptext, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"none\", Tensor? residual=None) -> Tensor");
   m.def(
       "ffn(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual=None) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def(
       "expert_linear(Tensor x, Tensor weight, Tensor? bias, Tensor experts, str activation=\"none\", "
       "float limit=7.0) -> Tensor");
@@ -385,6 +394,7 @@ TORCH_LIBRARY_IMPL(gptext, CPU, m) {
   m.impl("rmsnorm_residual", &gptext::rmsnorm_residual_cpu);
   m.impl("linear", &gptext::linear_cpu);
   m.impl("ffn", &gptext::ffn_cpu);
+  m.impl("rope", &gptext::rope_cpu);
   m.impl("expert_linear", &gptext::expert_linear_cpu);
   m.impl("attention", &gptext::attention_cpu);
   m.impl("attention_backward", &gptext::attention_backward_cpu);

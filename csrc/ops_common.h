@@ -61,6 +61,9 @@ const T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? static_cast<const T*>(t->data_ptr()) : nullptr;
 }
 
+// t itself when its last dimension is contiguous (the kernels honour the other strides).
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 inline int64_t rows_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.numel() / t.size(-1); }
 
 // ---- softmax -------------------------------------------------------------------------
@@ -202,6 +205,40 @@ inline LinearProblem linear_problem(const char* op, const at::Tensor& x, const a
   return p;
 }
 
+// ---- RoPE ------------------------------------------------------------------------------
+// x (batch, heads, positions, head_dim), any strides (head_dim made contiguous if it is
+// not); cos, sin fp32 (batch, positions, head_dim / 2); out contiguous like x.
+struct RopeProblem {
+  at::Tensor x, cos, sin, out;
+  DType dtype;
+  RopeArgs args;
+};
+
+inline RopeProblem rope_problem(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  constexpr const char* op = "rope";
+  RopeProblem p;
+  p.dtype = kernel_dtype(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4, "gptext.ops.rope: x must be 4-d (batch, heads, positions, head_dim), got shape ",
+                    x.sizes());
+  const int64_t batch = x.size(0), heads = x.size(1), positions = x.size(2), dim = x.size(3);
+  TORCH_CHECK_VALUE(dim % 2 == 0, "gptext.ops.rope: head_dim must be even (its two halves are rotated as "
+                    "pairs), got ", dim);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cos, "cos"}, {sin, "sin"}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "gptext.ops.rope: ", name, " must be float32, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == x.device(), "gptext.ops.rope: ", name, " is on ", t.device(), " but x is on ",
+                      x.device());
+    check_shape(t, {batch, positions, dim / 2}, op, name);
+  }
+  p.x = last_dim_contiguous(x);
+  p.cos = cos.contiguous();
+  p.sin = sin.contiguous();
+  p.out = at::empty({batch, heads, positions, dim}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  p.args = RopeArgs{p.x.data_ptr(), p.cos.data_ptr<float>(), p.sin.data_ptr<float>(), p.out.data_ptr(),
+                    batch, heads, positions, dim, {p.x.stride(0), p.x.stride(1), p.x.stride(2)}};
+  return p;
+}
+
 // ---- expert linear layers (mixture of experts) ----------------------------------------
 // x (tokens, k) or (tokens, slots, k); weight (num_experts, n, k); bias (num_experts, n);
 // experts (tokens, slots), integer; out (tokens, slots, n), or n / 2 columns with SwiGLU.
@@ -274,7 +311,6 @@ inline void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
   for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
 }
 
-inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 inline AttentionProblem attention_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           int64_t window, const std::optional<at::Tensor>& sinks, double scale,

@@ -238,7 +238,7 @@ using Tensor = const at::Tensor&;
 using Optional = const OptTensor&;
 constexpr char kSoftmax[] = "softmax", kLayernorm[] = "layernorm", kLayernormResidual[] = "layernorm_residual",
                kRmsnorm[] = "rmsnorm", kRmsnormResidual[] = "rmsnorm_residual", kLinear[] = "linear", kFfn[] = "ffn", kAttention[] = "attention",
-               kExpertLinear[] = "expert_linear";
+               kExpertLinear[] = "expert_linear", kRope[] = "rope";
 // The schemas of csrc/ops.cpp, as C++ signatures (typed_op checks them when first called).
 using Softmax = Entry<kSoftmax, at::Tensor(Tensor, int64_t, double, bool, int64_t)>;
 using Layernorm = Entry<kLayernorm, std::tuple<at::Tensor, at::Tensor, at::Tensor>(Tensor, Tensor, Optional, double)>;
@@ -250,6 +250,7 @@ using RmsnormResidual =
     Entry<kRmsnormResidual, std::tuple<at::Tensor, at::Tensor, at::Tensor>(Tensor, Tensor, Tensor, double)>;
 using Linear = Entry<kLinear, at::Tensor(Tensor, Tensor, Optional, const std::string&, Optional)>;
 using Ffn = Entry<kFfn, at::Tensor(Tensor, Tensor, Optional, Tensor, Optional, Optional)>;
+using Rope = Entry<kRope, at::Tensor(Tensor, Tensor, Tensor)>;
 using ExpertLinear = Entry<kExpertLinear, at::Tensor(Tensor, Tensor, Optional, Tensor, const std::string&, double)>;
 using Attention = Entry<kAttention, std::tuple<at::Tensor, at::Tensor>(Tensor, Tensor, Tensor, bool, int64_t, Optional,
                                                                         double, Optional, Optional)>;
@@ -267,6 +268,7 @@ PyMethodDef methods[] = {
     GPTEXT_ENTRIES("rmsnorm_residual", RmsnormResidual),
     GPTEXT_ENTRIES("linear", Linear),
     GPTEXT_ENTRIES("ffn", Ffn),
+    GPTEXT_ENTRIES("rope", Rope),
     GPTEXT_ENTRIES("expert_linear", ExpertLinear),
     GPTEXT_ENTRIES("attention", Attention),
     {"_set_direct", set_direct, METH_O, "whether the _try_<op> entry points serve calls"},

@@ -16,8 +16,8 @@ final norm adds the last one.
 Weights are stored as PyTorch stores them (Linear: [out_features, in_features], experts
 [expert, out, in]); the state_dict keys follow Hugging Face's names for each family
 (transformer.h.0.attn.c_attn.weight, ...; model.layers.0.self_attn.q_proj.weight, ...).
-RoPE and the MoE's routing (top-k, grouping) are plain PyTorch here; the experts' products
-run on gptext.ops.linear or, in a decode step, gptext.ops.expert_linear.
+RoPE runs on gptext.ops.rope; the MoE's routing (top-k, grouping) is plain PyTorch here,
+the experts' products gptext.ops.linear or, in a decode step, gptext.ops.expert_linear.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class Step:
     kv_starts: (B,) int, first real key of each sequence (left padding before it), or None.
     kv_lens:   (B,) int, keys written so far when kv_len covers more (a static-shape decode
                step over the whole cache), or None.
-    rotary:    (cos, sin) of the new tokens' positions, each (B, 1, T, head_dim / 2) fp32,
-               for a gpt-oss model (GPT.run fills it in).
+    rotary:    (cos, sin) of the new tokens' positions, each (B, T, head_dim / 2) fp32, for
+               a gpt-oss model (GPT.run fills it in).
     """
 
     positions: torch.Tensor
@@ -186,17 +186,10 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for positions (B, T), each (B, 1, T, head_dim / 2) fp32."""
-        angles = positions[:, None, :, None].float() * self.inv_freq.to(positions.device)
+        """(cos, sin) for positions (B, T), each (B, T, head_dim / 2) fp32: what
+        gptext.ops.rope takes."""
+        angles = positions[..., None].float() * self.inv_freq.to(positions.device)
         return angles.cos() * self.concentration, angles.sin() * self.concentration
-
-
-def rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """RoPE on x (B, H, T, D): each head's first half and second half form the pairs
-    (x1, x2) rotated by the position's angles (gpt-oss's layout, not interleaved pairs)."""
-    cos, sin = rotary
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -221,8 +214,8 @@ class GroupedQueryAttention(nn.Module):
         def heads(proj: nn.Linear, n: int) -> torch.Tensor:  # (B, n, T, D)
             return ops.linear(x, proj.weight, proj.bias).view(B, T, n, self.head_dim).transpose(1, 2)
 
-        q = rotate(heads(self.q_proj, self.n_head), step.rotary)
-        k = rotate(heads(self.k_proj, self.kv_heads), step.rotary)
+        q = ops.rope(heads(self.q_proj, self.n_head), *step.rotary)  # read in place, written contiguous
+        k = ops.rope(heads(self.k_proj, self.kv_heads), *step.rotary)
         v = heads(self.v_proj, self.kv_heads)
         if cache is not None:
             cache.write(self.layer, k, v, step.slots)

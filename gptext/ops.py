@@ -51,6 +51,7 @@ __all__ = [
     "linear_backend",
     "rmsnorm",
     "rmsnorm_residual",
+    "rope",
     "set_backend",
     "set_gemm_policy",
     "softmax",
@@ -115,18 +116,18 @@ def _declined(*args):
 
 if _EXTENSION_ERROR is None:
     (_try_softmax, _try_layernorm, _try_layernorm_residual, _try_rmsnorm, _try_rmsnorm_residual, _try_linear,
-     _try_ffn, _try_attention) = (
+     _try_ffn, _try_attention, _try_rope) = (
         _C._try_softmax, _C._try_layernorm, _C._try_layernorm_residual, _C._try_rmsnorm, _C._try_rmsnorm_residual,
-        _C._try_linear, _C._try_ffn, _C._try_attention)
+        _C._try_linear, _C._try_ffn, _C._try_attention, _C._try_rope)
     # A polyfill is looked up by the C function it stands for, so the ops below call the
     # entry points themselves (not the wrappers this returns), with no is_compiling test.
     for _entry in (_try_softmax, _try_layernorm, _try_layernorm_residual, _try_rmsnorm, _try_rmsnorm_residual,
-                   _try_linear, _try_ffn, _try_attention):
+                   _try_linear, _try_ffn, _try_attention, _try_rope):
         torch.compiler.substitute_in_graph(_entry, skip_signature_check=True)(_declined)
     del _entry
 else:
     _try_softmax = _try_layernorm = _try_layernorm_residual = _try_rmsnorm = _try_rmsnorm_residual = _declined
-    _try_linear = _try_ffn = _try_attention = _declined
+    _try_linear = _try_ffn = _try_attention = _try_rope = _declined
 
 
 def _sync_direct() -> None:
@@ -408,6 +409,24 @@ def _check_attention(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens) 
             raise ValueError(f"gptext.ops.attention: {name} must be an integer ({q.shape[0]},) tensor on {q.device}")
 
 
+def _check_rope(x, cos, sin) -> None:
+    _check_tensor("rope", "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"gptext.ops.rope: x must be 4-d (batch, heads, positions, head_dim), got shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"gptext.ops.rope: head_dim must be even (its two halves are rotated as pairs), got "
+                         f"{x.shape[-1]}")
+    want = (x.shape[0], x.shape[2], x.shape[3] // 2)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"gptext.ops.rope: {name} must be a float32 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if not (t.is_cpu and x.is_cpu) and t.device != x.device:
+            raise ValueError(f"gptext.ops.rope: {name} is on {t.device} but x is on {x.device}")
+        _check_shape("rope", name, t, want)
+
+
 def _check_expert_linear(x, weight, bias, experts, activation, limit) -> None:
     op = "expert_linear"
     _check_tensor(op, "x", x)
@@ -596,6 +615,24 @@ def _ffn(x, w_fc, b_fc, w_proj, b_proj, residual=None):
     if _use_kernels("ffn", x):
         return _compiled("ffn", x, w_fc, b_fc, w_proj, b_proj, residual)
     return reference.ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding on x (B, H, T, D), gpt-oss's layout: each head's first and
+    second halves are the pairs (x1, x2), rotated to (x1 cos - x2 sin, x2 cos + x1 sin) by
+    the angles of each sequence's positions, cos and sin float32 (B, T, D / 2). fp32 math,
+    one rounding; the result is contiguous (B, H, T, D) whatever x's strides (a head-split
+    view of a projection's output is read in place)."""
+    y = _try_rope(x, cos, sin)
+    return _rope(x, cos, sin) if y is None else y
+
+
+@_observed("rope")
+def _rope(x, cos, sin):
+    _check_rope(x, cos, sin)
+    if _use_kernels("rope", x):
+        return _compiled("rope", x, cos, sin)
+    return reference.rope(x, cos, sin)
 
 
 def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, experts: torch.Tensor,
@@ -803,6 +840,22 @@ def _register_compiled_ops() -> None:
         return dx, dw_fc, db_fc, dw_proj, db_proj, grad if ctx.has_residual else None
 
     torch.library.register_autograd(lib + "ffn", _ffn_backward, setup_context=_ffn_setup)
+
+    @torch.library.register_fake(lib + "rope")
+    def _rope_fake(x, cos, sin):
+        _check_rope(x, cos, sin)
+        return x.new_empty(x.shape)
+
+    def _rope_setup(ctx, inputs, output):
+        _, cos, sin = inputs
+        ctx.save_for_backward(cos, sin)
+
+    def _rope_backward(ctx, grad):
+        # A rotation's transpose is the rotation by the opposite angles.
+        cos, sin = ctx.saved_tensors
+        return torch.ops.gptext.rope(grad, cos, -sin), None, None
+
+    torch.library.register_autograd(lib + "rope", _rope_backward, setup_context=_rope_setup)
 
     @torch.library.register_fake(lib + "expert_linear")
     def _expert_linear_fake(x, weight, bias, experts, activation="none", limit=7.0):

@@ -245,6 +245,8 @@ def _cost(op: str, a: dict, out) -> tuple[str, str, float, float]:
     shape = "x".join(map(str, x.shape))
     if op == "softmax":
         return ops.implementation(op, x), shape, 5.0 * x.numel(), _nbytes(x, out)
+    if op == "rope":
+        return ops.implementation(op, x), shape, 3.0 * x.numel(), _nbytes(x, a["cos"], a["sin"], out)
     if op in ("layernorm_residual", "rmsnorm_residual"):
         return ops.implementation(op, x), shape, 9.0 * x.numel(), _nbytes(x, a["residual"], *out)
     return ops.implementation(op, x), shape, 8.0 * x.numel(), _nbytes(x, out)  # layernorm, rmsnorm

@@ -31,6 +31,7 @@ __all__ = [
     "rmsnorm_backward",
     "rmsnorm_residual",
     "rmsnorm_stats",
+    "rope",
     "softmax",
     "softmax_backward",
     "swiglu",
@@ -282,3 +283,12 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if activation == "swiglu":
         h = swiglu(h, limit)
     return h.view(tokens, slots, h.shape[-1])
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (B, H, T, D): each head's first and second halves form the pairs (x1, x2),
+    rotated by the angles whose cos and sin (B, T, D / 2) are given (gpt-oss's layout, not
+    interleaved pairs): (x1 cos - x2 sin, x2 cos + x1 sin), in fp32, rounded once."""
+    x1, x2 = _wide(x).chunk(2, dim=-1)
+    cos, sin = _wide(cos)[:, None], _wide(sin)[:, None]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

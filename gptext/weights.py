@@ -11,6 +11,14 @@ gpt-oss: Hugging Face stores each layer's experts stacked as [expert, in, out]; 
 (``*_blocks``: two 4-bit e2m1 values per byte, 32 to a block; ``*_scales``: one power-of-two
 exponent per block, biased by 127), already [expert, out, in]; they are dequantised on load.
 
+OpenAI's own gpt-oss layout (the ``original/`` directory of its releases, what its reference
+implementation reads) is read too: a config.json of ModelConfig's fields (num_experts,
+experts_per_token, initial_context_length, ...; no model_type), and tensors named
+``embedding``, ``block.N.attn.{norm.scale, qkv, sinks, out}``, ``block.N.mlp.{norm.scale,
+gate, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias}``, ``norm.scale`` and
+``unembedding``: q, k and v in one matrix (split on load), experts [expert, out, in] (MXFP4
+as ``mlp1_weight.blocks`` / ``.scales``), norms' scales in fp32.
+
 Every tensor's shape is checked, and missing or unknown tensors are reported by name.
 Saving writes each file to a temporary name and renames it into place.
 """
@@ -27,8 +35,8 @@ import torch
 from .config import GPTConfig
 from .model import GPT
 
-__all__ = ["load_pretrained", "load_gpt2", "load_gpt_oss", "save_pretrained", "save_gpt2", "save_gpt_oss",
-           "dequantize_mxfp4", "CheckpointError"]
+__all__ = ["load_pretrained", "load_gpt2", "load_gpt_oss", "load_gpt_oss_original", "save_pretrained", "save_gpt2",
+           "save_gpt_oss", "dequantize_mxfp4", "CheckpointError"]
 
 # Hugging Face GPT-2 activation names that are GPT-2's tanh-form GELU.
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -122,7 +130,7 @@ def _assign(model: GPT, state: dict, unknown: list, directory: Path, device, sho
     tensors by name (shown(name): as the checkpoint names them); returns it on `device`, in
     eval mode."""
     expected = {name for name in model.state_dict() if not (model.config.tied_head and name == "lm_head.weight")}
-    missing = sorted(map(shown, expected - set(state)))
+    missing = sorted(set(map(shown, expected - set(state))))
     if missing or unknown:
         raise CheckpointError(f"{directory}: " + "; ".join(
             part for part in (f"missing tensors: {', '.join(missing)}" if missing else "",
@@ -145,10 +153,13 @@ def _checked(name: str, tensor: torch.Tensor, want: tuple, file: Path, shown=Non
 
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> GPT:
     """A GPT from a local Hugging Face checkpoint directory of either family (config.json's
-    model_type: "gpt2" or "gpt_oss"), in eval mode. dtype defaults to the checkpoint's;
+    model_type: "gpt2" or "gpt_oss"), or from OpenAI's original gpt-oss layout (a
+    config.json without model_type, with num_experts and experts_per_token), in eval mode. dtype defaults to the checkpoint's;
     device to the CPU."""
     directory, hf = _open(path)
     loaders = {"gpt2": load_gpt2, "gpt_oss": load_gpt_oss}
+    if "model_type" not in hf and _is_original_oss(hf):
+        return load_gpt_oss_original(directory, dtype=dtype, device=device)
     if hf.get("model_type") not in loaders:
         raise CheckpointError(f"{directory / 'config.json'}: model_type is {hf.get('model_type')!r}; gptext loads "
                               f"{' and '.join(map(repr, loaders))} checkpoints")
@@ -288,6 +299,125 @@ def load_gpt_oss(path, dtype: torch.dtype | None = None, device=None) -> GPT:
             tensor = _checked(name, tensor, expected[name], file)
         state[name] = tensor.to(dtype).contiguous()
     return _assign(model, state, unknown, directory, device)
+
+
+# OpenAI's config.json fields (gpt_oss.torch.model.ModelConfig) that identify the layout.
+_ORIGINAL_OSS_KEYS = ("num_experts", "experts_per_token", "initial_context_length")
+
+
+def _is_original_oss(config: dict) -> bool:
+    return all(key in config for key in _ORIGINAL_OSS_KEYS)
+
+
+def oss_config_from_original(config: dict, source: Path) -> GPTConfig:
+    """GPTConfig from the config.json of OpenAI's original gpt-oss layout. Its context is
+    what YaRN scales the training context to: initial_context_length x rope_scaling_factor."""
+    known = {"num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size", "intermediate_size",
+             "swiglu_limit", "head_dim", "num_attention_heads", "num_key_value_heads", "sliding_window",
+             "initial_context_length", "rope_theta", "rope_scaling_factor", "rope_ntk_alpha", "rope_ntk_beta"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown fields for OpenAI's gpt-oss config: {', '.join(unknown)}")
+    initial = config.get("initial_context_length", 4096)
+    factor = float(config.get("rope_scaling_factor", 32.0))
+    try:
+        return GPTConfig(arch="gpt-oss", vocab_size=config.get("vocab_size", 201088),
+                         context_length=int(initial * max(factor, 1.0)), n_embd=config.get("hidden_size", 2880),
+                         n_layer=config.get("num_hidden_layers", 36), n_head=config.get("num_attention_heads", 64),
+                         n_kv_head=config.get("num_key_value_heads", 8), head_width=config.get("head_dim", 64),
+                         n_experts=config.get("num_experts", 128), experts_per_token=config.get("experts_per_token", 4),
+                         expert_width=config.get("intermediate_size", 2880),
+                         swiglu_limit=float(config.get("swiglu_limit", 7.0)),
+                         sliding_window=config.get("sliding_window", 128),
+                         rope_theta=float(config.get("rope_theta", 150000.0)), rope_scaling_factor=factor,
+                         rope_ntk_alpha=float(config.get("rope_ntk_alpha", 1.0)),
+                         rope_ntk_beta=float(config.get("rope_ntk_beta", 32.0)), rope_initial_context=initial)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{source}: {error}") from None
+
+
+def _original_names(layers: int) -> dict[str, str]:
+    """OpenAI's tensor names -> gptext's, for every tensor that maps one to one (the fused
+    q/k/v matrix is split separately)."""
+    names = {"embedding.weight": "model.embed_tokens.weight", "norm.scale": "model.norm.weight",
+             "unembedding.weight": "lm_head.weight"}
+    for i in range(layers):
+        ours = f"model.layers.{i}"
+        names |= {f"block.{i}.attn.norm.scale": f"{ours}.input_layernorm.weight",
+                  f"block.{i}.attn.sinks": f"{ours}.self_attn.sinks",
+                  f"block.{i}.attn.out.weight": f"{ours}.self_attn.o_proj.weight",
+                  f"block.{i}.attn.out.bias": f"{ours}.self_attn.o_proj.bias",
+                  f"block.{i}.mlp.norm.scale": f"{ours}.post_attention_layernorm.weight",
+                  f"block.{i}.mlp.gate.weight": f"{ours}.mlp.router.weight",
+                  f"block.{i}.mlp.gate.bias": f"{ours}.mlp.router.bias",
+                  f"block.{i}.mlp.mlp1_weight": f"{ours}.mlp.experts.gate_up_proj",
+                  f"block.{i}.mlp.mlp1_bias": f"{ours}.mlp.experts.gate_up_proj_bias",
+                  f"block.{i}.mlp.mlp2_weight": f"{ours}.mlp.experts.down_proj",
+                  f"block.{i}.mlp.mlp2_bias": f"{ours}.mlp.experts.down_proj_bias"}
+    return names
+
+
+def _original_weight_files(directory: Path) -> list[Path]:
+    """model.safetensors or a shard index where there is one, else every *.safetensors
+    file in the directory (as OpenAI's loader reads it)."""
+    try:
+        return _weight_files(directory)
+    except CheckpointError:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise
+        return files
+
+
+def load_gpt_oss_original(path, dtype: torch.dtype | None = None, device=None) -> GPT:
+    """A GPT from OpenAI's original gpt-oss checkpoint layout (see the module's docstring),
+    in eval mode. dtype defaults to the checkpoint's (that of its embedding); device to the
+    CPU."""
+    directory, config = _open(path)
+    cfg = oss_config_from_original(config, directory / "config.json")
+    found = {name: (tensor, file) for file in _original_weight_files(directory)
+             for name, tensor in _read_tensors(file).items()}
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    names = _original_names(cfg.n_layer)
+    embedding = found.get("embedding.weight")
+    dtype = dtype or (embedding[0].dtype if embedding is not None else torch.bfloat16)
+    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    state, unknown = {}, []
+    for name, (tensor, file) in found.items():
+        if name.endswith(".scales") and name.removesuffix(".scales") + ".blocks" in found:
+            continue  # read with its blocks
+        if name.endswith(".blocks") and name.removesuffix(".blocks") + ".scales" in found:
+            base = name.removesuffix(".blocks")
+            if base not in names or not base.endswith(("mlp1_weight", "mlp2_weight")):
+                unknown.append(name)
+                continue
+            tensor, name = dequantize_mxfp4(tensor, found[base + ".scales"][0], torch.float32), base
+        layer_qkv = name.removesuffix(".weight").removesuffix(".bias")
+        if layer_qkv.startswith("block.") and layer_qkv.endswith(".attn.qkv"):
+            i = layer_qkv.split(".")[1]
+            kind = name.rsplit(".", 1)[1]
+            ours = f"model.layers.{i}.self_attn"
+            want = (q + 2 * kv, cfg.n_embd) if kind == "weight" else (q + 2 * kv,)
+            if f"{ours}.q_proj.{kind}" not in expected:
+                unknown.append(name)
+                continue
+            tensor = _checked(name, tensor, want, file)
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.split((q, kv, kv))):
+                state[f"{ours}.{proj}.{kind}"] = part.to(dtype).contiguous()
+            continue
+        if name not in names or names[name] not in expected:
+            unknown.append(name)
+            continue
+        ours = names[name]
+        state[ours] = _checked(name, tensor, expected[ours], file).to(dtype).contiguous()
+    theirs = {v: k for k, v in names.items()}
+    for i in range(cfg.n_layer):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            for kind in ("weight", "bias"):
+                theirs[f"model.layers.{i}.self_attn.{proj}.{kind}"] = f"block.{i}.attn.qkv.{kind}"
+    return _assign(model, state, unknown, directory, device, lambda ours: theirs.get(ours, ours))
 
 
 def _atomic_write(target: Path, write) -> None:

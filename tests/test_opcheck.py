@@ -33,6 +33,8 @@ def _samples(device):
         (OPS.ffn, (t(5, 8, grad=True), t(32, 8, grad=True), t(32, grad=True), t(8, 32, grad=True), t(8, grad=True),
                    t(5, 8, grad=True)), {}),
         (OPS.ffn, (t(2, 3, 8), t(32, 8), None, t(8, 32), None), {}),
+        (OPS.rope, (t(2, 3, 5, 8, grad=True), t(2, 5, 4), t(2, 5, 4)), {}),
+        (OPS.rope, (t(1, 2, 5, 4, dtype=torch.bfloat16).transpose(1, 2), t(1, 2, 2), t(1, 2, 2)), {}),
         (OPS.expert_linear, (t(3, 8, grad=True), t(4, 6, 8, grad=True), t(4, 6, grad=True),
                              torch.tensor([[0, 3], [2, 2], [1, 0]], device=device)), {}),
         (OPS.expert_linear, (t(3, 2, 8, grad=True), t(4, 6, 8, grad=True), None,

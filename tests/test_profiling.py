@@ -115,6 +115,7 @@ def test_profile_of_a_gpt_oss_step():
     assert first.flops == 2.0 * 6 * 48 * 32
     assert first.bytes == 4 * (3 * 32 + 6 * 48 + 6 * 24 + 6 * 48 * 32)  # x, bias, out, six experts' matrices
     assert [r.op for r in records].count("rmsnorm_residual") == 4
+    assert [r.op for r in records].count("rope") == 4  # q and k in each layer
 
 
 def test_profile_command(tmp_path):

@@ -570,6 +570,28 @@ void layernorm_rows_t(const NormArgs& a, int64_t row_begin, int64_t row_end) {
 // residual[i], src in format Src (the fp32 sums of a GEMM, or out itself for the epilogue
 // in place), out, bias and residual in Fmt; the bias and residual read only when they
 // exist. A vector at a time where the build has vectors, then value by value; rounded once.
+// RoPE a row at a time: both halves into fp32, rotated with the position's cos and sin,
+// rounded once into the output's row.
+template <typename Fmt>
+void rope_rows_t(const RopeArgs& a, int64_t row_begin, int64_t row_end) {
+  using T = typename Fmt::storage;
+  const int64_t half = a.head_dim / 2;
+  std::unique_ptr<float[]> buffer(new float[size_t(2 * half)]);
+  float* lo = buffer.get();
+  float* hi = lo + half;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t t = row % a.positions, h = row / a.positions % a.heads, b = row / (a.positions * a.heads);
+    const T* x = static_cast<const T*>(a.x) + b * a.x_stride[0] + h * a.x_stride[1] + t * a.x_stride[2];
+    T* out = static_cast<T*>(a.out) + row * a.head_dim;
+    const float* c = a.cos + (b * a.positions + t) * half;
+    const float* s = a.sin + (b * a.positions + t) * half;
+    load_rows<Fmt>(x, lo, half);
+    load_rows<Fmt>(x + half, hi, half);
+    store_rows_fn<Fmt>(out, half, [&](int64_t i) { return lo[i] * c[i] - hi[i] * s[i]; });
+    store_rows_fn<Fmt>(out + half, half, [&](int64_t i) { return hi[i] * c[i] + lo[i] * s[i]; });
+  }
+}
+
 template <typename Src, typename Fmt, Activation ACT, bool kBias, bool kResidual>
 inline void epilogue_row(const typename Src::storage* src, typename Fmt::storage* out, int64_t width,
                          const typename Fmt::storage* bias, const typename Fmt::storage* residual) {
@@ -2220,6 +2242,10 @@ void gemm_amx(const GemmArgs& args, const uint32_t* packed, int64_t n_begin, int
 void amx_pack_rows(const GemmArgs&, uint32_t*, int64_t, int64_t) { throw std::logic_error("gptext: no AMX in this build"); }
 void gemm_amx(const GemmArgs&, const uint32_t*, int64_t, int64_t) { throw std::logic_error("gptext: no AMX in this build"); }
 #endif
+
+void rope_rows(DType dtype, const RopeArgs& args, int64_t row_begin, int64_t row_end) {
+  dispatch(dtype, [&](auto tag) { rope_rows_t<decltype(tag)>(args, row_begin, row_end); });
+}
 
 void to_storage(DType dtype, const float* src, void* dst, int64_t n) {
   dispatch(dtype, [&](auto tag) {

@@ -15,6 +15,8 @@ namespace gptext::cpu {
 #define GPTEXT_CPU_KERNELS                                                                \
   void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64_t row_end); \
   void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_t row_end);  \
+  /* Rows (b, h, t) [row_begin, row_end) of RopeArgs' x, flattened in that order. */          \
+  void rope_rows(DType dtype, const RopeArgs& args, int64_t row_begin, int64_t row_end);      \
   /* In place: c = act(c + bias) + residual, for the rows given (GemmArgs' epilogue part). */   \
   void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end);  \
   /* c[m, n0 + j] = act(sums[m * ld + j] + bias[n0 + j]) + residual[m, n0 + j] for j < width and \

@@ -135,6 +135,10 @@ void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_
   GPTEXT_CPU_CALL(layernorm_rows, dtype, args, row_begin, row_end);
 }
 
+void rope_rows(DType dtype, const RopeArgs& args, int64_t row_begin, int64_t row_end) {
+  GPTEXT_CPU_CALL(rope_rows, dtype, args, row_begin, row_end);
+}
+
 void epilogue_rows(DType dtype, const GemmArgs& args, int64_t row_begin, int64_t row_end) {
   GPTEXT_CPU_CALL(epilogue_rows, dtype, args, row_begin, row_end);
 }

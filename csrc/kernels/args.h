@@ -64,6 +64,21 @@ struct GemmArgs {
   Activation act;
 };
 
+// RoPE on the two halves of each head (gpt-oss's layout, not interleaved pairs): for each
+// row (b, h, t) of x and i < head_dim / 2, with c = cos[b, t, i] and s = sin[b, t, i],
+//   out[i] = x[i] c - x[i + head_dim / 2] s,   out[i + head_dim / 2] = x[i + head_dim / 2] c + x[i] s,
+// in fp32, rounded once. x is 4-d (batch, heads, positions, head_dim) with head_dim
+// contiguous and the other strides given; cos and sin are contiguous fp32 (batch,
+// positions, head_dim / 2); out is contiguous (batch, heads, positions, head_dim).
+struct RopeArgs {
+  const void* x;
+  const float* cos;
+  const float* sin;
+  void* out;
+  int64_t batch, heads, positions, head_dim;  // head_dim even
+  int64_t x_stride[3];                        // batch, head, position
+};
+
 // The linear layers of a mixture of experts, one per route. Route r < tokens * slots is
 // token r / slots's choice number r % slots; it multiplies its row of x by its expert's
 // matrix:

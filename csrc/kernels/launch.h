@@ -17,6 +17,7 @@
 namespace gptext::kernels {
 
 using ::gptext::ExpertArgs;
+using ::gptext::RopeArgs;
 using ::gptext::GemmArgs;
 using ::gptext::NormArgs;
 using ::gptext::SoftmaxArgs;
@@ -35,6 +36,9 @@ cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, GemmTile tile, cudaStre
 // The same epilogue applied in place to a product already in c (the cuBLAS path):
 // c = act(c + bias) + residual.
 cudaError_t gemm_epilogue(const GemmArgs& args, DType dtype, cudaStream_t stream);
+
+// ---- RoPE (rope.cu): RopeArgs in args.h; out must not overlap x -----------------------
+cudaError_t rope_forward(const RopeArgs& args, DType dtype, cudaStream_t stream);
 
 // ---- expert linear layers of a mixture of experts (experts.cu): ExpertArgs in args.h ---
 // One warp per group of output columns of one route, reading the expert's rows in place

@@ -253,6 +253,51 @@ static void test_gemm(std::mt19937& gen) {
   }
 }
 
+// RoPE (rope.cu) against the CPU kernels: every dtype, head sizes with and without the
+// vector width in each half, contiguous rows and a head-split view (positions strided by
+// heads x head_dim), and a misaligned x for the scalar path.
+static void test_rope(std::mt19937& gen) {
+  struct Case {
+    int64_t batch, heads, positions, dim;
+  };
+  const Case shapes[] = {{1, 64, 33, 64}, {2, 3, 5, 6}, {1, 2, 7, 128}, {3, 1, 1, 2}, {2, 4, 9, 80}};
+  for (DType t : {DType::F32, DType::BF16, DType::F16}) {
+    for (const Case& s : shapes) {
+      const int64_t rows = s.batch * s.heads * s.positions, half = s.dim / 2;
+      for (int variant = 0; variant < 3; ++variant) {  // contiguous, head-split view, misaligned
+        const HostArray x = random_array(t, rows * s.dim, gen), angles = random_array(DType::F32, 2 * s.batch * s.positions * half, gen, 3.0f);
+        HostArray cos(DType::F32, s.batch * s.positions * half), sin(DType::F32, cos.size());
+        for (size_t i = 0; i < cos.size(); ++i) {
+          cos.set(i, std::cos(angles.get(i)));
+          sin.set(i, std::sin(angles.get(i)));
+        }
+        RopeArgs args{x.bytes.data(), static_cast<const float*>(static_cast<const void*>(cos.bytes.data())),
+                      static_cast<const float*>(static_cast<const void*>(sin.bytes.data())), nullptr,
+                      s.batch, s.heads, s.positions, s.dim, {s.heads * s.positions * s.dim, s.positions * s.dim, s.dim}};
+        if (variant == 1) {  // x as (batch, positions, heads, dim) memory viewed head-split
+          args.x_stride[1] = s.dim;
+          args.x_stride[2] = s.heads * s.dim;
+        }
+        HostArray want(t, rows * s.dim);
+        args.out = want.data();
+        cpu::rope_rows(t, args, 0, rows);
+        DeviceArray dx(x, variant == 2 ? 1 : 0), dcos(cos), dsin(sin), dout(HostArray(t, rows * s.dim));
+        args.x = dx.ptr;
+        args.cos = static_cast<const float*>(dcos.ptr);
+        args.sin = static_cast<const float*>(dsin.ptr);
+        args.out = dout.ptr;
+        CUDA_OK(cudaMemset(dout.ptr, 0xff, dout.bytes));
+        CUDA_OK(kernels::rope_forward(args, t, nullptr));
+        CUDA_OK(cudaDeviceSynchronize());
+        compare("rope " + std::string(name_of(t)) + " " + std::to_string(s.batch) + "x" + std::to_string(s.heads) +
+                    "x" + std::to_string(s.positions) + "x" + std::to_string(s.dim) +
+                    (variant == 1 ? " head-split" : variant == 2 ? " misaligned" : ""),
+                dout.download(t), want, 1e-5f, rtol(t));
+      }
+    }
+  }
+}
+
 // The expert linear layers (experts.cu) against an fp64 host loop over the routes: every
 // dtype, x shared by a token's slots or one row per route, SwiGLU or not, K with and
 // without the vector width (and misaligned x for the scalar path), N with a tail, and an
@@ -632,6 +677,7 @@ int main(int argc, char** argv) {
   test_softmax(gen);
   test_layernorm(gen);
   test_expert_linear(gen);
+  test_rope(gen);
   if (prop.major >= 8) {
     test_gemm(gen);
     test_attention(gen, prop);
