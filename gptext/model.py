@@ -421,7 +421,8 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "GPT":
         """A model from a local Hugging Face checkpoint directory, GPT-2 or gpt-oss (config.json
-        plus model.safetensors, sharded safetensors, or pytorch_model.bin)."""
+        plus model.safetensors, sharded safetensors, or pytorch_model.bin), or from OpenAI's
+        original gpt-oss layout (see gptext.weights)."""
         from .weights import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device)

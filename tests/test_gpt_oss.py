@@ -219,6 +219,100 @@ def test_bad_checkpoints(hf_checkpoint, tmp_path, edit, match):
         GPT.from_pretrained(tmp_path)
 
 
+# ---- OpenAI's original layout ------------------------------------------------------------
+
+def _write_original(hf, directory, mxfp4=False, seed=7):
+    """hf's weights in OpenAI's own layout (gpt_oss/torch/model.py's parameter names and
+    ModelConfig's config.json): q, k, v fused into attn.qkv, experts [expert, out, in],
+    norms' `scale` in fp32. With mxfp4, random MXFP4 experts replace hf's, which are loaded
+    into hf as the dequantised values (returned) so that both hold the same weights."""
+    from safetensors.torch import save_file
+
+    c = hf.config
+    rope = c.rope_parameters
+    config = dict(num_hidden_layers=c.num_hidden_layers, num_experts=c.num_local_experts,
+                  experts_per_token=c.num_experts_per_tok, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                  intermediate_size=c.intermediate_size, swiglu_limit=c.swiglu_limit, head_dim=c.head_dim,
+                  num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                  sliding_window=c.sliding_window, initial_context_length=rope["original_max_position_embeddings"],
+                  rope_theta=rope["rope_theta"], rope_scaling_factor=rope["factor"], rope_ntk_alpha=rope["beta_slow"],
+                  rope_ntk_beta=rope["beta_fast"])
+    w = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    t = {"embedding.weight": w["model.embed_tokens.weight"], "norm.scale": w["model.norm.weight"].float(),
+         "unembedding.weight": w["lm_head.weight"]}
+    g, replaced = torch.Generator().manual_seed(seed), {}
+    for i in range(c.num_hidden_layers):
+        hf_layer, ours = f"model.layers.{i}", f"block.{i}"
+        a = f"{hf_layer}.self_attn"
+        t |= {f"{ours}.attn.norm.scale": w[f"{hf_layer}.input_layernorm.weight"].float(),
+              f"{ours}.attn.qkv.weight": torch.cat([w[f"{a}.{p}_proj.weight"] for p in "qkv"]),
+              f"{ours}.attn.qkv.bias": torch.cat([w[f"{a}.{p}_proj.bias"] for p in "qkv"]),
+              f"{ours}.attn.sinks": w[f"{a}.sinks"],
+              f"{ours}.attn.out.weight": w[f"{a}.o_proj.weight"], f"{ours}.attn.out.bias": w[f"{a}.o_proj.bias"],
+              f"{ours}.mlp.norm.scale": w[f"{hf_layer}.post_attention_layernorm.weight"].float(),
+              f"{ours}.mlp.gate.weight": w[f"{hf_layer}.mlp.router.weight"],
+              f"{ours}.mlp.gate.bias": w[f"{hf_layer}.mlp.router.bias"],
+              f"{ours}.mlp.mlp1_bias": w[f"{hf_layer}.mlp.experts.gate_up_proj_bias"],
+              f"{ours}.mlp.mlp2_bias": w[f"{hf_layer}.mlp.experts.down_proj_bias"]}
+        for mine, theirs in (("mlp1_weight", "gate_up_proj"), ("mlp2_weight", "down_proj")):
+            matrix = w[f"{hf_layer}.mlp.experts.{theirs}"].transpose(1, 2)  # HF's [expert, in, out] -> [expert, out, in]
+            if mxfp4:
+                experts, rows, cols = matrix.shape
+                blocks = torch.randint(0, 256, (experts, rows, cols // 32, 16), dtype=torch.uint8, generator=g)
+                scales = torch.randint(118, 124, (experts, rows, cols // 32), dtype=torch.uint8, generator=g)
+                t[f"{ours}.mlp.{mine}.blocks"], t[f"{ours}.mlp.{mine}.scales"] = blocks, scales
+                replaced[f"{hf_layer}.mlp.experts.{theirs}"] = dequantize_mxfp4(blocks, scales, torch.float32) \
+                    .transpose(1, 2)
+            else:
+                t[f"{ours}.mlp.{mine}"] = matrix.contiguous()
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in t.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+    return replaced
+
+
+@pytest.mark.parametrize("mxfp4", [False, True])
+def test_original_layout_matches_transformers(kernels, tmp_path, mxfp4):
+    hf = _hf_model()
+    replaced = _write_original(hf, tmp_path / "original", mxfp4=mxfp4)
+    with torch.no_grad():
+        hf.load_state_dict(replaced, strict=False)
+    model = GPT.from_pretrained(tmp_path / "original", dtype=torch.float32)
+    assert model.config.context_length == 32 * 8 and model.config.rope_scaling_factor == 8.0
+    assert model.config.n_experts == 6 and model.config.kv_heads == 2
+    idx = _tokens(2, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, rtol=1e-4, atol=2e-5)
+    assert GPT.from_pretrained(tmp_path / "original").lm_head.weight.dtype == torch.float32  # the checkpoint's
+
+
+def test_bad_original_checkpoints(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_model(layers=2)
+    good = tmp_path / "good"
+    _write_original(hf, good)
+    tensors, config = load_file(good / "model.safetensors"), json.loads((good / "config.json").read_text())
+
+    def attempt(name, tensors=tensors, config=config):
+        directory = tmp_path / name
+        directory.mkdir()
+        save_file(tensors, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(json.dumps(config))
+        return lambda: GPT.from_pretrained(directory)
+
+    with pytest.raises(CheckpointError, match="unknown fields for OpenAI's gpt-oss config: rope_type"):
+        attempt("field", config={**config, "rope_type": "yarn"})()
+    with pytest.raises(CheckpointError, match=r"missing tensors: block\.1\.attn\.qkv\.weight$"):
+        attempt("missing", tensors={k: v for k, v in tensors.items() if k != "block.1.attn.qkv.weight"})()
+    with pytest.raises(CheckpointError, match=r"block\.0\.attn\.qkv\.weight has shape \(190, 64\)"):
+        attempt("shape", tensors={**tensors, "block.0.attn.qkv.weight": tensors["block.0.attn.qkv.weight"][2:]})()
+    with pytest.raises(CheckpointError, match=r"unknown tensors: block\.0\.mlp\.extra"):
+        attempt("unknown", tensors={**tensors, "block.0.mlp.extra": torch.zeros(2)})()
+    with pytest.raises(CheckpointError, match="multiple of n_kv_head"):
+        attempt("heads", config={**config, "num_key_value_heads": 3})()
+
+
 def test_presets_and_parameter_count():
     cfg = GPTConfig.preset("gpt-oss-20b")
     assert (cfg.arch, cfg.n_layer, cfg.n_experts, cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_dim) == \
