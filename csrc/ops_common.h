@@ -311,7 +311,6 @@ inline void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
   for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
 }
 
-
 inline AttentionProblem attention_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           int64_t window, const std::optional<at::Tensor>& sinks, double scale,
                                           const std::optional<at::Tensor>& kv_starts,

@@ -873,7 +873,7 @@ def _register_compiled_ops() -> None:
         x, weight, bias, experts = ctx.saved_tensors
         inputs = [t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
         with torch.enable_grad():
-            out = reference.expert_linear(*inputs[:2], inputs[2], experts, ctx.activation, ctx.limit)
+            out = reference.expert_linear(*inputs, experts, ctx.activation, ctx.limit)
             wanted = [t for t in inputs if t is not None]
             grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         dx, dweight, dbias = (next(grads) if t is not None else None for t in inputs)

@@ -154,8 +154,8 @@ def _checked(name: str, tensor: torch.Tensor, want: tuple, file: Path, shown=Non
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> GPT:
     """A GPT from a local Hugging Face checkpoint directory of either family (config.json's
     model_type: "gpt2" or "gpt_oss"), or from OpenAI's original gpt-oss layout (a
-    config.json without model_type, with num_experts and experts_per_token), in eval mode. dtype defaults to the checkpoint's;
-    device to the CPU."""
+    config.json without model_type, with num_experts and experts_per_token), in eval mode.
+    dtype defaults to the checkpoint's; device to the CPU."""
     directory, hf = _open(path)
     loaders = {"gpt2": load_gpt2, "gpt_oss": load_gpt_oss}
     if "model_type" not in hf and _is_original_oss(hf):
@@ -336,9 +336,9 @@ def oss_config_from_original(config: dict, source: Path) -> GPTConfig:
         raise CheckpointError(f"{source}: {error}") from None
 
 
-def _original_names(layers: int) -> dict[str, str]:
-    """OpenAI's tensor names -> gptext's, for every tensor that maps one to one (the fused
-    q/k/v matrix is split separately)."""
+def _original_names(layers: int) -> dict[str, str | tuple[str, str, str]]:
+    """OpenAI's tensor names -> gptext's: one name, or for the fused q/k/v weight and bias
+    the three tensors (q, k, v) it splits into."""
     names = {"embedding.weight": "model.embed_tokens.weight", "norm.scale": "model.norm.weight",
              "unembedding.weight": "lm_head.weight"}
     for i in range(layers):
@@ -354,6 +354,8 @@ def _original_names(layers: int) -> dict[str, str]:
                   f"block.{i}.mlp.mlp1_bias": f"{ours}.mlp.experts.gate_up_proj_bias",
                   f"block.{i}.mlp.mlp2_weight": f"{ours}.mlp.experts.down_proj",
                   f"block.{i}.mlp.mlp2_bias": f"{ours}.mlp.experts.down_proj_bias"}
+        for kind in ("weight", "bias"):
+            names[f"block.{i}.attn.qkv.{kind}"] = tuple(f"{ours}.self_attn.{p}_proj.{kind}" for p in "qkv")
     return names
 
 
@@ -394,29 +396,18 @@ def load_gpt_oss_original(path, dtype: torch.dtype | None = None, device=None) -
                 unknown.append(name)
                 continue
             tensor, name = dequantize_mxfp4(tensor, found[base + ".scales"][0], torch.float32), base
-        layer_qkv = name.removesuffix(".weight").removesuffix(".bias")
-        if layer_qkv.startswith("block.") and layer_qkv.endswith(".attn.qkv"):
-            i = layer_qkv.split(".")[1]
-            kind = name.rsplit(".", 1)[1]
-            ours = f"model.layers.{i}.self_attn"
-            want = (q + 2 * kv, cfg.n_embd) if kind == "weight" else (q + 2 * kv,)
-            if f"{ours}.q_proj.{kind}" not in expected:
-                unknown.append(name)
-                continue
-            tensor = _checked(name, tensor, want, file)
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.split((q, kv, kv))):
-                state[f"{ours}.{proj}.{kind}"] = part.to(dtype).contiguous()
-            continue
-        if name not in names or names[name] not in expected:
+        target = names.get(name)
+        if target is None:
             unknown.append(name)
             continue
-        ours = names[name]
-        state[ours] = _checked(name, tensor, expected[ours], file).to(dtype).contiguous()
-    theirs = {v: k for k, v in names.items()}
-    for i in range(cfg.n_layer):
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            for kind in ("weight", "bias"):
-                theirs[f"model.layers.{i}.self_attn.{proj}.{kind}"] = f"block.{i}.attn.qkv.{kind}"
+        if isinstance(target, tuple):  # q, k and v stacked along the output features
+            tensor = _checked(name, tensor, (q + 2 * kv, *expected[target[0]][1:]), file)
+            for ours, part in zip(target, tensor.split((q, kv, kv))):
+                state[ours] = part.to(dtype).contiguous()
+            continue
+        state[target] = _checked(name, tensor, expected[target], file).to(dtype).contiguous()
+    theirs = {ours: name for name, target in names.items()
+              for ours in (target if isinstance(target, tuple) else (target,))}
     return _assign(model, state, unknown, directory, device, lambda ours: theirs.get(ours, ours))
 
 
