@@ -175,30 +175,54 @@ def _rope_cost(case):
 
 # Expert linear cases: shape (tokens, slots, experts, N, K); epilogue "swiglu" (x shared
 # by a token's slots, the SwiGLU fused: an MoE's first product) or "routes" (one row of x
-# per route: its second). Every route is given a different expert (tokens x slots <=
-# experts), so each expert read is one the op must make.
+# per route: its second). A decode case (tokens x slots <= experts) gives every route a
+# different expert, so each expert read is one the op must make; a prefill case (more
+# routes) draws the experts at random, so that each expert has a group of routes.
+def _expert_prefill(case) -> bool:
+    tokens, slots, experts, _, _ = case.shape
+    return tokens * slots > experts
+
+
 def _expert_inputs(case, randn):
     tokens, slots, experts, n, k = case.shape
     x = randn((tokens, slots, k) if case.epilogue == "routes" else (tokens, k))
     weight, bias = randn((experts, n, k), k ** -0.5), randn((experts, n), 0.1)
-    chosen = torch.randperm(experts, generator=torch.Generator().manual_seed(experts))[:tokens * slots]
+    g = torch.Generator().manual_seed(experts)
+    if _expert_prefill(case):
+        chosen = torch.randint(0, experts, (tokens * slots,), generator=g)
+    else:
+        chosen = torch.randperm(experts, generator=g)[:tokens * slots]
     return x, weight, bias, chosen.view(tokens, slots).to(x.device)
 
 
 def _expert_functions(case):
     activation = "swiglu" if case.epilogue == "swiglu" else None
 
+    def swiglu(h):
+        gate, linear = h[:, 0::2].clamp(max=7.0), h[:, 1::2].clamp(-7.0, 7.0)
+        return gate * torch.sigmoid(1.702 * gate) * (linear + 1)
+
     def eager(x, weight, bias, chosen):
-        # The experts' matrices gathered per route, then one batched product: what PyTorch
-        # does without a host-side grouping by expert (which a CUDA graph could not hold).
+        # Decode: the experts' matrices gathered per route, then one batched product: what
+        # PyTorch does without a host-side grouping by expert (which a CUDA graph could not
+        # hold). Prefill: the routes grouped by expert on the host, one product an expert (as
+        # transformers' gpt-oss does).
         tokens, slots = chosen.shape
         picked = chosen.reshape(-1)
-        rows = (x if x.dim() == 3 else x[:, None].expand(tokens, slots, x.shape[-1])).reshape(-1, 1, x.shape[-1])
-        h = torch.baddbmm(bias[picked][:, None], rows, weight[picked].transpose(1, 2))[:, 0]
-        if activation:
-            gate, linear = h[:, 0::2].clamp(max=7.0), h[:, 1::2].clamp(-7.0, 7.0)
-            h = gate * torch.sigmoid(1.702 * gate) * (linear + 1)
-        return h.view(tokens, slots, -1)
+        rows = (x if x.dim() == 3 else x[:, None].expand(tokens, slots, x.shape[-1])).reshape(-1, x.shape[-1])
+        if not _expert_prefill(case):
+            h = torch.baddbmm(bias[picked][:, None], rows[:, None], weight[picked].transpose(1, 2))[:, 0]
+            return (swiglu(h) if activation else h).view(tokens, slots, -1)
+        order = picked.argsort(stable=True)
+        out = rows.new_empty((picked.numel(), weight.shape[1] // 2 if activation else weight.shape[1]))
+        start = 0
+        for e, count in enumerate(torch.bincount(picked, minlength=weight.shape[0]).tolist()):
+            routes = order[start:start + count]
+            start += count
+            if count:
+                h = F.linear(rows[routes], weight[e], bias[e])
+                out[routes] = swiglu(h) if activation else h
+        return out.view(tokens, slots, -1)
 
     return (lambda *t: ops.expert_linear(*t, activation), eager, lambda *t: reference.expert_linear(*t, activation))
 
@@ -208,7 +232,8 @@ def _expert_cost(case):
     routes = tokens * slots
     rows = routes if case.epilogue == "routes" else tokens
     out = routes * (n // 2 if case.epilogue == "swiglu" else n)
-    return 2.0 * routes * n * k, float((routes * (n * k + n) + rows * k + out) * _itemsize(case))
+    matrices = experts if _expert_prefill(case) else routes  # read once an expert, or once a route
+    return 2.0 * routes * n * k, float((matrices * (n * k + n) + rows * k + out) * _itemsize(case))
 
 
 def _elements(case) -> int:
@@ -310,8 +335,8 @@ OP_SPECS = {
                      lambda case: case.shape[1]),
     "ffn": OpSpec(lambda case: "compute", _ffn_inputs, _ffn_functions, _ffn_cost, lambda case: 4 * case.shape[1]),
     "rope": OpSpec(lambda case: "memory", _rope_inputs, _rope_functions, _rope_cost),
-    "expert_linear": OpSpec(lambda case: "memory", _expert_inputs, _expert_functions, _expert_cost,
-                            lambda case: case.shape[4]),
+    "expert_linear": OpSpec(lambda case: "compute" if _expert_prefill(case) else "memory", _expert_inputs,
+                            _expert_functions, _expert_cost, lambda case: case.shape[4]),
     "attention": OpSpec(_attention_bound, _attention_inputs, _attention_functions, _attention_cost, row_rms=True),
     # Gradients compound roundings the forward's do not: delta = rowsum(dO * O) uses the
     # 16-bit output, and every dQ / dK element sums k_len of them (the tests allow 4x too).

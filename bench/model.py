@@ -48,9 +48,9 @@ METHODS = {
     "decode": "tokens/s = (new_tokens - 1) x batch / (median seconds of generate(new_tokens) - median seconds of "
               "generate(1)): both calls run the same prefill and sample one token from its logits, so the "
               "difference is new_tokens - 1 decode steps. Greedy; each library's default decode path (gptext: a "
-              "CUDA graph of the step on CUDA, for gpt-oss up to 64 routes to the experts a step, eager steps "
-              "elsewhere; transformers: generate with its own KV cache). Repeats run in rounds over the "
-              "competitors, interleaved",
+              "CUDA graph of the step on CUDA (gpt-oss's too, at any batch), eager steps elsewhere; "
+              "transformers: generate with its own KV cache). Repeats run in rounds over the competitors, "
+              "interleaved",
 }
 
 

@@ -141,6 +141,9 @@ _GPU_DECODE = ((1, 12, 12, 1, 8192, 64), (8, 12, 12, 1, 8192, 64), (1, 64, 8, 1,
 # gpt-oss-20b's own sizes (batch 1 and 8); on a CPU the bench model's narrower experts.
 _OSS_GPU_EXPERTS = ((1, 4, 32, 5760, 2880, "swiglu"), (1, 4, 32, 2880, 2880, "routes"), (8, 4, 32, 5760, 2880, "swiglu"))
 _OSS_CPU_EXPERTS = ((1, 4, 32, 1536, 768, "swiglu"), (1, 4, 32, 768, 768, "routes"))
+# And in a prefill, more routes than experts: the op groups them by expert.
+_OSS_GPU_PREFILL_EXPERTS = ((1024, 4, 32, 5760, 2880, "swiglu"),)
+_OSS_CPU_PREFILL_EXPERTS = ((64, 4, 32, 1536, 768, "swiglu"), (64, 4, 32, 768, 768, "routes"))
 
 FAMILIES = {
     ("cpu", "quick"): (
@@ -166,6 +169,7 @@ FAMILIES = {
         Family("ffn", "gpt2", ((1, 768), (8, 768), (256, 768))),
         Family("rope", "gpt-oss", ((1, 64, 256, 64), (1, 8, 256, 64))),
         Family("expert_linear", "decode", _OSS_CPU_EXPERTS),
+        Family("expert_linear", "prefill", _OSS_CPU_PREFILL_EXPERTS),
         Family("attention", "prefill", _attention(((1, 12, 12, 128, 128, 64), (1, 12, 12, 512, 512, 64)))),
         Family("attention", "decode", _attention(((1, 12, 12, 1, 1024, 64), (1, 16, 2, 1, 2048, 64)))),
         Family("attention_bwd", "prefill", _attention(((1, 4, 4, 128, 128, 64),))),
@@ -196,6 +200,7 @@ FAMILIES = {
         Family("ffn", "gpt2", ((8192, 768),)),
         Family("rope", "gpt-oss", ((4, 64, 4096, 64), (4, 8, 4096, 64))),
         Family("expert_linear", "decode", _OSS_GPU_EXPERTS),
+        Family("expert_linear", "prefill", _OSS_GPU_PREFILL_EXPERTS),
         Family("attention", "prefill", _attention(_GPU_PREFILL), first_dtype_only=True),
         Family("attention", "decode", _attention(_GPU_DECODE), first_dtype_only=True),
         Family("attention_bwd", "prefill", _attention(((1, 16, 16, 4096, 4096, 64), (1, 16, 16, 4096, 4096, 128))),

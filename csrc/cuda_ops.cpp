@@ -275,13 +275,31 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return p.out;
 }
 
-// Expert linear layers: the expert_linear kernel, one warp per few output columns of a
-// route (no expert indices read back: graph-capturable). Unverified on a GPU so far.
+// Expert linear layers, in either form and without reading anything back to the host
+// (graph-capturable). Few routes: the expert_linear kernel, one warp per few output columns
+// of a route. Many routes (expert_routes_grouped), in bf16/fp16 on sm_80+: the routes sorted
+// by expert here on the device, then the grouped WMMA GEMM (expert_linear_grouped). fp32
+// stays on the per-route kernel at any size. Unverified on a GPU so far.
 at::Tensor expert_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& experts, const std::string& activation, double limit) {
   const c10::cuda::CUDAGuard guard(x.device());
   ExpertProblem p = expert_problem(x, weight, bias, experts, activation, limit);
-  check_cuda(kernels::expert_linear_forward(p.args, p.dtype, current_stream()), "expert_linear");
+  const ExpertArgs& a = p.args;
+  const bool grouped = expert_routes_grouped(a) && a.n > 0 && p.dtype != DType::F32 &&
+                       at::cuda::getDeviceProperties(x.get_device())->major >= 8;
+  if (!grouped) {
+    check_cuda(kernels::expert_linear_forward(a, p.dtype, current_stream()), "expert_linear");
+    return p.out;
+  }
+  // Bucket e < num_experts: expert e's routes; bucket num_experts: indices out of range.
+  const at::Tensor ids = p.experts.view(-1);
+  const at::Tensor buckets = at::where((ids < 0).logical_or(ids >= a.num_experts), a.num_experts, ids);
+  const at::Tensor order = std::get<1>(at::sort(buckets, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor counts = at::zeros({a.num_experts + 1}, ids.options()).index_add_(0, buckets, at::ones_like(buckets));
+  const at::Tensor offsets = at::cat({at::zeros({1}, ids.options()), counts.cumsum(0)}).contiguous();
+  check_cuda(kernels::expert_linear_grouped(a, order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), p.dtype,
+                                            current_stream()),
+             "expert_linear");
   return p.out;
 }
 

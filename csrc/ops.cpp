@@ -278,23 +278,19 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
   return p.out;
 }
 
-// The expert linear layers of a mixture of experts (ExpertArgs in args.h): each route's row
-// times its expert's matrix on gptext's skinny GEMM (one row, the expert's weights read in
-// place), the routes and blocks of their output columns split over threads. With SwiGLU
-// the products are rounded to the storage type first, as a linear layer's output is, then
-// paired. Expert indices are checked here (the CUDA kernel writes NaN rows instead).
-at::Tensor expert_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             const at::Tensor& experts, const std::string& activation, double limit) {
-  ExpertProblem p = expert_problem(x, weight, bias, experts, activation, limit);
+// The expert linear layers of a mixture of experts (ExpertArgs in args.h), in one of two
+// forms chosen by the number of routes:
+//   - few routes (a decode step, expert_routes_grouped() false): each route's row times its
+//     expert's matrix on gptext's skinny GEMM (one row, the expert's weights read in place),
+//     the routes and blocks of their output columns split over threads;
+//   - many routes (a prefill): the routes sorted by expert (stably), each expert one GEMM
+//     (linear_cpu) over its routes' rows gathered, so that its matrix is read once per
+//     GEMM and not once per route.
+// With SwiGLU the products are rounded to the storage type first, as a linear layer's output
+// is, then paired. Expert indices are checked here (the CUDA kernels write NaN rows instead).
+void expert_linear_routed_cpu(const ExpertProblem& p, const at::Tensor& h) {
   const ExpertArgs& a = p.args;
   const int64_t routes = a.tokens * a.slots;
-  if (routes == 0 || a.n == 0) return p.out;
-  for (int64_t r = 0; r < routes; ++r) {
-    TORCH_CHECK_INDEX(a.experts[r] >= 0 && a.experts[r] < a.num_experts, "gptext.ops.expert_linear: experts holds ",
-                      a.experts[r], " (token ", r / a.slots, ", slot ", r % a.slots, "), outside [0, ", a.num_experts,
-                      ") for a weight of ", a.num_experts, " experts");
-  }
-  const at::Tensor h = a.swiglu ? at::empty({routes, a.n}, p.x.options()) : p.out;
   const int64_t bytes = dtype_size(p.dtype);
   const auto* xs = static_cast<const char*>(a.x);
   const auto* ws = static_cast<const char*>(a.weight);
@@ -312,6 +308,61 @@ at::Tensor expert_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
       cpu::skinny_gemm(p.dtype, g, n0, std::min(n0 + block, a.n));
     }
   });
+}
+
+// The routes sorted by expert, stably (a counting sort): expert e's routes are
+// order[offsets[e] .. offsets[e + 1]). The indices must already be checked.
+struct ExpertGroups {
+  std::vector<int64_t> order, offsets;
+};
+
+ExpertGroups expert_groups(const ExpertArgs& a) {
+  const int64_t routes = a.tokens * a.slots;
+  ExpertGroups g{std::vector<int64_t>(static_cast<size_t>(routes)),
+                 std::vector<int64_t>(static_cast<size_t>(a.num_experts + 1), 0)};
+  for (int64_t r = 0; r < routes; ++r) ++g.offsets[a.experts[r] + 1];
+  for (int64_t e = 0; e < a.num_experts; ++e) g.offsets[e + 1] += g.offsets[e];
+  std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);
+  for (int64_t r = 0; r < routes; ++r) g.order[next[a.experts[r]]++] = r;
+  return g;
+}
+
+// h (routes, n): each expert's routes' products, one GEMM per expert.
+void expert_linear_grouped_cpu(const ExpertProblem& p, const at::Tensor& h) {
+  const ExpertArgs& a = p.args;
+  const ExpertGroups groups = expert_groups(a);
+  const at::Tensor order = at::from_blob(const_cast<int64_t*>(groups.order.data()),
+                                         {int64_t(groups.order.size())}, at::kLong);
+  const at::Tensor rows = a.x_per_route ? p.x.view({-1, a.k}) : p.x;
+  for (int64_t e = 0; e < a.num_experts; ++e) {
+    const int64_t begin = groups.offsets[e], count = groups.offsets[e + 1] - begin;
+    if (count == 0) continue;
+    const at::Tensor routes = order.narrow(0, begin, count);
+    const at::Tensor picked = rows.index_select(0, a.x_per_route ? routes : routes.div(a.slots, "floor"));
+    const std::optional<at::Tensor> bias = p.bias.defined() ? std::optional<at::Tensor>(p.bias[e]) : std::nullopt;
+    h.index_copy_(0, routes, linear_cpu(picked, p.weight[e], bias, "none", std::nullopt));
+  }
+}
+
+at::Tensor expert_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& experts, const std::string& activation, double limit) {
+  ExpertProblem p = expert_problem(x, weight, bias, experts, activation, limit);
+  const ExpertArgs& a = p.args;
+  const int64_t routes = a.tokens * a.slots;
+  if (routes == 0 || a.n == 0) return p.out;
+  for (int64_t r = 0; r < routes; ++r) {
+    TORCH_CHECK_INDEX(a.experts[r] >= 0 && a.experts[r] < a.num_experts, "gptext.ops.expert_linear: experts holds ",
+                      a.experts[r], " (token ", r / a.slots, ", slot ", r % a.slots, "), outside [0, ", a.num_experts,
+                      ") for a weight of ", a.num_experts, " experts");
+  }
+  const at::Tensor h = a.swiglu ? at::empty({routes, a.n}, p.x.options()) : p.out;
+  if (expert_routes_grouped(a)) {
+    expert_linear_grouped_cpu(p, h.view({routes, a.n}));
+  } else {
+    expert_linear_routed_cpu(p, h);
+  }
+  const int64_t bytes = dtype_size(p.dtype);
+  auto* hs = static_cast<char*>(h.data_ptr());
   if (a.swiglu) {
     auto* out = static_cast<char*>(p.out.data_ptr());
     const int64_t half = a.n / 2;

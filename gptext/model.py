@@ -243,12 +243,14 @@ class MoE(nn.Module):
     experts_per_token, and their outputs are summed weighted by the softmax of the chosen
     logits.
 
-    Two ways to the same function. Few routes (tokens x experts_per_token up to
-    ROUTED_MAX_ROUTES: a decode step) go through gptext.ops.expert_linear, route by route
-    with each expert's matrix read in place and the SwiGLU fused, and never read the
-    routing back to the host, so a CUDA graph can capture the step. More routes (a prefill)
-    are grouped by expert, each expert one pair of GEMMs over its tokens, which needs the
-    group sizes on the host.
+    Two ways to the same function. gptext.ops.expert_linear takes the routes as they are:
+    each expert's matrix read in place, the SwiGLU fused, the routing never read back to the
+    host (so a CUDA graph can capture the step); its kernels take few routes (a decode step)
+    one by one and many (a prefill) grouped by expert, on the device. The other way groups
+    the routes by expert here, each expert one pair of GEMMs over its tokens, which needs the
+    group sizes on the host: the way of the reference backend beyond ROUTED_MAX_ROUTES
+    routes (its expert_linear goes route by route), and of training, as expert_linear's
+    backward recomputes that reference.
     """
 
     ROUTED_MAX_ROUTES = 64
@@ -264,11 +266,18 @@ class MoE(nn.Module):
         logits = ops.linear(flat, self.router.weight, self.router.bias)
         top, chosen = logits.topk(self.top_k, dim=-1)  # (tokens, top_k)
         weights = ops.softmax(top)
-        if chosen.numel() <= self.ROUTED_MAX_ROUTES:
-            out = self._routed(flat, chosen, weights)
-        else:
+        recording = torch.is_grad_enabled() and (flat.requires_grad or self.experts.gate_up_proj.requires_grad)
+        if self.groups_on_host(chosen.numel(), flat, recording):
             out = self._grouped(flat, chosen, weights)
+        else:
+            out = self._routed(flat, chosen, weights)
         return out.to(x.dtype).view(x.shape)
+
+    @classmethod
+    def groups_on_host(cls, routes: int, x: torch.Tensor, recording: bool = False) -> bool:
+        """Whether `routes` routes of x's tokens take the way that reads the routing back to
+        the host (recording: autograd is recording the call)."""
+        return routes > cls.ROUTED_MAX_ROUTES and (recording or ops.implementation("expert_linear", x) == "reference")
 
     def _routed(self, flat, chosen, weights):
         w = self.experts

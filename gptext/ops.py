@@ -646,9 +646,11 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     with activation 'swiglu' (tokens, slots, N / 2): gpt-oss's clamped SwiGLU of each
     column pair (2j the gate, 2j + 1 the linear half; see reference.swiglu), applied to the
     rounded product. The indices stay on the device: on CUDA the call reads no value back
-    to the host, so a decode step that uses it can be captured in a CUDA graph; an index
-    out of range raises IndexError on the CPU and gives NaN rows on CUDA. Made for few
-    routes (a decode step): each route streams its expert's matrix once.
+    to the host, so a step that uses it can be captured in a CUDA graph; an index out of
+    range raises IndexError on the CPU and gives NaN rows on CUDA. Few routes (a decode
+    step) go one by one, each streaming its expert's matrix; many (a prefill: more than 64
+    and than twice the experts) are grouped by expert, one GEMM an expert over its routes'
+    rows (on CUDA sorted on the device, in bf16/fp16 on a grouped Tensor Core GEMM).
     """
     return _expert_linear(x, weight, bias, experts, activation, limit)
 

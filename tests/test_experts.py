@@ -1,6 +1,6 @@
-"""gptext.ops.expert_linear (a mixture of experts' linear layers, route by route) against the
-reference, against each route's expert written out with F.linear, and in gpt-oss's MoE,
-where it serves the decode step without reading the routing back to the host."""
+"""gptext.ops.expert_linear (a mixture of experts' linear layers, per route or grouped by
+expert) against the reference, against each route's expert written out with F.linear, and
+in gpt-oss's MoE, where it runs without reading the routing back to the host."""
 
 import pytest
 import torch
@@ -68,6 +68,23 @@ def test_swiglu(kernels, device, dtype, n, k):
     clamped = gptext.ops.expert_linear(x, w, b, chosen, "swiglu", 0.5)
     assert not torch.allclose(y.float(), gptext.ops.expert_linear(x, w, b, chosen, "swiglu", 7.0).float())
     assert torch.equal(clamped, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k, activation", [(64, 64, None), (37, 45, None), (66, 33, "swiglu"), (130, 136, "swiglu")])
+@pytest.mark.parametrize("per_route", [False, True])
+def test_many_routes_grouped_by_expert(kernels, device, dtype, n, k, activation, per_route):
+    # A prefill's routes: more than 64 and than twice the experts, so the kernels group them
+    # by expert (one GEMM an expert). Expert 7 of 9 is never chosen; expert 0 takes a run of
+    # more routes than a GEMM tile has rows.
+    x, w, b, chosen = _inputs(50, 4, n, k, dtype, device, experts=9, per_route=per_route)
+    chosen[chosen == 7] = 3
+    chosen[:40, 0] = 0
+    scale = 4 if activation is None or dtype != torch.float32 else 2 * k ** 0.5
+    y = gptext.ops.expert_linear(x, w, b, chosen, activation)
+    assert y.shape == (50, 4, n // 2 if activation else n)
+    assert_close(y.double(), _written_out(x, w, b, chosen, activation), dtype, scale=scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -157,7 +174,7 @@ def test_routed_and_grouped_moe_agree(kernels, monkeypatch, dtype):
     x = torch.randn(2, 7, 32).to(dtype)
     with torch.no_grad():
         routed = moe(x)
-        monkeypatch.setattr(MoE, "ROUTED_MAX_ROUTES", 0)
+        monkeypatch.setattr(MoE, "groups_on_host", classmethod(lambda cls, *args: True))
         grouped = moe(x)
     assert_close(routed.float(), grouped.float(), dtype, scale=2)
 
@@ -169,9 +186,21 @@ def test_routed_moe_reads_nothing_back(monkeypatch):
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.randn(4, 1, 32)
         assert moe(x).shape == (4, 1, 32)  # 8 routes: the routed path
-        monkeypatch.setattr(MoE, "ROUTED_MAX_ROUTES", 0)
+        monkeypatch.setattr(MoE, "groups_on_host", classmethod(lambda cls, *args: True))
         # the grouped path sizes its groups from the routing (bincount, then .tolist())
         with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):
+            moe(x)
+
+
+def test_prefill_moe_reads_nothing_back_on_the_kernels():
+    # 160 routes: past ROUTED_MAX_ROUTES, yet on the compiled kernels expert_linear groups
+    # them by expert itself, so the MoE still reads nothing back (the reference backend does).
+    moe = _oss().model.layers[1].mlp
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(80, 1, 32)
+        with gptext.backend("kernels"):
+            assert moe(x).shape == (80, 1, 32)
+        with gptext.backend("reference"), pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):
             moe(x)
 
 
@@ -180,7 +209,7 @@ def test_generate_is_the_same_either_way(kernels, monkeypatch):
     model = _oss()
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))
     routed = model.generate(prompt, max_new_tokens=8, temperature=0)
-    monkeypatch.setattr(MoE, "ROUTED_MAX_ROUTES", 0)
+    monkeypatch.setattr(MoE, "groups_on_host", classmethod(lambda cls, *args: True))
     assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0), routed)
 
 
@@ -199,13 +228,22 @@ def test_cuda_graph_decode_of_gpt_oss(dtype):
         eager = model.generate(prompts, max_new_tokens=12, temperature=0, cuda_graph=False)
     for a, b in zip(graphed, eager):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="routes"):
-        model.generate(torch.zeros(40, 2, dtype=torch.long, device="cuda"), max_new_tokens=2, cuda_graph=True)
+    # 80 routes a step: the kernels' grouped form, still graph-capturable; not the reference's.
+    many = torch.randint(0, 97, (40, 3), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with gptext.backend("kernels"):
+        graphed = model.generate(many, max_new_tokens=4, temperature=0, cuda_graph=True)
+        assert torch.equal(graphed, model.generate(many, max_new_tokens=4, temperature=0, cuda_graph=False))
+    with gptext.backend("reference"), pytest.raises(ValueError, match="routes"):
+        model.generate(many, max_new_tokens=2, cuda_graph=True)
 
 
 @pytest.mark.cuda
-def test_cuda_out_of_range_expert_gives_nan():
-    x, w, b, _ = _inputs(2, 1, 8, 16, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("tokens", [2, 100])  # per route, and grouped by expert
+def test_cuda_out_of_range_expert_gives_nan(tokens):
+    x, w, b, chosen = _inputs(tokens, 1, 8, 16, torch.bfloat16, "cuda")
+    chosen[1] = 9
+    chosen[-1] = -1
     with gptext.backend("kernels"):
-        y = gptext.ops.expert_linear(x, w, b, torch.tensor([[1], [9]], device="cuda"))
-    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+        y = gptext.ops.expert_linear(x, w, b, chosen)
+        assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and torch.isnan(y[-1]).all()
+        assert torch.isfinite(y[2:-1]).all()

@@ -63,4 +63,32 @@ GPTEXT_HD GemmTile gemm_default_tile(int64_t m, int64_t n, int sm_count) {
   return gemm_tile_count(GemmTile::Large, m, n) >= sm_count ? GemmTile::Large : GemmTile::Small;
 }
 
+// The grouped GEMM of a mixture of experts (expert_linear_grouped): routes sorted by bucket
+// (an expert, or the last bucket for indices out of range), bucket b's routes at positions
+// [offsets[b], offsets[b + 1]) of the sorted order. Each bucket gets ceil(count / tile_rows)
+// row tiles, in bucket order; grouped_tile(t) says which bucket row tile t covers and its
+// first row within the bucket (bucket == buckets: t is past the last tile). The grid is
+// sized without reading the offsets: grouped_tiles_bound() tiles can never be too few.
+struct GroupTile {
+  int64_t bucket;
+  int64_t begin;  // the bucket's first position in the sorted order
+  int64_t count;  // the bucket's routes
+  int64_t row0;   // the tile's first row within the bucket
+};
+
+GPTEXT_HD GroupTile grouped_tile(const int64_t* offsets, int64_t buckets, int64_t tile_rows, int64_t t) {
+  int64_t first = 0;  // the first tile of bucket b
+  for (int64_t b = 0; b < buckets; ++b) {
+    const int64_t count = offsets[b + 1] - offsets[b];
+    const int64_t tiles = ceil_div(count, tile_rows);
+    if (t < first + tiles) return {b, offsets[b], count, (t - first) * tile_rows};
+    first += tiles;
+  }
+  return {buckets, 0, 0, 0};
+}
+
+GPTEXT_HD int64_t grouped_tiles_bound(int64_t routes, int64_t buckets, int64_t tile_rows) {
+  return ceil_div(routes, tile_rows) + buckets;  // each bucket wastes at most one partial tile
+}
+
 }  // namespace gptext

@@ -19,6 +19,12 @@
 //     costs one shared-memory round trip per accumulator, small next to the K loop, and
 //     keeps the epilogue independent of fragment layouts.
 //   - blocks are rasterised in bands of kGroupM tile rows (gemm_tiles.cuh) for L2 reuse.
+// The same kernel serves a mixture of experts' grouped products (kGrouped, GroupedRows): the
+// routes sorted by expert on the device, each block a tile of one expert's routes, their
+// rows of x gathered through the order as the tiles are copied (cp.async takes any row
+// address), that expert's matrix as b, and each output row written to its route's place
+// (with the SwiGLU of column pairs optionally fused). The grid is an upper bound on the
+// tiles, so no group size is read back to the host and the call can be graph-captured.
 // Three tile shapes (GemmTile in gemm_tiles.cuh): 64x64 (4 warps of 32x32), 128x128
 // (8 warps of 64x32) and 128x256 (8 warps of 64x64). The caller picks one; linear's GEMM
 // policy measures them per shape class.
@@ -29,7 +35,8 @@
 // (commit 3a9f802), before the K loop's copies were precomputed per thread (AsyncTileCopy:
 // ~150 instructions a warp per K step of the 128x128 tile, from ~770 in the sm_90 SASS),
 // bf16 fragments were loaded with wmma.load's .shared form and the 128x256 tile was added;
-// that version has not run on a GPU yet. The sm_80 build has never run on a GPU.
+// that version has not run on a GPU yet, nor has the grouped form. The sm_80 build has never
+// run on a GPU.
 #include <mma.h>
 
 #include "gemm_tiles.cuh"
@@ -107,9 +114,10 @@ __device__ __forceinline__ void load_fragment(wmma::fragment<wmma::matrix_b, 16,
 
 // Copies rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a K-contiguous matrix into
 // shared memory with plain predicated loads, zero-filling outside the matrix: the path of
-// rows not 16-byte aligned, which cp.async (AsyncTileCopy) cannot copy.
-template <typename T, typename Cfg, int ROWS>
-__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int64_t rows_total, int64_t row0,
+// rows not 16-byte aligned, which cp.async (AsyncTileCopy) cannot copy. row(r) is the start
+// of row r (rows < rows_total): the dense matrix's, or a gathered one's.
+template <typename T, typename Cfg, int ROWS, typename RowPtr>
+__device__ __forceinline__ void load_tile(T* smem, const RowPtr& row, int64_t rows_total, int64_t row0,
                                           int64_t k0, int64_t k) {
   constexpr int kChunksPerRow = Cfg::BK / 8;
   for (int c = threadIdx.x; c < ROWS * kChunksPerRow; c += Cfg::kThreads) {
@@ -118,7 +126,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int64
     T* dst = smem + r * Cfg::kStride + kc;
 #pragma unroll
     for (int e = 0; e < 8; ++e)
-      dst[e] = (gr < rows_total && gk + e < k) ? g[gr * ld + gk + e] : dev::from_float<T>(0.0f);
+      dst[e] = (gr < rows_total && gk + e < k) ? row(gr)[gk + e] : dev::from_float<T>(0.0f);
   }
 }
 
@@ -135,14 +143,15 @@ struct AsyncTileCopy {
   int smem_offset;                 // of the first row's chunk within a tile, in elements
   int kc;
 
-  __device__ __forceinline__ AsyncTileCopy(const T* g, int64_t ld, int64_t rows_total, int64_t row0) {
+  template <typename RowPtr>
+  __device__ __forceinline__ AsyncTileCopy(const RowPtr& row, int64_t rows_total, int64_t row0) {
     kc = (threadIdx.x % kChunksPerRow) * 8;
     const int r = threadIdx.x / kChunksPerRow;
     smem_offset = r * Cfg::kStride + kc;
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int64_t gr = row0 + r + i * kRowStep;
-      row_start[i] = gr < rows_total ? g + gr * ld + kc : nullptr;
+      row_start[i] = gr < rows_total ? row(gr) + kc : nullptr;
     }
   }
 
@@ -158,17 +167,65 @@ struct AsyncTileCopy {
   }
 };
 
-template <typename T, typename Cfg, bool kAsync>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma_kernel(const GemmArgs a, int64_t tiles_m, int64_t tiles_n) {
+// The grouped form's rows (kGrouped): a mixture of experts' routes, sorted by expert
+// (grouped_tile in gemm_tiles.cuh). A block's rows are routes order[begin + row0 ...] of one
+// expert e: it reads x's row of each route's token (gathered through the order), expert
+// e's matrix b + e * n * ldb and bias + e * n, and writes each route's own output row of c.
+// Bucket `experts` holds the routes whose index is out of range: their rows become NaN.
+struct GroupedRows {
+  const int64_t* order;    // (routes,): route ids sorted by bucket
+  const int64_t* offsets;  // (experts + 2,): bucket b at order[offsets[b] .. offsets[b + 1])
+  int64_t experts;
+  int64_t routes;
+  int64_t slots;           // route r reads x row r / slots (or r with x_per_route)
+  bool x_per_route;
+  bool swiglu;             // c's rows hold n / 2 columns: swiglu_clamped of each column pair
+  float limit;
+};
+
+template <typename T, typename Cfg, bool kAsync, bool kGrouped>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
+    gemm_wmma_kernel(const GemmArgs a, const GroupedRows g, int64_t tiles_m, int64_t tiles_n) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const T* A = static_cast<const T*>(a.a);
   const T* B = static_cast<const T*>(a.b);
+  T* C = static_cast<T*>(a.c);
+  const T* bias = static_cast<const T*>(a.bias);
 
   const TileCoord tile = gemm_tile_of_block(blockIdx.x, tiles_m, tiles_n, kGroupM);
-  const int64_t m0 = tile.m * Cfg::BM, n0 = tile.n * Cfg::BN;
+  int64_t m0 = tile.m * Cfg::BM, rows_total = a.m;
+  const int64_t n0 = tile.n * Cfg::BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t* routes = nullptr;  // grouped: the block's expert's routes, in sorted order
+  if constexpr (kGrouped) {
+    const GroupTile group = grouped_tile(g.offsets, g.experts + 1, Cfg::BM, tile.m);
+    if (group.bucket > g.experts) return;  // past the last tile (the grid is an upper bound)
+    routes = g.order + group.begin;
+    rows_total = group.count;
+    m0 = group.row0;
+    if (group.bucket == g.experts) {  // indices out of range: NaN rows, as expert_linear_forward writes
+      const int64_t c_begin = g.swiglu ? n0 / 2 : n0, c_end = g.swiglu ? (n0 + Cfg::BN) / 2 : n0 + Cfg::BN;
+      const int64_t cols = (c_end < a.ldc ? c_end : a.ldc) - c_begin;
+      const int64_t rows = rows_total - m0 < Cfg::BM ? rows_total - m0 : Cfg::BM;
+      for (int64_t i = threadIdx.x; i < rows * cols; i += Cfg::kThreads)
+        C[routes[m0 + i / cols] * a.ldc + c_begin + i % cols] = dev::from_float<T>(__int_as_float(0x7fc00000));
+      return;
+    }
+    B += group.bucket * a.n * a.ldb;
+    if (bias != nullptr) bias += group.bucket * a.n;
+  }
+  // Row r of this block's A operand: the dense matrix's row, or the route's token's row.
+  const auto a_row = [&](int64_t r) -> const T* {
+    if constexpr (kGrouped) {
+      const int64_t route = routes[r];
+      return A + (g.x_per_route ? route : route / g.slots) * a.lda;
+    } else {
+      return A + r * a.lda;
+    }
+  };
+  const auto b_row = [&](int64_t r) -> const T* { return B + r * a.ldb; };
   const int warp_m = warp / Cfg::kWarpsN, warp_n = warp % Cfg::kWarpsN;
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Cfg::kFragsM][Cfg::kFragsN];
@@ -177,8 +234,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
 #pragma unroll
     for (int j = 0; j < Cfg::kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-  const AsyncTileCopy<T, Cfg, Cfg::BM> copy_a(A, a.lda, a.m, m0);
-  const AsyncTileCopy<T, Cfg, Cfg::BN> copy_b(B, a.ldb, a.n, n0);
+  const AsyncTileCopy<T, Cfg, Cfg::BM> copy_a(a_row, rows_total, m0);
+  const AsyncTileCopy<T, Cfg, Cfg::BN> copy_b(b_row, a.n, n0);
   auto load_stage = [&](int stage, int64_t k_tile) {
     T* stage_smem = smem + stage * Cfg::kStageElems;
     const int64_t k0 = k_tile * Cfg::BK;
@@ -186,8 +243,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
       copy_a.copy(stage_smem, A, k0, a.k);
       copy_b.copy(stage_smem + Cfg::BM * Cfg::kStride, B, k0, a.k);
     } else {
-      load_tile<T, Cfg, Cfg::BM>(stage_smem, A, a.lda, a.m, m0, k0, a.k);
-      load_tile<T, Cfg, Cfg::BN>(stage_smem + Cfg::BM * Cfg::kStride, B, a.ldb, a.n, n0, k0, a.k);
+      load_tile<T, Cfg, Cfg::BM>(stage_smem, a_row, rows_total, m0, k0, a.k);
+      load_tile<T, Cfg, Cfg::BN>(stage_smem + Cfg::BM * Cfg::kStride, b_row, a.n, n0, k0, a.k);
     }
   };
 
@@ -227,9 +284,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
   __syncthreads();  // the pipeline's shared memory becomes the epilogue's patches
 
   float* patch = reinterpret_cast<float*>(smem_raw) + warp * 256;
-  T* C = static_cast<T*>(a.c);
-  const T* bias = static_cast<const T*>(a.bias);
-  const T* residual = static_cast<const T*>(a.residual);
+  const T* residual = static_cast<const T*>(a.residual);  // none in the grouped form
   const bool vector_store = a.ldc % 8 == 0 && dev::is_aligned(C, 16) && dev::is_aligned(residual, 16);
   const int r = lane / 2, c0 = (lane % 2) * 8;
 #pragma unroll
@@ -240,7 +295,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
       __syncwarp();
       const int64_t gm = m0 + warp_m * Cfg::WM + i * 16 + r;
       const int64_t gn = n0 + warp_n * Cfg::WN + j * 16 + c0;
-      if (gm < a.m && gn < a.n) {
+      if (kGrouped && g.swiglu && gm < rows_total && gn < a.n) {
+        // Each lane's 8 columns start at a multiple of 8: whole (gate, linear) pairs. The
+        // products are rounded to the storage type first, as expert_linear's are.
+        T* c_row = C + routes[gm] * a.ldc + gn / 2;
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          if (gn + e < a.n) {
+            const float b_gate = bias != nullptr ? dev::to_float(bias[gn + e]) : 0.0f;
+            const float b_linear = bias != nullptr ? dev::to_float(bias[gn + e + 1]) : 0.0f;
+            const float gate = dev::round_to<T>(patch[r * 16 + c0 + e] + b_gate);
+            const float linear = dev::round_to<T>(patch[r * 16 + c0 + e + 1] + b_linear);
+            c_row[e / 2] = dev::from_float<T>(swiglu_clamped(gate, linear, g.limit));
+          }
+        }
+      } else if (gm < rows_total && gn < a.n) {
+        T* c_row = kGrouped ? C + routes[gm] * a.ldc : C + gm * a.ldc;
         const bool full = vector_store && gn + 8 <= a.n;
         float res[8] = {};
         if (residual != nullptr) {
@@ -257,9 +327,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
           out[e] = linear_epilogue(patch[r * 16 + c0 + e], b, a.act, res[e]);
         }
         if (full) {
-          dev::store_floats<8>(C + gm * a.ldc + gn, out);
+          dev::store_floats<8>(c_row + gn, out);
         } else {
-          for (int e = 0; e < 8 && gn + e < a.n; ++e) C[gm * a.ldc + gn + e] = dev::from_float<T>(out[e]);
+          for (int e = 0; e < 8 && gn + e < a.n; ++e) c_row[gn + e] = dev::from_float<T>(out[e]);
         }
       }
       __syncwarp();
@@ -269,31 +339,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) gemm_wmma
 #endif
 }
 
-template <typename T, typename Cfg, bool kAsync>
-cudaError_t launch_tile(const GemmArgs& a, cudaStream_t stream) {
-  constexpr auto kernel = gemm_wmma_kernel<T, Cfg, kAsync>;
+template <typename T, typename Cfg, bool kAsync, bool kGrouped>
+cudaError_t launch_tile(const GemmArgs& a, const GroupedRows& g, cudaStream_t stream) {
+  constexpr auto kernel = gemm_wmma_kernel<T, Cfg, kAsync, kGrouped>;
   const cudaError_t err = dev::allow_dynamic_smem<kernel>(Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t tiles_m = ceil_div(a.m, Cfg::BM), tiles_n = ceil_div(a.n, Cfg::BN);
-  kernel<<<unsigned(tiles_m * tiles_n), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a, tiles_m, tiles_n);
+  const int64_t tiles_m = kGrouped ? grouped_tiles_bound(g.routes, g.experts + 1, Cfg::BM) : ceil_div(a.m, Cfg::BM);
+  const int64_t tiles_n = ceil_div(a.n, Cfg::BN);
+  if (tiles_m * tiles_n > int64_t(0x7fffffff)) return cudaErrorInvalidValue;
+  kernel<<<unsigned(tiles_m * tiles_n), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a, g, tiles_m, tiles_n);
   return cudaGetLastError();
 }
 
-template <typename T, typename Cfg>
-cudaError_t launch_config(const GemmArgs& a, cudaStream_t stream) {
+// Row starts 16 bytes apart (lda, ldb multiples of 8 elements; aligned bases) allow cp.async.
+template <typename T, typename Cfg, bool kGrouped>
+cudaError_t launch_config(const GemmArgs& a, const GroupedRows& g, cudaStream_t stream) {
   const bool async = a.lda % 8 == 0 && a.ldb % 8 == 0 && dev::is_aligned(a.a, 16) && dev::is_aligned(a.b, 16);
-  return async ? launch_tile<T, Cfg, true>(a, stream) : launch_tile<T, Cfg, false>(a, stream);
+  return async ? launch_tile<T, Cfg, true, kGrouped>(a, g, stream) : launch_tile<T, Cfg, false, kGrouped>(a, g, stream);
 }
 
-template <typename T>
-cudaError_t launch_gemm(const GemmArgs& a, GemmTile tile, cudaStream_t stream) {
+template <typename T, bool kGrouped = false>
+cudaError_t launch_gemm(const GemmArgs& a, GemmTile tile, cudaStream_t stream, const GroupedRows& g = {}) {
   switch (tile) {
     case GemmTile::Small:
-      return launch_config<T, SmallTile>(a, stream);
+      return launch_config<T, SmallTile, kGrouped>(a, g, stream);
     case GemmTile::Large:
-      return launch_config<T, LargeTile>(a, stream);
+      return launch_config<T, LargeTile, kGrouped>(a, g, stream);
     case GemmTile::Wide:
-      return launch_config<T, WideTile>(a, stream);
+      return launch_config<T, WideTile, kGrouped>(a, g, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -310,6 +383,31 @@ cudaError_t gemm_wmma(const GemmArgs& args, DType dtype, GemmTile tile, cudaStre
       return launch_gemm<__nv_bfloat16>(args, tile, stream);
     default:
       return cudaErrorInvalidDeviceFunction;  // fp32 goes through cuBLAS (see cuda_ops.cpp)
+  }
+}
+
+cudaError_t expert_linear_grouped(const ExpertArgs& args, const int64_t* order, const int64_t* offsets, DType dtype,
+                                  cudaStream_t stream) {
+  const int64_t routes = args.tokens * args.slots;
+  if (routes == 0 || args.n == 0) return cudaSuccess;
+  if (args.num_experts <= 0 || args.k < 0 || (args.swiglu && args.n % 2 != 0) || order == nullptr ||
+      offsets == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t out_cols = args.swiglu ? args.n / 2 : args.n;
+  const GemmArgs a{args.x, args.weight, args.out, args.bias, nullptr, routes, args.n, args.k, args.k, args.k,
+                   out_cols, Activation::None};
+  const GroupedRows g{order, offsets, args.num_experts, routes, args.slots, args.x_per_route, args.swiglu, args.limit};
+  // Large tiles once the experts average a full tile of routes; below that most of a large
+  // tile's rows would be padding.
+  const GemmTile tile = routes >= 128 * args.num_experts ? GemmTile::Large : GemmTile::Small;
+  switch (dtype) {
+    case DType::F16:
+      return launch_gemm<__half, true>(a, tile, stream, g);
+    case DType::BF16:
+      return launch_gemm<__nv_bfloat16, true>(a, tile, stream, g);
+    default:
+      return cudaErrorInvalidDeviceFunction;  // fp32: cuda_ops.cpp groups on the host, one cuBLAS GEMM an expert
   }
 }
 

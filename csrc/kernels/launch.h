@@ -45,6 +45,13 @@ cudaError_t rope_forward(const RopeArgs& args, DType dtype, cudaStream_t stream)
 // (no gather of the weights, no host-side grouping by expert): the decode step's form,
 // where few routes each stream their expert's matrix once.
 cudaError_t expert_linear_forward(const ExpertArgs& args, DType dtype, cudaStream_t stream);
+// The prefill's form (bf16/fp16, sm_80+; gemm_wmma.cu): the routes grouped by expert, one
+// WMMA GEMM tile per 64 or 128 routes of one expert, x's rows gathered as the tiles load.
+// order (routes,) holds the route ids sorted by bucket; offsets (num_experts + 2,) the
+// buckets' starts in it, bucket num_experts being the routes whose index is out of range
+// (their rows become NaN). Both stay on the device: nothing is read back to the host.
+cudaError_t expert_linear_grouped(const ExpertArgs& args, const int64_t* order, const int64_t* offsets, DType dtype,
+                                  cudaStream_t stream);
 
 // ---- fused attention (attention_fwd.cu, attention_bwd.cu) -----------------------------
 // Tensor-core kernels for bf16/fp16 with head_dim 64 or 128 (anything else returns

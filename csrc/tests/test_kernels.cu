@@ -4,6 +4,7 @@
 // mismatch. bench/gpu_suite.sh runs it plain, under compute-sanitizer, and with --bench (the
 // WMMA GEMM's block tiles, and the attention forward's two row forms, timed against each
 // other).
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -301,13 +302,15 @@ static void test_rope(std::mt19937& gen) {
 // The expert linear layers (experts.cu) against an fp64 host loop over the routes: every
 // dtype, x shared by a token's slots or one row per route, SwiGLU or not, K with and
 // without the vector width (and misaligned x for the scalar path), N with a tail, and an
-// out-of-range expert index, whose row must come out NaN.
+// out-of-range expert index, whose row must come out NaN. bf16/fp16 also take the grouped
+// form (expert_linear_grouped, the routes sorted by expert here on the host), including
+// shapes with more routes to an expert than a GEMM tile has rows.
 static void test_expert_linear(std::mt19937& gen) {
   struct Case {
     int64_t tokens, slots, experts, n, k;
   };
   const Case shapes[] = {{1, 4, 8, 5760 / 16, 2880}, {3, 2, 5, 38, 64}, {2, 3, 4, 7, 13}, {4, 1, 3, 64, 0},
-                         {1, 2, 2, 2, 1}};
+                         {1, 2, 2, 2, 1}, {90, 4, 3, 130, 72}, {50, 2, 6, 66, 45}};
   for (DType t : {DType::F32, DType::BF16, DType::F16}) {
     for (const Case& s : shapes) {
       const int64_t routes = s.tokens * s.slots;
@@ -343,13 +346,33 @@ static void test_expert_linear(std::mt19937& gen) {
         CUDA_OK(cudaMemset(dout.ptr, 0, dout.bytes));  // zeros: an unwritten NaN row fails
         const ExpertArgs args{dx.ptr, dw.ptr, dbias.ptr, dchosen, dout.ptr, s.tokens, s.slots, s.experts, s.n, s.k,
                               per_route, swiglu, 1.5f};
+        const std::string name = std::string(name_of(t)) + " " + std::to_string(s.tokens) + "x" +
+                                 std::to_string(s.slots) + " of " + std::to_string(s.experts) + " " +
+                                 std::to_string(s.n) + "x" + std::to_string(s.k) + (per_route ? " per-route x" : "") +
+                                 (misalign ? " misaligned" : "") + (swiglu ? " swiglu" : "");
         CUDA_OK(kernels::expert_linear_forward(args, t, nullptr));
         CUDA_OK(cudaDeviceSynchronize());
-        compare("expert_linear " + std::string(name_of(t)) + " " + std::to_string(s.tokens) + "x" +
-                    std::to_string(s.slots) + " of " + std::to_string(s.experts) + " " + std::to_string(s.n) + "x" +
-                    std::to_string(s.k) + (per_route ? " per-route x" : "") + (misalign ? " misaligned" : "") +
-                    (swiglu ? " swiglu" : ""),
-                dout.download(t), want, 1e-2f, 2 * rtol(t));
+        compare("expert_linear " + name, dout.download(t), want, 1e-2f, 2 * rtol(t));
+        if (t != DType::F32) {
+          // Bucket e: expert e's routes in route order; bucket `experts`: the out-of-range ones.
+          std::vector<int64_t> offsets(s.experts + 2, 0), order;
+          for (int64_t b = 0; b <= s.experts; ++b) {
+            for (int64_t r = 0; r < routes; ++r)
+              if (std::min(chosen[r], s.experts) == b) order.push_back(r);
+            offsets[b + 1] = int64_t(order.size());
+          }
+          int64_t *dorder = nullptr, *doffsets = nullptr;
+          CUDA_OK(cudaMalloc(&dorder, routes * sizeof(int64_t)));
+          CUDA_OK(cudaMalloc(&doffsets, offsets.size() * sizeof(int64_t)));
+          CUDA_OK(cudaMemcpy(dorder, order.data(), routes * sizeof(int64_t), cudaMemcpyHostToDevice));
+          CUDA_OK(cudaMemcpy(doffsets, offsets.data(), offsets.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
+          CUDA_OK(cudaMemset(dout.ptr, 0, dout.bytes));
+          CUDA_OK(kernels::expert_linear_grouped(args, dorder, doffsets, t, nullptr));
+          CUDA_OK(cudaDeviceSynchronize());
+          compare("expert_linear grouped " + name, dout.download(t), want, 1e-2f, 2 * rtol(t));
+          cudaFree(dorder);
+          cudaFree(doffsets);
+        }
         cudaFree(dchosen);
       }
     }

@@ -213,6 +213,31 @@ static void test_gemm_tiles() {
   CHECK(gemm_default_tile(128 * 11, 128 * 12 - 1, 133) == GemmTile::Small, "one large tile short");
 }
 
+// The grouped GEMM's tiles: every row of every bucket in exactly one tile, in bucket order,
+// and never more tiles than grouped_tiles_bound().
+static void test_grouped_tiles() {
+  const std::vector<std::vector<int64_t>> cases = {{0}, {5}, {0, 0, 0}, {64, 1, 0, 65, 128}, {3, 0, 200, 7}};
+  for (const auto& counts : cases) {
+    for (int64_t rows : {16, 64, 128}) {
+      std::vector<int64_t> offsets(1, 0);
+      for (int64_t c : counts) offsets.push_back(offsets.back() + c);
+      const int64_t buckets = int64_t(counts.size()), routes = offsets.back();
+      std::vector<int64_t> covered(static_cast<size_t>(routes), 0);
+      int64_t t = 0, last_bucket = 0;
+      for (;; ++t) {
+        const GroupTile g = grouped_tile(offsets.data(), buckets, rows, t);
+        if (g.bucket == buckets) break;
+        CHECK(g.bucket >= last_bucket && g.count == counts[g.bucket] && g.begin == offsets[g.bucket], "bucket order");
+        CHECK(g.row0 % rows == 0 && g.row0 < g.count, "tile start inside its bucket");
+        for (int64_t r = g.row0; r < g.row0 + rows && r < g.count; ++r) ++covered[g.begin + r];
+        last_bucket = g.bucket;
+      }
+      CHECK(t <= grouped_tiles_bound(routes, buckets, rows), "tiles within the bound (%lld)", (long long)t);
+      for (int64_t c : covered) CHECK(c == 1, "every route in one tile");
+    }
+  }
+}
+
 int main() {
   test_conversions();
   test_exp2();
@@ -222,6 +247,7 @@ int main() {
   test_softmax_stats();
   test_welford();
   test_gemm_tiles();
+  test_grouped_tiles();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
