@@ -90,6 +90,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def tokenizer_for(model_arg: str, model):
+    """The checkpoint directory's own tokenizer.json when it has one, else GPT-2's (shipped)
+    for a GPT-2 model."""
+    from pathlib import Path
+
+    import gptext
+
+    path = Path(model_arg)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        try:
+            return gptext.get_tokenizer(path)
+        except ValueError as e:
+            raise CommandError(f"generate: {e}") from None
+    if model.config.arch == "gpt2":
+        return gptext.get_tokenizer("gpt2")
+    raise CommandError(f"generate: {model_arg} has no tokenizer.json, and a {model.config.arch} model reads another "
+                       f"vocabulary than GPT-2's (the one gptext ships): put the checkpoint's tokenizer.json in its "
+                       f"directory, or give token ids through the Python API (model.generate)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -100,17 +120,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     model, origin = load_model(args.model, device, dtype)
-    if model.config.arch != "gpt2":
-        raise CommandError(f"generate: a {model.config.arch} model reads another vocabulary than GPT-2's, the one "
-                           f"gptext ships; give it token ids through the Python API (model.generate)")
+    tok = tokenizer_for(args.model, model)
     if origin == "random weights":
         print(f"[{args.model} with random weights: expect noise, not text]", file=sys.stderr)
-    tok = gptext.get_tokenizer("gpt2")
     prompt = tok.encode(args.prompt, allowed_special="all")
+    if max(prompt, default=0) >= model.config.vocab_size:
+        raise CommandError(f"generate: the tokenizer gives id {max(prompt)}, beyond the model's vocabulary of "
+                           f"{model.config.vocab_size}: the checkpoint's tokenizer.json is not this model's")
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-    eos = None if args.ignore_eos or model.config.vocab_size <= tok.eot_token else tok.eot_token
+    try:
+        eot = tok.encode_single_token("<|endoftext|>")
+    except KeyError:
+        eot = None
+    eos = None if args.ignore_eos or eot is None or model.config.vocab_size <= eot else eot
 
     start = time.perf_counter()
     steps = stream(model, torch.tensor([prompt], device=device), args.max_new_tokens, args.temperature, args.top_k,
@@ -177,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = commands.add_parser(
         "generate", help="continue a prompt, streaming the text as it is produced",
-        description="Continue a prompt with a GPT-2 checkpoint, streaming the continuation to stdout; a summary "
-                    "line (tokens, tokens/s) goes to stderr.")
+        description="Continue a prompt with a checkpoint, streaming the continuation to stdout; a summary "
+                    "line (tokens, tokens/s) goes to stderr. The text is tokenized with the checkpoint's own "
+                    "tokenizer.json when its directory has one (byte-level BPE: GPT-2's, gpt-oss's), else "
+                    "with GPT-2's vocabulary, which gptext ships.")
     gen.add_argument("--model", required=True,
-                     help="Hugging Face GPT-2 checkpoint directory, or a preset name (random weights)")
+                     help="Hugging Face GPT-2 or gpt-oss checkpoint directory (or OpenAI's original gpt-oss "
+                          "layout), or a preset name (random weights)")
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default 50)")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1)")

@@ -1,4 +1,5 @@
-"""The command line: python -m gptext info | generate."""
+"""The command line: python -m gptext info | generate (with the shipped GPT-2 vocabulary or a
+checkpoint's tokenizer.json)."""
 
 import subprocess
 import sys
@@ -57,6 +58,30 @@ def test_generate_errors(checkpoint, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     out = run("generate", "--model", str(tmp_path), "--prompt", "x")
     assert out.returncode == 2 and "model_type" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_generate_reads_the_checkpoints_tokenizer_json(tmp_path):
+    # A gpt-oss checkpoint: generate refuses it without a tokenizer.json (gptext ships GPT-2's
+    # vocabulary only), and with one (here GPT-2's, converted by transformers) reads it.
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from gptext import tokenizer
+
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("gpt-oss-20b", vocab_size=50304, context_length=64, n_embd=32, n_layer=2, n_head=4,
+                           n_kv_head=2, head_width=8, n_experts=4, experts_per_token=2, expert_width=16)
+    GPT(cfg).save_pretrained(tmp_path)
+    out = run("generate", "--model", str(tmp_path), "--prompt", "x")
+    assert out.returncode == 2 and "no tokenizer.json" in out.stderr and "Traceback" not in out.stderr
+    TikTokenConverter(vocab_file=str(tokenizer.DATA / "gpt2.tiktoken"), pattern=tokenizer.GPT2_PATTERN,
+                      extra_special_tokens=["<|endoftext|>"]).converted().save(str(tmp_path / "tokenizer.json"))
+    out = run("generate", "--model", str(tmp_path), "--prompt", "Hello, I am", "--max-new-tokens", "6",
+              "--temperature", "0", "--ignore-eos")
+    assert out.returncode == 0, out.stderr
+    tok = gptext.get_tokenizer(tmp_path)
+    ids = GPT.from_pretrained(tmp_path).generate(torch.tensor([tok.encode("Hello, I am")]), max_new_tokens=6,
+                                                 temperature=0)[0]
+    assert out.stdout == tok.decode(ids.tolist()) + "\n"
 
 
 def test_help():
