@@ -110,6 +110,31 @@ def tokenizer_for(model_arg: str, model):
                        f"directory, or give token ids through the Python API (model.generate)")
 
 
+def end_tokens(model_arg: str, tok, vocab_size: int) -> list[int] | None:
+    """The ids that end a sequence: the checkpoint's generation_config.json eos_token_id (one
+    id or a list, as gpt-oss's), else the tokenizer's <|endoftext|>; those within the model's
+    vocabulary, or None."""
+    import json
+    from pathlib import Path
+
+    ids = None
+    config = Path(model_arg) / "generation_config.json"
+    if config.is_file():
+        try:
+            ids = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise CommandError(f"generate: {config}: not readable JSON ({e})") from None
+    if ids is None:
+        try:
+            ids = tok.encode_single_token("<|endoftext|>")
+        except KeyError:
+            return None
+    ids = [ids] if isinstance(ids, int) else ids
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise CommandError(f"generate: {config}: eos_token_id must be an id or a list of ids, got {ids!r}")
+    return [i for i in ids if 0 <= i < vocab_size] or None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -130,11 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-    try:
-        eot = tok.encode_single_token("<|endoftext|>")
-    except KeyError:
-        eot = None
-    eos = None if args.ignore_eos or eot is None or model.config.vocab_size <= eot else eot
+    eos = None if args.ignore_eos else end_tokens(args.model, tok, model.config.vocab_size)
 
     start = time.perf_counter()
     steps = stream(model, torch.tensor([prompt], device=device), args.max_new_tokens, args.temperature, args.top_k,
@@ -149,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         count += 1
         if first is None:
             first = time.perf_counter()
-        if token_id == eos:
+        if eos is not None and token_id in eos:
             break
         sys.stdout.write(text.decode(tok.decode_single_token_bytes(token_id)))
         sys.stdout.flush()
@@ -219,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
     gen.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
                      help="gptext's compiled kernels or the PyTorch reference (default auto)")
-    gen.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="keep going past the end-of-sequence tokens (the checkpoint's generation_config.json "
+                          "eos_token_id, else <|endoftext|>)")
     gen.set_defaults(run=cmd_generate)
 
     prof = commands.add_parser(

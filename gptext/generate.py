@@ -17,7 +17,7 @@ scaled to it), else ValueError.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -80,8 +80,21 @@ def _check_options(model, max_new_tokens, temperature, top_k, top_p, eos_token_i
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if eos_token_id is not None and not 0 <= eos_token_id < model.config.vocab_size:
-        raise ValueError(f"eos_token_id {eos_token_id} is out of range for a vocabulary of {model.config.vocab_size}")
+    for eos in eos_ids(eos_token_id) or ():
+        if isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < model.config.vocab_size:
+            raise ValueError(f"eos_token_id {eos!r} is not a token id of a vocabulary of {model.config.vocab_size}")
+
+
+def eos_ids(eos_token_id) -> tuple | None:
+    """eos_token_id as a tuple of ids (one id, or several: any of them ends a sequence), or
+    None for no end-of-sequence token."""
+    if eos_token_id is None:
+        return None
+    if isinstance(eos_token_id, (list, tuple)):
+        if not eos_token_id:
+            raise ValueError("eos_token_id is an empty list; pass None for no end-of-sequence token")
+        return tuple(eos_token_id)
+    return (eos_token_id,)
 
 
 def _prompts(model: GPT, idx, attention_mask, device):
@@ -190,7 +203,8 @@ def _graph_decoder(model: GPT, batch: int, max_len: int, dtype, device) -> _Grap
 
 
 def stream(model: GPT, idx, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+           top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+           generator: torch.Generator | None = None,
            attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token of every sequence, (B,) LongTensor, one decode step at a time.
     Arguments as for generate() (checked here, before the first step); sequences that have
@@ -257,20 +271,23 @@ def _steps(model, tokens, pad, max_new_tokens, temperature, top_k, top_p, eos_to
                 kv_starts=pad if bool(pad.any()) else None)
     logits = model.run(tokens, step, decoder.cache if decoder is not None else None, last_only=True)
 
+    eos = eos_ids(eos_token_id)
+    ends = torch.tensor(eos, device=tokens.device) if eos else None
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     for i in range(max_new_tokens):
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
-            finished |= nxt == eos_token_id
+        if ends is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, eos[0]), nxt)  # finished rows repeat the first
+            finished |= torch.isin(nxt, ends)
         yield nxt
-        if i + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+        if i + 1 == max_new_tokens or (ends is not None and bool(finished.all())):
             return
         logits = decoder.step(nxt, prompt_len + i)
 
 
 def generate(model: GPT, idx, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+             top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+             generator: torch.Generator | None = None,
              attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None):
     """Continues each prompt by up to max_new_tokens tokens.
 
@@ -280,7 +297,8 @@ def generate(model: GPT, idx, max_new_tokens: int = 50, temperature: float = 1.0
     temperature:     0 is greedy; otherwise logits are divided by it before sampling.
     top_k, top_p:    restrict sampling to the k most likely tokens / the smallest set with
                      probability >= p.
-    eos_token_id:    a sequence stops after emitting it; generation ends when all have.
+    eos_token_id:    a sequence stops after emitting it (or any of a list of ids, as
+                     gpt-oss's generation_config.json gives); generation ends when all have.
     generator:       a torch.Generator on the model's device, for reproducible sampling.
     cuda_graph:      replay the decode step as a CUDA graph (default: on when on CUDA, and
                      for a gpt-oss model on the compiled kernels, or on the reference
@@ -288,7 +306,7 @@ def generate(model: GPT, idx, max_new_tokens: int = 50, temperature: float = 1.0
                      MoE.ROUTED_MAX_ROUTES; past that it decodes eagerly).
 
     Returns, for a (B, T) tensor, a LongTensor (B, T + steps) whose finished rows are padded
-    with eos_token_id; for a 1-D tensor, a 1-D tensor; for a list, a list of 1-D tensors,
+    with eos_token_id (the first of a list); for a 1-D tensor, a 1-D tensor; for a list, a list of 1-D tensors,
     each its prompt plus the tokens generated for it (up to and including EOS).
     """
     tokens, pad, kind = _prepare(model, idx, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
@@ -305,7 +323,7 @@ def generate(model: GPT, idx, max_new_tokens: int = 50, temperature: float = 1.0
     for row in range(out.shape[0]):
         generated = new[row]
         if eos_token_id is not None:
-            hits = (generated == eos_token_id).nonzero()
+            hits = torch.isin(generated, torch.tensor(eos_ids(eos_token_id), device=generated.device)).nonzero()
             if len(hits):
                 generated = generated[: int(hits[0]) + 1]
         sequences.append(torch.cat([tokens[row, int(pad[row]):], generated]))

@@ -444,7 +444,7 @@ class GPT(nn.Module):
         save_pretrained(self, path)
 
     def generate(self, idx, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | None = None, generator=None, **kwargs):
+                 top_p: float | None = None, eos_token_id: int | list[int] | None = None, generator=None, **kwargs):
         """Continues prompts; see gptext.generate.generate for every option."""
         from .generate import generate
 

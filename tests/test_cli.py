@@ -82,6 +82,13 @@ def test_generate_reads_the_checkpoints_tokenizer_json(tmp_path):
     ids = GPT.from_pretrained(tmp_path).generate(torch.tensor([tok.encode("Hello, I am")]), max_new_tokens=6,
                                                  temperature=0)[0]
     assert out.stdout == tok.decode(ids.tolist()) + "\n"
+    # generation_config.json's end tokens (a list, as gpt-oss's): the third token ends it.
+    prompt_len = len(tok.encode("Hello, I am"))
+    (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": [50300, {int(ids[prompt_len + 2])}]}}')
+    out = run("generate", "--model", str(tmp_path), "--prompt", "Hello, I am", "--max-new-tokens", "6",
+              "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == tok.decode(ids[:prompt_len + 2].tolist()) + "\n" and "3 tokens in" in out.stderr
 
 
 def test_help():

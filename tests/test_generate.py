@@ -80,6 +80,27 @@ def test_eos_stops_each_sequence():
     assert listed[-1].item() == eos and len(listed) == 5 + first_hit[0] + 1
 
 
+def test_any_of_several_eos_ids_stops_a_sequence():
+    # gpt-oss's generation_config.json lists several end tokens: the first hit of any ends a
+    # sequence; finished rows of a tensor repeat the first id of the list.
+    model = make_model()
+    prompts = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    free = model.generate(prompts, max_new_tokens=10, temperature=0)
+    ends = [int(free[0, 5 + 6]), int(free[1, 5 + 1])]  # sequence 0's 7th token, sequence 1's 2nd
+    stopped = model.generate(prompts, max_new_tokens=10, temperature=0, eos_token_id=ends)
+    listed = model.generate([p.tolist() for p in prompts], max_new_tokens=10, temperature=0, eos_token_id=ends)
+    for row in range(2):
+        hit = next(i for i, t in enumerate(free[row, 5:].tolist()) if t in ends)
+        assert torch.equal(stopped[row, 5:5 + hit + 1], free[row, 5:5 + hit + 1])
+        assert (stopped[row, 5 + hit + 1:] == ends[0]).all()
+        assert torch.equal(listed[row], free[row, :5 + hit + 1])
+    assert stopped.shape[1] < 15  # both stopped before max_new_tokens
+    with pytest.raises(ValueError, match="empty list"):
+        model.generate(prompts, max_new_tokens=1, eos_token_id=[])
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(prompts, max_new_tokens=1, eos_token_id=[1, 500])
+
+
 def test_sampling_is_reproducible_with_a_generator():
     model = make_model()
     prompt = torch.randint(0, 97, (2, 4))
