@@ -68,14 +68,7 @@ constexpr int64_t kGemmColumnBlock = 1024;
 // The block linear_column_blocks_cpu uses: kGemmColumnBlock, or the environment variable
 // GPTEXT_CPU_GEMM_BLOCK (0: one call for the whole product; read once).
 int64_t gemm_column_block() {
-  static const int64_t block = [] {
-    if (const char* env = std::getenv("GPTEXT_CPU_GEMM_BLOCK")) {
-      char* end = nullptr;
-      const long long value = std::strtoll(env, &end, 10);
-      if (end != env && *end == '\0' && value >= 0) return int64_t(value);
-    }
-    return kGemmColumnBlock;
-  }();
+  static const int64_t block = cpu::env_integer("GPTEXT_CPU_GEMM_BLOCK", 0, kGemmColumnBlock);
   return block;
 }
 

@@ -67,6 +67,23 @@ def oracle(fn, *args, **kwargs):
     return fn(*map(wide, args), **{k: wide(v) for k, v in kwargs.items()})
 
 
+def check_large_norm_residual(op, ref, x, r, params, offset):
+    """A residual norm over a call moving more than 32 MiB (the CPU kernels write its
+    outputs with streaming stores, which need aligned rows): x moved `offset` elements off
+    alignment, a NaN and infinities planted in rows 5 and 9, which must stay in their rows;
+    op(x, r, *params) against ref, the sums exactly."""
+    rows, cols = x.shape
+    x = torch.cat([torch.zeros(offset, dtype=x.dtype, device=x.device), x.flatten()])[offset:].view(rows, cols)
+    x[5, 7], x[9, 100], r[9, 100] = float("nan"), float("inf"), float("-inf")
+    normed, total = op(x, r, *params)
+    ref_normed, ref_total = ref(x, r, *params)
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=0, equal_nan=True)
+    finite = torch.ones(rows, dtype=torch.bool, device=x.device)
+    finite[[5, 9]] = False
+    assert normed[~finite].isnan().all()
+    assert_close(normed[finite].float(), ref_normed[finite].float(), x.dtype, scale=2)
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
     for item in items:

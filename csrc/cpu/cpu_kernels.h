@@ -124,6 +124,10 @@ bool amx_bf16();
 // (an earlier softmax gave 0.91x / 1.10x there).
 int64_t stream_min_traffic();
 
+// The environment variable `name` as a decimal integer of at least `minimum`, else
+// `fallback` (unset, or not such a number). For the tuning knobs read once at first use.
+int64_t env_integer(const char* name, int64_t minimum, int64_t fallback);
+
 // Outputs larger than this are not streamed, however much the call moves. glibc's malloc
 // takes a block this large straight from mmap (its dynamic mmap threshold stops at 32 MiB
 // on 64-bit systems), so every call writes fresh pages, which the kernel has just zeroed

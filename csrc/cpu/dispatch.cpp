@@ -100,13 +100,18 @@ bool amx_bf16() {
 // measured as its own (its whole 32 MB L3; see cpu_kernels.h).
 constexpr int64_t kMaxCachePerCpu = int64_t(16) << 20;
 
+int64_t env_integer(const char* name, int64_t minimum, int64_t fallback) {
+  if (const char* env = std::getenv(name)) {
+    char* end = nullptr;
+    const long long value = std::strtoll(env, &end, 10);
+    if (end != env && *end == '\0' && value >= minimum) return int64_t(value);
+  }
+  return fallback;
+}
+
 int64_t stream_min_traffic() {
   static const int64_t bytes = [] {
-    if (const char* env = std::getenv("GPTEXT_CPU_STREAM_BYTES")) {
-      char* end = nullptr;
-      const long long value = std::strtoll(env, &end, 10);
-      if (end != env && *end == '\0' && value > 0) return int64_t(value);
-    }
+    if (const int64_t value = env_integer("GPTEXT_CPU_STREAM_BYTES", 1, 0); value > 0) return value;
     int64_t cache = int64_t(32) << 20;
 #ifdef _SC_LEVEL3_CACHE_SIZE
     if (const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE); l3 > 0) cache = int64_t(l3);
