@@ -295,7 +295,8 @@ at::Tensor expert_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
   const at::Tensor ids = p.experts.view(-1);
   const at::Tensor buckets = at::where((ids < 0).logical_or(ids >= a.num_experts), a.num_experts, ids);
   const at::Tensor order = std::get<1>(at::sort(buckets, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  const at::Tensor counts = at::zeros({a.num_experts + 1}, ids.options()).index_add_(0, buckets, at::ones_like(buckets));
+  const at::Tensor counts =
+      at::zeros({a.num_experts + 1}, ids.options()).index_add_(0, buckets, at::ones_like(buckets));
   const at::Tensor offsets = at::cat({at::zeros({1}, ids.options()), counts.cumsum(0)}).contiguous();
   check_cuda(kernels::expert_linear_grouped(a, order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), p.dtype,
                                             current_stream()),

@@ -271,16 +271,9 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
   return p.out;
 }
 
-// The expert linear layers of a mixture of experts (ExpertArgs in args.h), in one of two
-// forms chosen by the number of routes:
-//   - few routes (a decode step, expert_routes_grouped() false): each route's row times its
-//     expert's matrix on gptext's skinny GEMM (one row, the expert's weights read in place),
-//     the routes and blocks of their output columns split over threads;
-//   - many routes (a prefill): the routes sorted by expert (stably), each expert one GEMM
-//     (linear_cpu) over its routes' rows gathered, so that its matrix is read once per
-//     GEMM and not once per route.
-// With SwiGLU the products are rounded to the storage type first, as a linear layer's output
-// is, then paired. Expert indices are checked here (the CUDA kernels write NaN rows instead).
+// h (routes, n): each route's row times its expert's matrix on gptext's skinny GEMM (one
+// row, the expert's weights read in place), the routes and blocks of their output columns
+// split over threads.
 void expert_linear_routed_cpu(const ExpertProblem& p, const at::Tensor& h) {
   const ExpertArgs& a = p.args;
   const int64_t routes = a.tokens * a.slots;
@@ -337,6 +330,13 @@ void expert_linear_grouped_cpu(const ExpertProblem& p, const at::Tensor& h) {
   }
 }
 
+// The expert linear layers of a mixture of experts (ExpertArgs in args.h), in one of two
+// forms chosen by the number of routes (expert_routes_grouped): few (a decode step) route
+// by route (expert_linear_routed_cpu); many (a prefill) sorted by expert, each expert one
+// GEMM over its routes' gathered rows, so that its matrix is read once per GEMM and not once
+// per route (expert_linear_grouped_cpu). With SwiGLU the products are rounded to the storage
+// type first, as a linear layer's output is, then paired. Expert indices are checked here
+// (the CUDA kernels write NaN rows instead).
 at::Tensor expert_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& experts, const std::string& activation, double limit) {
   ExpertProblem p = expert_problem(x, weight, bias, experts, activation, limit);

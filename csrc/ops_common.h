@@ -242,16 +242,6 @@ inline RopeProblem rope_problem(const at::Tensor& x, const at::Tensor& cos, cons
 // ---- expert linear layers (mixture of experts) ----------------------------------------
 // x (tokens, k) or (tokens, slots, k); weight (num_experts, n, k); bias (num_experts, n);
 // experts (tokens, slots), integer; out (tokens, slots, n), or n / 2 columns with SwiGLU.
-// Whether expert_linear groups the routes by expert (one GEMM per expert over its routes'
-// rows) rather than taking them one by one (a matrix-vector product per route, each reading
-// its expert's whole matrix). Decided from the sizes alone, never the indices, so that the
-// choice needs nothing from the device. Routes beyond twice the experts (or 64): on
-// average each expert's matrix would otherwise be read more than twice.
-inline bool expert_routes_grouped(const ExpertArgs& a) {
-  const int64_t routes = a.tokens * a.slots;
-  return routes > 64 && routes > 2 * a.num_experts;
-}
-
 struct ExpertProblem {
   at::Tensor x;        // contiguous
   at::Tensor weight;   // contiguous
@@ -306,6 +296,16 @@ inline ExpertProblem expert_problem(const at::Tensor& x, const at::Tensor& weigh
                       p.experts.data_ptr<int64_t>(), p.out.data_ptr(), tokens, slots, num_experts, n, k,
                       x.dim() == 3, swiglu, float(limit)};
   return p;
+}
+
+// Whether expert_linear groups the routes by expert (one GEMM per expert over its routes'
+// rows) rather than taking them one by one (a matrix-vector product per route, each reading
+// its expert's whole matrix). Decided from the sizes alone, never the indices, so that the
+// choice needs nothing from the device. Routes beyond twice the experts (or 64): on
+// average each expert's matrix would otherwise be read more than twice.
+inline bool expert_routes_grouped(const ExpertArgs& a) {
+  const int64_t routes = a.tokens * a.slots;
+  return routes > 64 && routes > 2 * a.num_experts;
 }
 
 // ---- attention -----------------------------------------------------------------------

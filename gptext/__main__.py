@@ -121,9 +121,12 @@ def end_tokens(model_arg: str, tok, vocab_size: int) -> list[int] | None:
     config = Path(model_arg) / "generation_config.json"
     if config.is_file():
         try:
-            ids = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            settings = json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CommandError(f"generate: {config}: not readable JSON ({e})") from None
+        if not isinstance(settings, dict):
+            raise CommandError(f"generate: {config}: not a JSON object")
+        ids = settings.get("eos_token_id")
     if ids is None:
         try:
             ids = tok.encode_single_token("<|endoftext|>")

@@ -306,8 +306,9 @@ def generate(model: GPT, idx, max_new_tokens: int = 50, temperature: float = 1.0
                      MoE.ROUTED_MAX_ROUTES; past that it decodes eagerly).
 
     Returns, for a (B, T) tensor, a LongTensor (B, T + steps) whose finished rows are padded
-    with eos_token_id (the first of a list); for a 1-D tensor, a 1-D tensor; for a list, a list of 1-D tensors,
-    each its prompt plus the tokens generated for it (up to and including EOS).
+    with eos_token_id (the first of a list); for a 1-D tensor, a 1-D tensor; for a list, a
+    list of 1-D tensors, each its prompt plus the tokens generated for it (up to and
+    including EOS).
     """
     tokens, pad, kind = _prepare(model, idx, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
                                  cuda_graph)
@@ -320,10 +321,11 @@ def generate(model: GPT, idx, max_new_tokens: int = 50, temperature: float = 1.0
     if kind == "tensor":
         return out
     sequences = []
+    ends = torch.tensor(eos_ids(eos_token_id), device=new.device) if eos_token_id is not None else None
     for row in range(out.shape[0]):
         generated = new[row]
-        if eos_token_id is not None:
-            hits = torch.isin(generated, torch.tensor(eos_ids(eos_token_id), device=generated.device)).nonzero()
+        if ends is not None:
+            hits = torch.isin(generated, ends).nonzero()
             if len(hits):
                 generated = generated[: int(hits[0]) + 1]
         sequences.append(torch.cat([tokens[row, int(pad[row]):], generated]))

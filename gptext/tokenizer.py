@@ -111,7 +111,8 @@ def load_tokenizer(path: str | os.PathLike) -> tiktoken.Encoding:
         raise ValueError(f"{file}: not a readable tokenizer.json ({e})") from None
     model = spec.get("model") if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise ValueError(f"{file}: not a BPE tokenizer.json (model.type {model.get('type') if isinstance(model, dict) else None!r})")
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise ValueError(f"{file}: not a BPE tokenizer.json (model.type {kind!r})")
     if spec.get("normalizer") is not None:
         raise ValueError(f"{file}: has a normalizer ({spec['normalizer'].get('type')}), which byte-level BPE "
                          f"vocabularies made from tiktoken's do not; gptext does not apply one")
@@ -123,7 +124,8 @@ def load_tokenizer(path: str | os.PathLike) -> tiktoken.Encoding:
         try:
             ranks[bytes(alphabet[c] for c in token)] = int(rank)
         except KeyError:
-            raise ValueError(f"{file}: vocabulary entry {token!r} is not written in byte-level BPE's alphabet") from None
+            raise ValueError(f"{file}: vocabulary entry {token!r} is not written in byte-level BPE's "
+                             f"alphabet") from None
     ids = set(ranks.values())
     if len(ids) != len(ranks):
         raise ValueError(f"{file}: two vocabulary entries share an id")

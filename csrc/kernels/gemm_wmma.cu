@@ -407,7 +407,7 @@ cudaError_t expert_linear_grouped(const ExpertArgs& args, const int64_t* order, 
     case DType::BF16:
       return launch_gemm<__nv_bfloat16, true>(a, tile, stream, g);
     default:
-      return cudaErrorInvalidDeviceFunction;  // fp32: cuda_ops.cpp groups on the host, one cuBLAS GEMM an expert
+      return cudaErrorInvalidDeviceFunction;  // fp32 stays on expert_linear_forward (see cuda_ops.cpp)
   }
 }
 
