@@ -8,7 +8,7 @@
     gptext.set_backend("auto" | "kernels" | "reference")
 """
 
-from . import ops, reference
+from . import chat, ops, reference
 from ._version import __version__
 from .config import GPTConfig
 from .model import GPT
@@ -29,6 +29,7 @@ __all__ = [
     "__version__",
     "backend",
     "build_info",
+    "chat",
     "gemm_policy",
     "get_backend",
     "get_tokenizer",

@@ -2,6 +2,7 @@
 
   info       what was built (CUDA arches, CPU instruction set) and where it can run
   generate   continue a prompt with a checkpoint (or a preset with random weights)
+  chat       talk with a gpt-oss checkpoint in its chat format (harmony)
   profile    one forward pass, op by op: implementation, FLOPs, bytes, time, share of limits
   demo       train a small GPT on a short text with gptext's ops, then generate from it
 """
@@ -90,7 +91,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def tokenizer_for(model_arg: str, model):
+def tokenizer_for(model_arg: str, model, command: str = "generate"):
     """The checkpoint directory's own tokenizer.json when it has one, else GPT-2's (shipped)
     for a GPT-2 model."""
     from pathlib import Path
@@ -102,10 +103,10 @@ def tokenizer_for(model_arg: str, model):
         try:
             return gptext.get_tokenizer(path)
         except ValueError as e:
-            raise CommandError(f"generate: {e}") from None
+            raise CommandError(f"{command}: {e}") from None
     if model.config.arch == "gpt2":
         return gptext.get_tokenizer("gpt2")
-    raise CommandError(f"generate: {model_arg} has no tokenizer.json, and a {model.config.arch} model reads another "
+    raise CommandError(f"{command}: {model_arg} has no tokenizer.json, and a {model.config.arch} model reads another "
                        f"vocabulary than GPT-2's (the one gptext ships): put the checkpoint's tokenizer.json in its "
                        f"directory, or give token ids through the Python API (model.generate)")
 
@@ -178,11 +179,122 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text.decode(tok.decode_single_token_bytes(token_id)))
         sys.stdout.flush()
     sys.stdout.write(text.decode(b"", final=True) + "\n")
+    report_speed(start, first, count, len(prompt), device, dtype)
+    return 0
+
+
+def report_speed(start: float, first: float | None, count: int, prompt: int, device: str, dtype: str) -> None:
+    """The summary line on stderr: tokens generated, overall and decoding rates."""
     elapsed = time.perf_counter() - start
     decode_rate = (count - 1) / (time.perf_counter() - first) if count > 1 else 0.0
     print(f"[{count} tokens in {elapsed:.2f} s: {count / elapsed if elapsed else 0:.1f} tokens/s overall, "
-          f"{decode_rate:.1f} tokens/s decoding; prompt {len(prompt)} tokens; {device}, {dtype}]", file=sys.stderr)
+          f"{decode_rate:.1f} tokens/s decoding; prompt {prompt} tokens; {device}, {dtype}]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import datetime
+
+    import torch
+
+    import gptext
+    from gptext import chat
+    from gptext.generate import stream
+
+    gptext.set_backend(args.backend)
+    device = args.device or default_device()
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model, origin = load_model(args.model, device, dtype)
+    if model.config.arch == "gpt2":
+        raise CommandError(f"chat: {args.model} is a GPT-2 model, which has no chat format; the chat format "
+                           f"(harmony) is gpt-oss's. Use generate to continue a prompt")
+    tok = tokenizer_for(args.model, model, "chat")
+    try:
+        stops = [chat.special_ids(tok)[t] for t in chat.STOP_TOKENS]
+    except ValueError as e:
+        raise CommandError(f"chat: {e}") from None
+    if origin == "random weights":
+        print(f"[{args.model} with random weights: expect noise, not text]", file=sys.stderr)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    history = [chat.system_message(args.reasoning, date=args.date or datetime.date.today().isoformat())]
+    if args.instructions:
+        history.append(chat.developer_message(args.instructions))
+    interactive = args.message is None
+    for line in ([args.message] if not interactive else user_lines()):
+        history.append(chat.Message("user", line))
+        prompt = chat.encode(tok, history)
+        if max(prompt + stops) >= model.config.vocab_size:
+            raise CommandError(f"chat: the tokenizer gives id {max(prompt + stops)}, beyond the model's vocabulary of "
+                               f"{model.config.vocab_size}: the checkpoint's tokenizer.json is not this model's")
+        start, first, count = time.perf_counter(), None, 0
+        parser = chat.Parser(tok)
+        shown = ShownReply(args.show_reasoning)
+        for token in stream(model, torch.tensor([prompt], device=device), args.max_new_tokens, args.temperature,
+                            args.top_k, args.top_p, stops, generator):
+            count += 1
+            first = first or time.perf_counter()
+            shown.write(parser, parser.feed(int(token[0])))
+            if parser.done:
+                break
+        reply = parser.finish()
+        shown.end(reply, parser.stop)
+        report_speed(start, first, count, len(prompt), device, dtype)
+        history += reply
     return 0
+
+
+def user_lines():
+    """The user's turns: stdin's non-empty lines, with a prompt on stderr at a terminal."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+class ShownReply:
+    """Shows a reply as it is sampled: the answer (the final channel, and commentary that
+    calls no tool: a preamble meant for the user) on stdout, the reasoning (analysis) on
+    stderr when asked for, each reasoning message after an "[analysis]" tag."""
+
+    def __init__(self, show_reasoning: bool):
+        self.show_reasoning = show_reasoning
+        self.index, self.used = -1, set()
+
+    def write(self, parser, text: str) -> None:
+        if not text:
+            return
+        if parser.channel == "analysis":
+            out = sys.stderr if self.show_reasoning else None
+        else:
+            out = sys.stdout if parser.recipient is None else None
+        if out is None:
+            return
+        if parser.index != self.index:  # a new message: on a line of its own
+            self.index = parser.index
+            out.write(("\n" if out in self.used else "") + ("[analysis] " if out is sys.stderr else ""))
+        self.used.add(out)
+        out.write(text)
+        out.flush()
+
+    def end(self, reply, stop) -> None:
+        for out in (sys.stderr, sys.stdout):
+            if out in self.used or out is sys.stdout:
+                out.write("\n")
+                out.flush()
+        if stop == "<|call|>" and reply:
+            call = reply[-1]
+            print(f"[the model calls {call.recipient} with {call.content!r}: gptext chat runs no tools]",
+                  file=sys.stderr)
+        elif stop is None:
+            print("[the reply stopped at --max-new-tokens before the model ended it]", file=sys.stderr)
+        if not reply:
+            print("[no message in the reply: the model never finished a message header with <|message|>]",
+                  file=sys.stderr)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -247,6 +359,34 @@ def main(argv: list[str] | None = None) -> int:
                      help="keep going past the end-of-sequence tokens (the checkpoint's generation_config.json "
                           "eos_token_id, else <|endoftext|>)")
     gen.set_defaults(run=cmd_generate)
+
+    talk = commands.add_parser(
+        "chat", help="talk with a gpt-oss checkpoint in its chat format (harmony)",
+        description="Send a message (--message) or each line of stdin in turn to a gpt-oss checkpoint, in the "
+                    "harmony chat format it was trained on, keeping the conversation as it goes. The answer "
+                    "streams to stdout; the model's reasoning (its analysis channel) is not shown unless "
+                    "--show-reasoning sends it to stderr. The checkpoint's tokenizer.json (o200k_harmony) must "
+                    "be in its directory. Tool calls end the turn with a note: no tools are run.")
+    talk.add_argument("--model", required=True, help="gpt-oss checkpoint directory (Hugging Face or OpenAI's layout)")
+    talk.add_argument("--message", default=None, help="one message; without it, each line of stdin is one turn")
+    talk.add_argument("--instructions", default=None,
+                      help="the developer message's instructions (what other formats call the system prompt)")
+    talk.add_argument("--reasoning", choices=["low", "medium", "high"], default="medium",
+                      help="the reasoning effort the system message asks for (default medium)")
+    talk.add_argument("--date", default=None, help="the current date the system message gives (default today)")
+    talk.add_argument("--show-reasoning", action="store_true", help="stream the model's reasoning to stderr")
+    talk.add_argument("--max-new-tokens", type=int, default=1024,
+                      help="tokens to generate per turn at most, reasoning included (default 1024)")
+    talk.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1)")
+    talk.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    talk.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of probability >= p")
+    talk.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    talk.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    talk.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                      help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
+    talk.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
+                      help="gptext's compiled kernels or the PyTorch reference (default auto)")
+    talk.set_defaults(run=cmd_chat)
 
     prof = commands.add_parser(
         "profile", help="one forward pass, op by op, against the device's measured limits",
