@@ -18,21 +18,24 @@ after the first included) and stops at ``<|return|>`` (its answer is done) or ``
     answer = chat.reply(model, tok, messages)   # [Message(assistant, analysis, ...), Message(..., final, ...)]
 
 Content is always encoded as text: a user's message that contains ``<|end|>`` cannot close
-its message early. Function tools are not rendered here (their TypeScript-like definitions in
-the developer message); a tool call the model makes is parsed like any other message.
+its message early. Function tools (Tool) are defined in the developer message; the model's
+call is parsed like any other message (commentary channel, recipient ``functions.{name}``),
+and its output goes back as tool_message(name, output). The built-in browser and python
+tools are not written here.
 """
 
 from __future__ import annotations
 
 import codecs
 import dataclasses
+import json
 from typing import Iterable, Sequence
 
 import tiktoken
 import torch
 
-__all__ = ["Message", "Parser", "SPECIAL_TOKENS", "STOP_TOKENS", "developer_message", "encode", "parse", "render",
-           "reply", "special_ids", "system_message"]
+__all__ = ["Message", "Parser", "SPECIAL_TOKENS", "STOP_TOKENS", "Tool", "developer_message", "encode", "parse",
+           "render", "reply", "special_ids", "system_message", "tool_message"]
 
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = (
     "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")
@@ -84,9 +87,95 @@ def system_message(reasoning: str = "medium", date: str | None = None, knowledge
     return Message("system", "\n".join(lines))
 
 
-def developer_message(instructions: str) -> Message:
-    """The developer message: the instructions other chat formats call the system prompt."""
-    return Message("developer", f"# Instructions\n\n{instructions}")
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """A function the model may call: its name, what it does, and its arguments as a JSON
+    schema of an object ("properties", "required"; None or no properties: no arguments).
+    The model calls it as a commentary message to ``functions.{name}`` with JSON content; the
+    output goes back as tool_message(name, output). A conversation with tools needs
+    system_message(function_tools=True)."""
+
+    name: str
+    description: str = ""
+    parameters: dict | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"Tool name must be an identifier, got {self.name!r}")
+        schema = self.parameters
+        if schema is not None and not (isinstance(schema, dict) and schema.get("type", "object") == "object"
+                                       and isinstance(schema.get("properties", {}), dict)):
+            raise ValueError(f"Tool {self.name}: parameters must be a JSON schema of an object (type \"object\", "
+                             f"a properties dict), got {schema!r}")
+
+
+def developer_message(instructions: str | None = None, tools: Sequence[Tool] = ()) -> Message:
+    """The developer message: the instructions (what other chat formats call the system
+    prompt) and the function tools the model may call, defined in the TypeScript-like form
+    gpt-oss was trained to read."""
+    sections = []
+    if instructions is not None:
+        sections.append(f"# Instructions\n\n{instructions}")
+    if tools:
+        for tool in tools:
+            if not isinstance(tool, Tool):
+                raise ValueError(f"tools must be chat.Tool, got a {type(tool).__name__}")
+        body = "\n\n".join(_function(tool) for tool in tools)
+        sections.append(f"# Tools\n\n## functions\n\nnamespace functions {{\n\n{body}\n\n}} // namespace functions")
+    if not sections:
+        raise ValueError("a developer message needs instructions or tools")
+    return Message("developer", "\n\n".join(sections))
+
+
+def tool_message(name: str, output: str) -> Message:
+    """The output of a call to function tool `name`, as it goes back to the model."""
+    return Message(f"functions.{name}", output, channel="commentary", recipient="assistant")
+
+
+def _comment(text: str | None) -> list[str]:
+    return [f"// {line}" for line in text.splitlines()] if text else []
+
+
+def _function(tool: Tool) -> str:
+    """``type name = (_: {fields}) => any;`` under its description, or ``() => any`` without
+    arguments: each argument under its description, ``?`` when optional, its default after."""
+    properties = (tool.parameters or {}).get("properties") or {}
+    signature = f"(_: {_object(tool.parameters)})" if properties else "()"
+    return "\n".join(_comment(tool.description) + [f"type {tool.name} = {signature} => any;"])
+
+
+def _object(schema: dict) -> str:
+    required = set(schema.get("required") or ())
+    lines = []
+    for name, prop in schema["properties"].items():
+        prop = prop if isinstance(prop, dict) else {}
+        field = f"{name}{'' if name in required else '?'}: {_type(prop)},"
+        if "default" in prop:
+            default = prop["default"]
+            shown = default if isinstance(default, str) else json.dumps(default)
+            field += f" // default: {shown}"
+        lines += _comment(prop.get("description")) + [field]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def _type(prop: dict) -> str:
+    """A JSON schema's type in TypeScript's words: string, number, boolean, null, T[], a
+    union of enum values or of alternatives, an object's fields; any when it says none."""
+    if "enum" in prop:
+        return " | ".join(json.dumps(value) for value in prop["enum"])
+    choices = prop.get("anyOf") or prop.get("oneOf")
+    if choices:
+        return " | ".join(_type(choice) for choice in choices)
+    kind = prop.get("type")
+    if isinstance(kind, list):
+        return " | ".join(_type({**prop, "type": k}) for k in kind)
+    if kind == "array":
+        item = _type(prop.get("items") or {})
+        return f"({item})[]" if " | " in item else f"{item}[]"
+    if kind == "object":
+        return _object(prop) if prop.get("properties") else "object"
+    return {"string": "string", "number": "number", "integer": "number", "boolean": "boolean",
+            "null": "null"}.get(kind, "any")
 
 
 def _pieces(messages: Sequence[Message], next_role: str | None) -> list[tuple[bool, str]]:

@@ -60,6 +60,79 @@ def test_system_and_developer_messages():
             == "<|start|>developer<|message|># Instructions\n\nAlways respond in riddles<|end|>")
 
 
+WEATHER_TOOLS = """# Tools
+
+## functions
+
+namespace functions {
+
+// Gets the location of the user.
+type get_location = () => any;
+
+// Gets the current weather in the provided location.
+type get_current_weather = (_: {
+// The city and state, e.g. San Francisco, CA
+location: string,
+format?: "celsius" | "fahrenheit", // default: celsius
+}) => any;
+
+// Gets the current weather in the provided list of locations.
+type get_multiple_weathers = (_: {
+// List of city and state, e.g. ["San Francisco, CA", "New York, NY"]
+locations: string[],
+format?: "celsius" | "fahrenheit", // default: celsius
+}) => any;
+
+} // namespace functions"""
+
+
+def test_function_tools_in_the_developer_message():
+    # The cookbook's complete function-calling prompt, character for character.
+    unit = {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"}
+    tools = [
+        chat.Tool("get_location", "Gets the location of the user."),
+        chat.Tool("get_current_weather", "Gets the current weather in the provided location.",
+                  {"type": "object", "required": ["location"], "properties": {
+                      "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                      "format": unit}}),
+        chat.Tool("get_multiple_weathers", "Gets the current weather in the provided list of locations.",
+                  {"type": "object", "required": ["locations"], "properties": {
+                      "locations": {"type": "array", "items": {"type": "string"},
+                                    "description": 'List of city and state, e.g. ["San Francisco, CA", '
+                                                   '"New York, NY"]'},
+                      "format": unit}}),
+    ]
+    messages = [chat.system_message("high", date="2025-06-28", function_tools=True),
+                chat.developer_message("Use a friendly tone.", tools),
+                chat.Message("user", "What is the weather like in SF?")]
+    assert chat.render(messages) == (
+        SYSTEM + "<|start|>developer<|message|># Instructions\n\nUse a friendly tone.\n\n" + WEATHER_TOOLS
+        + "<|end|><|start|>user<|message|>What is the weather like in SF?<|end|><|start|>assistant")
+    assert chat.tool_message("get_weather", "{}") == chat.Message("functions.get_weather", "{}", "commentary",
+                                                                  "assistant")
+
+
+def test_tool_argument_types():
+    schema = {"type": "object", "required": ["n", "tags"], "properties": {
+        "n": {"type": "integer", "default": 10}, "on": {"type": "boolean", "default": False},
+        "tags": {"type": "array", "items": {"type": ["string", "null"]}},
+        "where": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]},
+        "id": {"anyOf": [{"type": "number"}, {"type": "string"}]}, "blob": {}, "meta": {"type": "object"}}}
+    text = chat.developer_message(tools=[chat.Tool("f", "Line one.\nLine two.", schema)]).content
+    assert text == ("# Tools\n\n## functions\n\nnamespace functions {\n\n// Line one.\n// Line two.\n"
+                    "type f = (_: {\nn: number, // default: 10\non?: boolean, // default: false\n"
+                    "tags: (string | null)[],\nwhere?: {\nx: number,\n},\nid?: number | string,\nblob?: any,\n"
+                    "meta?: object,\n}) => any;\n\n} // namespace functions")
+    with pytest.raises(ValueError, match="Tool name must be an identifier"):
+        chat.Tool("get weather")
+    with pytest.raises(ValueError, match="parameters must be a JSON schema of an object"):
+        chat.Tool("f", "", {"type": "string"})
+    with pytest.raises(ValueError, match="needs instructions or tools"):
+        chat.developer_message()
+    with pytest.raises(ValueError, match="tools must be chat.Tool"):
+        chat.developer_message(tools=[{"name": "f"}])
+
+
 def test_a_finished_turns_reasoning_is_dropped(tok):
     first = [chat.Message("user", "What is 2 + 2?")]
     assert chat.render(first) == "<|start|>user<|message|>What is 2 + 2?<|end|><|start|>assistant"
