@@ -16,8 +16,9 @@ final norm adds the last one.
 Weights are stored as PyTorch stores them (Linear: [out_features, in_features], experts
 [expert, out, in]); the state_dict keys follow Hugging Face's names for each family
 (transformer.h.0.attn.c_attn.weight, ...; model.layers.0.self_attn.q_proj.weight, ...).
-RoPE runs on gptext.ops.rope; the MoE's routing (top-k, grouping) is plain PyTorch here,
-the experts' products gptext.ops.linear or, in a decode step, gptext.ops.expert_linear.
+RoPE runs on gptext.ops.rope; the MoE's routing (top-k) is plain PyTorch here, the
+experts' products gptext.ops.expert_linear (or, on the reference backend past a decode
+step's few routes, gptext.ops.linear per expert).
 """
 
 from __future__ import annotations
@@ -249,8 +250,8 @@ class MoE(nn.Module):
     one by one and many (a prefill) grouped by expert, on the device. The other way groups
     the routes by expert here, each expert one pair of GEMMs over its tokens, which needs the
     group sizes on the host: the way of the reference backend beyond ROUTED_MAX_ROUTES
-    routes (its expert_linear goes route by route), and of training, as expert_linear's
-    backward recomputes that reference.
+    routes (its expert_linear goes route by route). Training takes the op too: its backward
+    reads the group sizes back once, for the weight gradient.
     """
 
     ROUTED_MAX_ROUTES = 64
@@ -266,18 +267,17 @@ class MoE(nn.Module):
         logits = ops.linear(flat, self.router.weight, self.router.bias)
         top, chosen = logits.topk(self.top_k, dim=-1)  # (tokens, top_k)
         weights = ops.softmax(top)
-        recording = torch.is_grad_enabled() and (flat.requires_grad or self.experts.gate_up_proj.requires_grad)
-        if self.groups_on_host(chosen.numel(), flat, recording):
+        if self.groups_on_host(chosen.numel(), flat):
             out = self._grouped(flat, chosen, weights)
         else:
             out = self._routed(flat, chosen, weights)
         return out.to(x.dtype).view(x.shape)
 
     @classmethod
-    def groups_on_host(cls, routes: int, x: torch.Tensor, recording: bool = False) -> bool:
+    def groups_on_host(cls, routes: int, x: torch.Tensor) -> bool:
         """Whether `routes` routes of x's tokens take the way that reads the routing back to
-        the host (recording: autograd is recording the call)."""
-        return routes > cls.ROUTED_MAX_ROUTES and (recording or ops.implementation("expert_linear", x) == "reference")
+        the host in the forward pass."""
+        return routes > cls.ROUTED_MAX_ROUTES and ops.implementation("expert_linear", x) == "reference"
 
     def _routed(self, flat, chosen, weights):
         w = self.experts

@@ -655,6 +655,42 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _expert_linear(x, weight, bias, experts, activation, limit)
 
 
+def _expert_linear_grads(grad, x, weight, bias, experts, activation, limit, needs):
+    """expert_linear's gradients (x, weight, bias; None where `needs` says no) on the op
+    itself: the SwiGLU's pre-activation recomputed by it, dx as expert_linear with each
+    expert's matrix transposed (route by route or grouped, as the forward), the bias
+    gradient summed on the device, and the weight gradient one product an expert over its
+    routes' rows, which reads the group sizes back to the host once (a training step may)."""
+    op = torch.ops.gptext.expert_linear
+    tokens, slots = experts.shape
+    num_experts, n, k = weight.shape
+    if activation == "swiglu":
+        h = op(x, weight, bias, experts, "none", limit).detach().requires_grad_(True)
+        with torch.enable_grad():
+            (dh,) = torch.autograd.grad(reference.swiglu(h, limit), h, grad)
+    else:
+        dh = grad
+    dh = dh.contiguous()
+    dx = dweight = dbias = None
+    if needs[0]:
+        rows = op(dh, weight.transpose(1, 2).contiguous(), None, experts, "none", limit)  # (tokens, slots, K)
+        dx = rows if x.dim() == 3 else rows.sum(1, dtype=torch.float32).to(x.dtype)
+    chosen, dh = experts.reshape(-1).long(), dh.reshape(-1, n)
+    if needs[2] and bias is not None:
+        dbias = torch.zeros((num_experts, n), dtype=torch.float32, device=dh.device)
+        dbias = dbias.index_add_(0, chosen, dh.float()).to(bias.dtype)
+    if needs[1]:
+        inputs = (x if x.dim() == 3 else x[:, None].expand(tokens, slots, k)).reshape(-1, k)
+        dweight = torch.zeros_like(weight)
+        order, start = chosen.argsort(stable=True), 0
+        for e, count in enumerate(torch.bincount(chosen, minlength=num_experts).tolist()):
+            if count:
+                picked = order[start:start + count]
+                torch.mm(dh.index_select(0, picked).t(), inputs.index_select(0, picked), out=dweight[e])
+                start += count
+    return dx, dweight, dbias
+
+
 @_observed("expert_linear")
 def _expert_linear(x, weight, bias, experts, activation=None, limit=7.0):
     limit = float(limit)
@@ -871,14 +907,19 @@ def _register_compiled_ops() -> None:
         ctx.activation, ctx.limit = activation, limit
 
     def _expert_linear_backward(ctx, grad):
-        # The reference forward, recomputed with autograd on, differentiated.
         x, weight, bias, experts = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
-        with torch.enable_grad():
-            out = reference.expert_linear(*inputs, experts, ctx.activation, ctx.limit)
-            wanted = [t for t in inputs if t is not None]
-            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-        dx, dweight, dbias = (next(grads) if t is not None else None for t in inputs)
+        if torch.compiler.is_compiling() or torch._guards.detect_fake_mode((x, weight, grad)) is not None:
+            # Traced (torch.compile, opcheck): the reference forward, recomputed with autograd
+            # on and differentiated, as it needs no group sizes on the host.
+            inputs = [t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
+            with torch.enable_grad():
+                out = reference.expert_linear(*inputs, experts, ctx.activation, ctx.limit)
+                wanted = [t for t in inputs if t is not None]
+                grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+            dx, dweight, dbias = (next(grads) if t is not None else None for t in inputs)
+        else:
+            dx, dweight, dbias = _expert_linear_grads(grad, x, weight, bias, experts, ctx.activation, ctx.limit,
+                                                      ctx.needs_input_grad[:3])
         return dx, dweight, dbias, None, None, None
 
     torch.library.register_autograd(lib + "expert_linear", _expert_linear_backward,

@@ -141,19 +141,34 @@ def test_bad_inputs(backend):
             op(x, w, b, chosen, "gelu")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [3, 80])  # 6 routes go one by one, 160 grouped by expert
 @pytest.mark.parametrize("activation", [None, "swiglu"])
 @pytest.mark.parametrize("per_route", [False, True])
-def test_gradients(kernels, activation, per_route):
-    x, w, b, chosen = _inputs(3, 2, 6, 8, torch.float32, "cpu", per_route=per_route)
+def test_gradients(kernels, device, dtype, tokens, activation, per_route):
+    x, w, b, chosen = _inputs(tokens, 2, 6, 8, dtype, device, per_route=per_route)
     chosen[0, 1] = chosen[0, 0]  # an expert chosen twice by one token: its gradients add
+    chosen[chosen == 4] = 3  # an expert no route chose: a zero gradient
     inputs = [t.clone().requires_grad_(True) for t in (x, w, b)]
-    grad = torch.randn(3, 2, 3 if activation else 6)
+    grad = torch.randn(tokens, 2, 3 if activation else 6).to(dtype).to(device)
     gptext.ops.expert_linear(*inputs, chosen, activation, 1.5).backward(grad)
-    wanted = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    wanted = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
     _written_out(*wanted, chosen, activation, 1.5).backward(grad.double())
     for got, want in zip(inputs, wanted):
-        assert_close(got.grad, want.grad, scale=10)
-    assert inputs[1].grad[chosen.unique()].abs().sum() > 0
+        assert got.grad.dtype == dtype
+        assert_close(got.grad, want.grad.to(dtype), dtype, scale=10 * max(1, tokens // 10))
+    assert inputs[1].grad[chosen.unique()].abs().sum() > 0 and not inputs[1].grad[4].any()
+
+
+def test_gradients_of_the_weights_alone_and_without_bias(kernels):
+    # The first layer of an MoE: x needs no gradient; a bias-free layer has none to give.
+    x, w, _, chosen = _inputs(40, 4, 10, 12, torch.float32, "cpu", bias=False)
+    w.requires_grad_(True)
+    gptext.ops.expert_linear(x, w, None, chosen, "swiglu").sum().backward()
+    want = w.detach().clone().requires_grad_(True)
+    _written_out(x, want, None, chosen, "swiglu").sum().backward()
+    assert_close(w.grad, want.grad.float())
 
 
 # ---- in the gpt-oss model -------------------------------------------------------------
@@ -177,6 +192,23 @@ def test_routed_and_grouped_moe_agree(kernels, monkeypatch, dtype):
         monkeypatch.setattr(MoE, "groups_on_host", classmethod(lambda cls, *args: True))
         grouped = moe(x)
     assert_close(routed.float(), grouped.float(), dtype, scale=2)
+
+
+def test_routed_and_grouped_moe_train_alike(kernels, monkeypatch):
+    # Training takes expert_linear (its backward groups the weight gradient by expert): the
+    # gradients of every MoE parameter and of its input match the grouped GEMMs'.
+    moe = _oss().model.layers[0].mlp.train()
+    x = torch.randn(2, 40, 32)  # 160 routes: grouped inside expert_linear too
+    grads = []
+    for host in (False, True):
+        monkeypatch.setattr(MoE, "groups_on_host", classmethod(lambda cls, *args: host))
+        moe.zero_grad()
+        leaf = x.clone().requires_grad_(True)
+        (moe(leaf) * torch.linspace(-1, 1, 32)).sum().backward()
+        grads.append([leaf.grad] + [p.grad.clone() for p in moe.parameters()])
+    for routed, grouped in zip(*grads):
+        assert_close(routed, grouped, scale=2)
+    assert grads[0][0].abs().sum() > 0 and grads[0][-1].abs().sum() > 0
 
 
 def test_routed_moe_reads_nothing_back(monkeypatch):
