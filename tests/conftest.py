@@ -108,6 +108,13 @@ def _default_backend():
     gptext.set_gemm_policy("auto")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global random state, so that a test draws the same
+    inputs alone, in a subset or in the whole run, and a failure reproduces."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def kernels():
     """Runs the test body on the compiled kernels (an error, not a fallback, if unavailable)."""

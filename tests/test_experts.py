@@ -26,17 +26,23 @@ def _inputs(tokens, slots, n, k, dtype, device, experts=5, per_route=False, bias
     return x, weight, b, chosen
 
 
-def _written_out(x, weight, bias, chosen, activation=None, limit=7.0):
-    """Each route with F.linear on its own expert, in float64 (rounded to x's dtype between
-    the product and the SwiGLU, as the op promises)."""
+def _written_out(x, weight, bias, chosen, activation=None, limit=7.0, rounding=None):
+    """Each route with F.linear on its own expert, in float64, the product rounded to
+    `rounding` (default x's dtype) before the SwiGLU, as the op promises. The rounding
+    passes the gradient straight through, so that float64 leaves (a gradient's oracle)
+    still see the op's rounded values at the clamp: a product within half an ulp of the
+    limit is clamped on one side of the rounding and not on the other, and the SwiGLU's
+    gradient jumps there."""
     tokens, slots = chosen.shape
+    rounding = rounding or x.dtype
     out = []
     for t in range(tokens):
         for s in range(slots):
             e = int(chosen[t, s])
             row = (x[t, s] if x.dim() == 3 else x[t]).double()
-            h = F.linear(row, weight[e].double(), bias[e].double() if bias is not None else None).to(x.dtype)
-            out.append(reference.swiglu(h.double(), limit) if activation == "swiglu" else h.double())
+            h = F.linear(row, weight[e].double(), bias[e].double() if bias is not None else None)
+            h = h + (h.to(rounding).double() - h).detach()
+            out.append(reference.swiglu(h, limit) if activation == "swiglu" else h)
     return torch.stack(out).view(tokens, slots, -1)
 
 
@@ -151,10 +157,10 @@ def test_gradients(kernels, device, dtype, tokens, activation, per_route):
     chosen[0, 1] = chosen[0, 0]  # an expert chosen twice by one token: its gradients add
     chosen[chosen == 4] = 3  # an expert no route chose: a zero gradient
     inputs = [t.clone().requires_grad_(True) for t in (x, w, b)]
-    grad = torch.randn(tokens, 2, 3 if activation else 6).to(dtype).to(device)
+    grad = torch.randn(tokens, 2, 3 if activation else 6, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
     gptext.ops.expert_linear(*inputs, chosen, activation, 1.5).backward(grad)
     wanted = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
-    _written_out(*wanted, chosen, activation, 1.5).backward(grad.double())
+    _written_out(*wanted, chosen, activation, 1.5, rounding=dtype).backward(grad.double())
     for got, want in zip(inputs, wanted):
         assert got.grad.dtype == dtype
         assert_close(got.grad, want.grad.to(dtype), dtype, scale=10 * max(1, tokens // 10))
