@@ -236,6 +236,31 @@ def _expert_cost(case):
     return 2.0 * routes * n * k, float((matrices * (n * k + n) + rows * k + out) * _itemsize(case))
 
 
+# expert_linear_bwd: the backward pass alone (dx, dweight, dbias) of the same cases. gptext's
+# runs on the op (the SwiGLU input recomputed, dx as expert_linear over the transposed
+# matrices, dweight one product an expert); eager differentiates the host-grouped loop;
+# the reference its route-by-route products.
+def _expert_bwd_inputs(case, randn):
+    x, weight, bias, chosen = _expert_inputs(case, randn)
+    tokens, slots, _, n, _ = case.shape
+    return x, weight, bias, chosen, randn((tokens, slots, n // 2 if case.epilogue == "swiglu" else n))
+
+
+def _expert_bwd_functions(case):
+    return tuple(_BackwardOnly(fn) for fn in _expert_functions(case))
+
+
+def _expert_bwd_cost(case):
+    flops, _ = _expert_cost(case)
+    tokens, slots, experts, n, k = case.shape
+    routes = tokens * slots
+    rows = routes if case.epilogue == "routes" else tokens
+    # Two products (dx, dweight) against the forward's one; x, the weights and the output
+    # gradient read, dx, dweight and dbias written.
+    out = routes * (n // 2 if case.epilogue == "swiglu" else n)
+    return 2.0 * flops, float((2 * rows * k + 2 * experts * (n * k + n) + out) * _itemsize(case))
+
+
 def _elements(case) -> int:
     return math.prod(case.shape)
 
@@ -285,19 +310,21 @@ def _attention_cost(case):
 
 
 class _BackwardOnly:
-    """The backward pass of an attention implementation, timed alone: the first call on a
-    set of inputs runs the forward and keeps its graph; every call returns (dq, dk, dv)
-    for the given output gradient."""
+    """The backward pass of an implementation, timed alone: called with its inputs and then
+    the output's gradient, the first call on a set of inputs runs the forward and keeps its
+    graph; every call returns the gradients of the first `leaves` inputs (the others, such
+    as expert indices, are not differentiable)."""
 
-    def __init__(self, forward):
-        self.forward = forward
+    def __init__(self, forward, leaves: int = 3):
+        self.forward, self.leaves = forward, leaves
         self.graph = None
 
-    def __call__(self, q, k, v, grad):
-        if self.graph is None or self.graph[0] is not q:
+    def __call__(self, *args):
+        *inputs, grad = args
+        if self.graph is None or self.graph[0] is not inputs[0]:
             with torch.enable_grad():
-                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                self.graph = (q, leaves, self.forward(*leaves))
+                leaves = [t.detach().requires_grad_() for t in inputs[:self.leaves]]
+                self.graph = (inputs[0], leaves, self.forward(*leaves, *inputs[self.leaves:]))
         _, leaves, out = self.graph
         with torch.enable_grad():
             return torch.autograd.grad(out, leaves, grad, retain_graph=True)
@@ -337,6 +364,9 @@ OP_SPECS = {
     "rope": OpSpec(lambda case: "memory", _rope_inputs, _rope_functions, _rope_cost),
     "expert_linear": OpSpec(lambda case: "compute" if _expert_prefill(case) else "memory", _expert_inputs,
                             _expert_functions, _expert_cost, lambda case: case.shape[4]),
+    "expert_linear_bwd": OpSpec(lambda case: "compute", _expert_bwd_inputs, _expert_bwd_functions,
+                                _expert_bwd_cost, lambda case: max(case.shape[3], case.shape[0] * case.shape[1]),
+                                widen=2.0),
     "attention": OpSpec(_attention_bound, _attention_inputs, _attention_functions, _attention_cost, row_rms=True),
     # Gradients compound roundings the forward's do not: delta = rowsum(dO * O) uses the
     # 16-bit output, and every dQ / dK element sums k_len of them (the tests allow 4x too).

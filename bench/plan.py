@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from gptext import profiling
 
-OPS = ("softmax", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "rope", "expert_linear", "attention",
-       "attention_bwd")
+OPS = ("softmax", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "rope", "expert_linear",
+       "expert_linear_bwd", "attention", "attention_bwd")
 MODES = ("quick", "full")
 
 # Linear epilogues as GPT-2 uses them: c_attn (bias), c_fc (bias + GELU), the projections
@@ -49,7 +49,7 @@ class Case:
     """One op at one shape and dtype.
 
     shape: softmax, layernorm_residual, rmsnorm_residual: (rows, cols); linear: (M, K, N), weight [N, K];
-    ffn: (M, width), hidden 4 x width; rope: (batch, heads, positions, head_dim); expert_linear: (tokens, slots, experts, N, K), with
+    ffn: (M, width), hidden 4 x width; rope: (batch, heads, positions, head_dim); expert_linear(_bwd): (tokens, slots, experts, N, K), with
     epilogue "swiglu" or "routes" (one row of x per route); attention(_bwd): (batch, heads, kv_heads, q_len,
     k_len, head_dim), with epilogue "causal" or "".
     """
@@ -65,7 +65,7 @@ class Case:
         if self.op == "linear":
             m, k, n = self.shape
             return f"{m}x{k}->{n}" + (f" {self.epilogue}" if self.epilogue else "")
-        if self.op == "expert_linear":
+        if self.op.startswith("expert_linear"):
             tokens, slots, experts, n, k = self.shape
             return f"{tokens}x{slots}/{experts}x{k}->{n} {self.epilogue}"
         if self.op.startswith("attention"):
@@ -170,6 +170,7 @@ FAMILIES = {
         Family("rope", "gpt-oss", ((1, 64, 256, 64), (1, 8, 256, 64))),
         Family("expert_linear", "decode", _OSS_CPU_EXPERTS),
         Family("expert_linear", "prefill", _OSS_CPU_PREFILL_EXPERTS),
+        Family("expert_linear_bwd", "prefill", _OSS_CPU_PREFILL_EXPERTS[:1]),
         Family("attention", "prefill", _attention(((1, 12, 12, 128, 128, 64), (1, 12, 12, 512, 512, 64)))),
         Family("attention", "decode", _attention(((1, 12, 12, 1, 1024, 64), (1, 16, 2, 1, 2048, 64)))),
         Family("attention_bwd", "prefill", _attention(((1, 4, 4, 128, 128, 64),))),
