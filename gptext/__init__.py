@@ -8,7 +8,7 @@
     gptext.set_backend("auto" | "kernels" | "reference")
 """
 
-from . import chat, ops, reference
+from . import chat, ops, reference, train
 from ._version import __version__
 from .config import GPTConfig
 from .model import GPT
@@ -38,4 +38,5 @@ __all__ = [
     "reference",
     "set_backend",
     "set_gemm_policy",
+    "train",
 ]

@@ -3,6 +3,7 @@
   info       what was built (CUDA arches, CPU instruction set) and where it can run
   generate   continue a prompt with a checkpoint (or a preset with random weights)
   chat       talk with a gpt-oss checkpoint in its chat format (harmony)
+  train      train or fine-tune a model on text files, writing a checkpoint directory
   profile    one forward pass, op by op: implementation, FLOPs, bytes, time, share of limits
   demo       train a small GPT on a short text with gptext's ops, then generate from it
 """
@@ -324,6 +325,114 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def preset_overrides(settings: list[str]) -> dict:
+    """--set KEY=VALUE pairs as GPTConfig fields, each value parsed as its field's type
+    ("none" for a field that may be None)."""
+    import dataclasses
+    import types
+    import typing
+
+    from gptext import GPTConfig
+
+    hints = typing.get_type_hints(GPTConfig)
+    fields = [f.name for f in dataclasses.fields(GPTConfig)]
+    overrides = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise CommandError(f"--set {item!r}: expected KEY=VALUE with KEY a GPTConfig field ({', '.join(fields)})")
+        hint = hints[key]
+        optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
+        kind = next(t for t in hint.__args__ if t is not type(None)) if optional else hint
+        try:
+            if optional and value.lower() == "none":
+                overrides[key] = None
+            elif kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                overrides[key] = value.lower() in ("true", "1")
+            else:
+                overrides[key] = kind(value)
+        except ValueError:
+            raise CommandError(f"--set {item!r}: {value!r} does not read as {kind.__name__}") from None
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    import gptext
+    from gptext import GPT, GPTConfig, train
+    from gptext.weights import _atomic_write
+
+    gptext.set_backend(args.backend)
+    device = args.device or default_device()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out}: exists and is not a directory")
+    if os.path.isdir(args.model):
+        if args.set:
+            raise CommandError("--set changes a preset's configuration; a checkpoint's is its own")
+        model = GPT.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+        origin = "checkpoint"
+    elif args.model in GPTConfig.presets():
+        cfg = GPTConfig.preset(args.model, **preset_overrides(args.set))
+        torch.manual_seed(args.seed)
+        model = GPT(cfg).to(device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+        origin = "random weights"
+    else:
+        raise CommandError(f"--model {args.model!r} is neither a checkpoint directory nor a preset "
+                           f"({', '.join(GPTConfig.presets())})")
+    tok = tokenizer_for(args.model, model, "train")
+    context = args.context or model.config.context_length
+    if context > model.config.context_length:
+        raise CommandError(f"--context {context} is longer than the model's context_length "
+                           f"{model.config.context_length}")
+    data = train.TokenData(train.tokenize(args.data, tok), context, args.val_fraction)
+    config = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
+                               min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                               grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                               log_every=args.log_every, seed=args.seed)
+    cfg = model.config
+    print(f"train: {args.model} ({origin}, {model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
+          f"width {cfg.n_embd}) on {data.train.numel():,} tokens ({data.val.numel():,} held out), windows of "
+          f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}, {args.dtype}")
+    def checkpoint(step: int, history: list[dict]) -> None:
+        model.save_pretrained(out)
+        if os.path.isdir(args.model) and out.resolve() != Path(args.model).resolve():
+            for name in TOKENIZER_FILES:
+                source = Path(args.model) / name
+                if source.is_file():
+                    _atomic_write(out / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+        log = {"model": args.model, "data": [str(p) for p in args.data], "context": context, "step": step,
+               "config": dataclasses.asdict(config), "history": history}
+        _atomic_write(out / "training.json",
+                      lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8"))
+        print(f"wrote {out} (step {step})")
+
+    start = time.perf_counter()
+    history = train.train(model, data, config, checkpoint=checkpoint, save_every=args.save_every)
+    elapsed = time.perf_counter() - start
+    steps = [r for r in history if "loss" in r]
+    held = [r["val_loss"] for r in history if "val_loss" in r]
+    tokens = config.steps * config.batch_size * config.accumulate * context
+    print(f"trained {len(steps)} steps in {elapsed:.1f} s ({tokens / elapsed:,.0f} tokens/s); training loss "
+          f"{steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}"
+          + (f", held-out loss {held[0]:.4f} -> {held[-1]:.4f}" if held else ""))
+    return 0
+
+
+# A checkpoint directory's tokenizer and generation settings, copied beside the trained weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gptext import demo
 
@@ -400,6 +509,43 @@ def main(argv: list[str] | None = None) -> int:
                       help="default: bfloat16 on CUDA, float32 on CPU")
     prof.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto")
     prof.set_defaults(run=cmd_profile)
+
+    fit = commands.add_parser(
+        "train", help="train or fine-tune a model on text files, writing a checkpoint directory",
+        description="Train a model on the text of one or more UTF-8 files (joined with <|endoftext|>), "
+                    "tokenized with the checkpoint's tokenizer.json or GPT-2's: AdamW, a linear warmup then a "
+                    "cosine decay of the learning rate, gradients clipped and accumulated, the loss on the "
+                    "text's last --val-fraction measured every --eval-every steps. Starts from a checkpoint "
+                    "(fine-tuning) or a preset's random weights (--set changes the preset). Writes a Hugging "
+                    "Face checkpoint (config.json, model.safetensors, the source's tokenizer files) and "
+                    "training.json (settings, history) into --out, atomically, every --save-every steps and "
+                    "at the end. The optimizer's state is not saved.")
+    fit.add_argument("--model", required=True, help="checkpoint directory (GPT-2 or gpt-oss) or a preset name")
+    fit.add_argument("--data", required=True, nargs="+", help="UTF-8 text files to train on")
+    fit.add_argument("--out", required=True, help="directory to write the trained checkpoint into")
+    fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a preset's GPTConfig field, e.g. --set n_layer=4 (repeatable; presets only)")
+    fit.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    fit.add_argument("--batch-size", type=int, default=8, help="windows per micro-batch (default 8)")
+    fit.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (default 1)")
+    fit.add_argument("--context", type=int, default=None, help="window length in tokens (default: the model's)")
+    fit.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    fit.add_argument("--min-lr", type=float, default=None, help="learning rate at the last step (default lr / 10)")
+    fit.add_argument("--warmup", type=int, default=None, help="warmup steps (default: steps / 10, at most 100)")
+    fit.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's, on matrices only (default 0.1)")
+    fit.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0: no clipping (default 1)")
+    fit.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
+    fit.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps; 0: never (default 100)")
+    fit.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation (default 8)")
+    fit.add_argument("--log-every", type=int, default=10, help="a log line every N steps (default 10)")
+    fit.add_argument("--save-every", type=int, default=0, help="also write --out every N steps (default: at the end)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the batches and of a preset's weights (default 0)")
+    fit.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    fit.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                     help="weights, gradients and optimizer state (default float32; bfloat16 keeps no float32 copy)")
+    fit.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
+                     help="gptext's compiled kernels or the PyTorch reference (default auto)")
+    fit.set_defaults(run=cmd_train)
 
     demo = commands.add_parser(
         "demo", help="train a small GPT on a short text with gptext's ops, then generate from it",

@@ -1,7 +1,7 @@
 """The demo behind ``python -m gptext demo``: a small GPT, trained from scratch on a short
-text (the Zen of Python, which ships with every Python) with gptext's ops and autograd,
-then asked to continue its first words with the KV cache. Offline; well under a minute on
-a CPU.
+text (the Zen of Python, which ships with every Python) by gptext.train on gptext's ops and
+autograd, then asked to continue its first words with the KV cache. Offline; well under a
+minute on a CPU.
 
 The text is tokenized with GPT-2's tokenizer, and the model's vocabulary is just the GPT-2
 tokens that occur in it (about 130), so that the embedding is small and training quick.
@@ -17,6 +17,7 @@ import time
 import torch
 
 from .config import GPTConfig
+from . import train
 from .model import GPT
 from .tokenizer import get_tokenizer
 
@@ -34,27 +35,19 @@ def run(device: str = "cpu", steps: int = 200, seed: int = 0, prompt: str = "Bea
     text_ids = tok.encode(corpus())
     vocab = sorted(set(text_ids))  # model token i is GPT-2 token vocab[i]
     local = {gpt2_id: i for i, gpt2_id in enumerate(vocab)}
-    data = torch.tensor([local[t] for t in text_ids], device=device)
+    data = train.TokenData(torch.tensor([local[t] for t in text_ids]), context=64, val_fraction=0.0)
     cfg = GPTConfig(vocab_size=len(vocab), context_length=64, n_embd=128, n_layer=4, n_head=4)
     model = GPT(cfg).to(device)
     print(f"demo: a {model.num_parameters() / 1e6:.2f}M-parameter GPT ({cfg.n_layer} layers, width {cfg.n_embd}, "
-          f"{cfg.vocab_size}-token vocabulary) learns the Zen of Python ({len(data)} tokens) on {device}")
+          f"{cfg.vocab_size}-token vocabulary) learns the Zen of Python ({data.train.numel()} tokens) on {device}")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    batch, window = 16, cfg.context_length
-    offsets_rng = torch.Generator().manual_seed(seed)
+    schedule = train.TrainConfig(steps=steps, batch_size=16, lr=2e-3, warmup=0, weight_decay=0.0, eval_every=0,
+                                 log_every=50, seed=seed)
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        offsets = torch.randint(0, len(data) - window - 1, (batch,), generator=offsets_rng).tolist()
-        chunk = torch.stack([data[o:o + window + 1] for o in offsets])
-        _, loss = model(chunk[:, :-1], chunk[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step == 1 or step % 50 == 0 or step == steps:
-            print(f"  step {step:4d}  loss {loss.item():.3f}")
+    train.train(model, data, schedule, log=lambda line: print("  " + line))
     elapsed = time.perf_counter() - start
-    print(f"trained {steps} steps in {elapsed:.1f} s ({steps * batch * window / elapsed:,.0f} tokens/s)")
+    print(f"trained {steps} steps in {elapsed:.1f} s ({steps * schedule.batch_size * data.context / elapsed:,.0f} "
+          f"tokens/s)")
 
     model.eval()
     ids = torch.tensor([[local[t] for t in tok.encode(prompt)]], device=device)

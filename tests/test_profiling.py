@@ -136,6 +136,6 @@ def test_demo_learns(capsys):
 
     assert demo.run("cpu", steps=60) == 0
     out = capsys.readouterr().out
-    losses = [float(line.split("loss")[1]) for line in out.splitlines() if "loss" in line]
+    losses = [float(line.split("loss")[1].split()[0]) for line in out.splitlines() if " loss " in line]
     assert losses[-1] < 0.5 * losses[0]
     assert "Beautiful is" in out

@@ -1,0 +1,243 @@
+"""Training a GPT on a stream of tokens: next-token prediction with AdamW, the learning rate
+warmed up linearly then decayed on a cosine, gradients clipped by their global norm and
+accumulated over micro-batches, the loss on held-out tokens measured as it goes.
+
+    from gptext import GPT, train
+    model = GPT.from_pretrained("gpt2")                       # or GPT(GPTConfig(...))
+    data = train.TokenData(train.tokenize(["notes.txt"], tok), context=256)
+    history = train.train(model, data, train.TrainConfig(steps=500, batch_size=8))
+    model.save_pretrained("gpt2-notes")
+
+The model's forward and backward run on gptext's ops (kernels or reference, whichever the
+backend picks), so this is also how the ops' gradients are exercised end to end. Batches
+are windows of `context + 1` tokens at random offsets of the training split (a seeded
+generator: the same config draws the same batches); the held-out split is the stream's
+last `val_fraction`, evaluated on fixed, evenly spaced windows so that its loss is
+comparable from one evaluation to the next.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .model import GPT
+
+
+@dataclass
+class TrainConfig:
+    """steps: optimizer steps; batch_size: windows per micro-batch; accumulate: micro-batches
+    per step (a step sees batch_size x accumulate windows); lr: the peak learning rate, reached
+    after `warmup` steps (default: a tenth of the steps, at most 100) and decayed on a cosine
+    to min_lr (default lr / 10) at the last step; weight_decay applies to matrices and
+    embeddings only (not to biases, norm weights or sinks); grad_clip: the largest global
+    gradient norm (0: none); eval_every / eval_batches: held-out loss every so many steps
+    over so many fixed batches (0: never); log_every: a log line every so many steps."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    accumulate: int = 1
+    lr: float = 3e-4
+    min_lr: float | None = None
+    warmup: int | None = None
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "accumulate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be 0 or more, got {self.weight_decay}, {self.grad_clip}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(100, self.steps // 10) if self.warmup is None else self.warmup
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): linear warmup to lr over warmup_steps
+        (step 0 takes lr / warmup_steps), then a cosine from lr down to min_lr at the last step."""
+        warmup, low = self.warmup_steps, self.lr / 10 if self.min_lr is None else self.min_lr
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        decay = self.steps - 1 - warmup
+        progress = (step - warmup) / decay if decay > 0 else 0.0  # a lone step after warmup takes lr
+        return low + (self.lr - low) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def tokenize(paths, tok) -> torch.Tensor:
+    """The UTF-8 text files at `paths`, encoded with tiktoken encoding `tok` as plain text
+    (special-token strings in them are text, not control tokens), joined with <|endoftext|>
+    where the encoding has it: a 1-d int64 tensor."""
+    try:
+        separator = [tok.encode_single_token("<|endoftext|>")]
+    except KeyError:
+        separator = []
+    ids: list[int] = []
+    for i, path in enumerate(paths):
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"training data {path}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"training data {path}: not UTF-8 text ({e})") from None
+        ids += (separator if i else []) + tok.encode_ordinary(text)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class TokenData:
+    """A token stream split into training and held-out parts, served as (inputs, targets)
+    windows of `context` tokens, the targets the inputs shifted by one."""
+
+    def __init__(self, ids: torch.Tensor, context: int, val_fraction: float = 0.1):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.long, torch.int):
+            raise ValueError("ids must be a 1-d tensor of token ids (int64 or int32)")
+        if context < 1:
+            raise ValueError(f"context must be at least 1, got {context}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(f"token ids must not be negative, got {int(ids.min())}")
+        self.context = context
+        ids = ids.long().cpu()
+        held_out = math.ceil(ids.numel() * val_fraction) if val_fraction else 0
+        if val_fraction and held_out < context + 1:
+            held_out = context + 1  # at least one whole window
+        self.train, self.val = ids[:ids.numel() - held_out], ids[ids.numel() - held_out:]
+        if self.train.numel() < context + 1:
+            raise ValueError(f"{ids.numel()} tokens are too few for windows of {context} (+1) tokens"
+                             + (f" with {held_out} held out for evaluation" if held_out else "")
+                             + ": give more text, a shorter context or a smaller val_fraction")
+
+    def max_id(self) -> int:
+        return int(torch.cat([self.train, self.val]).max())
+
+    def sample(self, windows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`windows` random training windows: (inputs, targets), each (windows, context)."""
+        offsets = torch.randint(0, self.train.numel() - self.context, (windows,), generator=generator)
+        chunk = self.train[offsets[:, None] + torch.arange(self.context + 1)]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def held_out(self, batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Up to batches x batch_size evenly spaced held-out windows, in batches (none if
+        nothing is held out)."""
+        room = self.val.numel() - self.context
+        if room < 1 or batches < 1:
+            return []
+        count = min(batches * batch_size, room)
+        offsets = torch.linspace(0, room - 1, count).long()
+        chunk = self.val[offsets[:, None] + torch.arange(self.context + 1)]
+        return [(c[:, :-1], c[:, 1:]) for c in chunk.split(batch_size)]
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups: matrices and embeddings (2-d and wider) decayed, vectors (biases, norm
+    weights, attention sinks) not. A tied parameter appears once."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches, device) -> float:
+    """The mean loss over the given (inputs, targets) batches, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = count = 0
+        for x, y in batches:
+            _, loss = model(x.to(device), y.to(device))
+            total, count = total + float(loss) * x.shape[0], count + x.shape[0]
+        return total / count
+    finally:
+        model.train(was_training)
+
+
+def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str], None] | None = print,
+          checkpoint: Callable[[int, list[dict]], None] | None = None, save_every: int = 0) -> list[dict]:
+    """Trains `model` in place for config.steps steps on data's training windows. Returns the
+    history: one dict a step (step, loss, lr, grad_norm, tokens_per_s; val_loss where the
+    held-out loss was measured), after {"step": 0, "val_loss": ...} before training when
+    anything is held out. `checkpoint(step, history)` is called
+    every `save_every` steps and after the last. A loss that is not finite stops training
+    with FloatingPointError."""
+    if data.context > model.config.context_length:
+        raise ValueError(f"context {data.context} is longer than the model's context_length "
+                         f"{model.config.context_length}")
+    if data.max_id() >= model.config.vocab_size:
+        raise ValueError(f"the data holds token id {data.max_id()}, beyond the model's vocabulary of "
+                         f"{model.config.vocab_size}: it was tokenized for another model")
+    device = next(model.parameters()).device
+    say = log or (lambda line: None)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate(0),
+                                  betas=config.betas)
+    held_out = data.held_out(config.eval_batches, config.batch_size) if config.eval_every else []
+    history: list[dict] = []
+    if held_out:
+        history.append({"step": 0, "val_loss": evaluate(model, held_out, device)})
+        say(f"step {0:6d}  val loss {history[0]['val_loss']:.4f}")
+    tokens_per_step = config.batch_size * config.accumulate * data.context
+    model.train()
+    clock = time.perf_counter()
+    for step in range(1, config.steps + 1):
+        lr = config.learning_rate(step - 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # One draw of every window of the step, split into micro-batches: a step is the same
+        # however it is accumulated.
+        inputs, targets = data.sample(config.batch_size * config.accumulate, generator)
+        loss_sum = torch.zeros((), device=device)
+        for x, y in zip(inputs.split(config.batch_size), targets.split(config.batch_size)):
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            (loss / config.accumulate).backward()
+            loss_sum += loss.detach()
+        if config.grad_clip:
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in model.parameters()
+                                                               if p.grad is not None])))
+        step_loss = float(loss_sum) / config.accumulate
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"the training loss is {step_loss} at step {step}: lower the learning rate "
+                                     f"(now {lr:.3g}) or check the data and the model's weights")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": norm,
+                  "tokens_per_s": tokens_per_step / (now - clock)}
+        clock = now
+        if held_out and (step % config.eval_every == 0 or step == config.steps):
+            record["val_loss"] = evaluate(model, held_out, device)
+            clock = time.perf_counter()  # the evaluation's time is not the step's
+        history.append(record)
+        if config.log_every and (step % config.log_every == 0 or step == 1 or step == config.steps):
+            say(f"step {step:6d}  loss {step_loss:.4f}  lr {lr:.3g}  grad norm {norm:.3g}  "
+                f"{record['tokens_per_s']:,.0f} tokens/s"
+                + (f"  val loss {record['val_loss']:.4f}" if "val_loss" in record else ""))
+        elif "val_loss" in record:
+            say(f"step {step:6d}  val loss {record['val_loss']:.4f}")
+        if checkpoint is not None and ((save_every and step % save_every == 0) or step == config.steps):
+            checkpoint(step, history)
+    model.eval()
+    return history
