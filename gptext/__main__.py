@@ -47,8 +47,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(name: str, device: str, dtype: str):
-    """A GPT from a checkpoint directory, or a preset with random weights."""
+def load_model(name: str, device: str, dtype: str, overrides: dict | None = None, seed: int = 0):
+    """A GPT from a checkpoint directory, or a preset (its fields changed by `overrides`)
+    with random weights drawn from `seed`."""
     import os
 
     import torch
@@ -57,15 +58,17 @@ def load_model(name: str, device: str, dtype: str):
 
     torch_dtype = getattr(torch, DTYPES[dtype])
     if os.path.isdir(name):
+        if overrides:
+            raise CommandError("--set changes a preset's configuration; a checkpoint's is its own")
         return GPT.from_pretrained(name, dtype=torch_dtype, device=device), "checkpoint"
     if name in GPTConfig.presets():
-        cfg = GPTConfig.preset(name)
+        cfg = GPTConfig.preset(name, **(overrides or {}))
         need, free = 4 * cfg.num_parameters(), free_memory(device)  # built in fp32, then converted
         if free is not None and need > free:
             raise CommandError(f"--model {name}: random weights for its {cfg.num_parameters() / 1e9:.1f}B parameters "
                                f"need {need / 1e9:.0f} GB, and {device} has {free / 1e9:.0f} GB free; load a "
                                f"checkpoint directory instead")
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = GPT(cfg).to(device=device, dtype=torch_dtype).eval()
         return model, "random weights"
     raise CommandError(f"--model {name!r} is neither a checkpoint directory nor a preset "
@@ -365,10 +368,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    import torch
-
     import gptext
-    from gptext import GPT, GPTConfig, train
+    from gptext import train
     from gptext.weights import _atomic_write
 
     gptext.set_backend(args.backend)
@@ -376,19 +377,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out}: exists and is not a directory")
-    if os.path.isdir(args.model):
-        if args.set:
-            raise CommandError("--set changes a preset's configuration; a checkpoint's is its own")
-        model = GPT.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
-        origin = "checkpoint"
-    elif args.model in GPTConfig.presets():
-        cfg = GPTConfig.preset(args.model, **preset_overrides(args.set))
-        torch.manual_seed(args.seed)
-        model = GPT(cfg).to(device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-        origin = "random weights"
-    else:
-        raise CommandError(f"--model {args.model!r} is neither a checkpoint directory nor a preset "
-                           f"({', '.join(GPTConfig.presets())})")
+    model, origin = load_model(args.model, device, args.dtype, preset_overrides(args.set), args.seed)
     tok = tokenizer_for(args.model, model, "train")
     context = args.context or model.config.context_length
     if context > model.config.context_length:

@@ -184,8 +184,9 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
     if data.context > model.config.context_length:
         raise ValueError(f"context {data.context} is longer than the model's context_length "
                          f"{model.config.context_length}")
-    if data.max_id() >= model.config.vocab_size:
-        raise ValueError(f"the data holds token id {data.max_id()}, beyond the model's vocabulary of "
+    largest = data.max_id()
+    if largest >= model.config.vocab_size:
+        raise ValueError(f"the data holds token id {largest}, beyond the model's vocabulary of "
                          f"{model.config.vocab_size}: it was tokenized for another model")
     device = next(model.parameters()).device
     say = log or (lambda line: None)
@@ -215,8 +216,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
         if config.grad_clip:
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in model.parameters()
-                                                               if p.grad is not None])))
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
         step_loss = float(loss_sum) / config.accumulate
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"the training loss is {step_loss} at step {step}: lower the learning rate "
