@@ -361,6 +361,42 @@ def preset_overrides(settings: list[str]) -> dict:
     return overrides
 
 
+# train's settings and their defaults. Flags left out of the command line are absent from its
+# arguments (argparse.SUPPRESS), so that a resumed run can tell what was given from what was not.
+TRAIN_DEFAULTS = {"set": [], "steps": 1000, "batch_size": 8, "accumulate": 1, "context": None, "lr": 3e-4,
+                  "min_lr": None, "warmup": None, "weight_decay": 0.1, "grad_clip": 1.0, "val_fraction": 0.1,
+                  "eval_every": 100, "eval_batches": 8, "log_every": 10, "seed": 0, "dtype": "float32"}
+# What a resumed run cannot change: the model, and what decides its data's windows.
+FIXED_ON_RESUME = ("model", "set", "context", "val_fraction", "seed", "dtype")
+TRAIN_STATE_FILE = "training_state.pt"
+_CONFIG_FIELDS = ("steps", "batch_size", "accumulate", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
+                  "eval_every", "eval_batches", "log_every", "seed")
+
+
+def saved_run(out) -> tuple[dict, "object"]:
+    """The settings (training.json) and the TrainState of the run whose checkpoint is in `out`."""
+    import json
+    from pathlib import Path
+
+    from gptext import train
+
+    out = Path(out)
+    if not (out / TRAIN_STATE_FILE).is_file() or not (out / "training.json").is_file():
+        raise CommandError(f"--resume: {out} holds no run to resume (it needs the training.json and "
+                           f"{TRAIN_STATE_FILE} that train writes beside the weights)")
+    try:
+        log = json.loads((out / "training.json").read_text(encoding="utf-8"))
+        settings = {"model": log["model"], "set": log["set"], "context": log["context"], "val_fraction": log["val_fraction"],
+                    "dtype": log["dtype"], "data": log["data"], **{k: log["config"][k] for k in _CONFIG_FIELDS}}
+    except (ValueError, KeyError, TypeError) as e:
+        raise CommandError(f"--resume: {out / 'training.json'} is malformed ({type(e).__name__}: {e})") from None
+    try:
+        state = train.TrainState.load(out / TRAIN_STATE_FILE)
+    except ValueError as e:
+        raise CommandError(f"--resume: {e}") from None
+    return settings, state
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
     import json
@@ -377,42 +413,68 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out}: exists and is not a directory")
-    model, origin = load_model(args.model, device, args.dtype, preset_overrides(args.set), args.seed)
-    tok = tokenizer_for(args.model, model, "train")
-    context = args.context or model.config.context_length
+    given = {key: getattr(args, key) for key in TRAIN_DEFAULTS if hasattr(args, key)}
+    state = None
+    if args.resume:
+        fixed = [f"--{key.replace('_', '-')}" for key in FIXED_ON_RESUME
+                 if key in given or (key == "model" and args.model is not None)]
+        if fixed:
+            raise CommandError(f"--resume continues the run in {out} with its own {', '.join(fixed)}: leave "
+                               f"{'it' if len(fixed) == 1 else 'them'} out")
+        settings, state = saved_run(out)
+        if settings["warmup"] is None:  # the run's own warmup, not one rescaled to a new --steps
+            settings["warmup"] = train.TrainConfig(steps=settings["steps"]).warmup_steps
+        settings.update(given)
+        source, data_files = str(out), args.data or settings["data"]
+    else:
+        if args.model is None or args.data is None:
+            raise CommandError("train needs --model and --data (or --resume, to continue the run in --out)")
+        settings = {**TRAIN_DEFAULTS, **given}
+        source, data_files = args.model, args.data
+    overrides = preset_overrides(settings["set"]) if state is None else None  # a resumed run's model is --out's
+    model, origin = load_model(source, device, settings["dtype"], overrides, settings["seed"])
+    if state is not None:
+        origin = f"resumed at step {state.step}"
+    tok = tokenizer_for(source, model, "train")
+    context = settings["context"] or model.config.context_length
     if context > model.config.context_length:
         raise CommandError(f"--context {context} is longer than the model's context_length "
                            f"{model.config.context_length}")
-    data = train.TokenData(train.tokenize(args.data, tok), context, args.val_fraction)
-    config = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
-                               min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay,
-                               grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                               log_every=args.log_every, seed=args.seed)
+    data = train.TokenData(train.tokenize(data_files, tok), context, settings["val_fraction"])
+    config = train.TrainConfig(**{key: settings[key] for key in _CONFIG_FIELDS})
+    record = {"model": settings["model"] if state is not None else args.model, "set": settings["set"],
+              "data": [str(Path(p).resolve()) for p in data_files], "context": context,
+              "val_fraction": settings["val_fraction"], "dtype": settings["dtype"]}
     cfg = model.config
-    print(f"train: {args.model} ({origin}, {model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
+    print(f"train: {source} ({origin}, {model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
           f"width {cfg.n_embd}) on {data.train.numel():,} tokens ({data.val.numel():,} held out), windows of "
-          f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}, {args.dtype}")
-    def checkpoint(step: int, history: list[dict]) -> None:
+          f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}, "
+          f"{settings['dtype']}")
+
+    def checkpoint(saved: train.TrainState) -> None:
+        # The weights first, the state (which names their digest) after them, the settings last:
+        # a run stopped between two writes leaves a state that refuses the weights beside it.
         model.save_pretrained(out)
-        if os.path.isdir(args.model) and out.resolve() != Path(args.model).resolve():
+        if os.path.isdir(source) and out.resolve() != Path(source).resolve():
             for name in TOKENIZER_FILES:
-                source = Path(args.model) / name
-                if source.is_file():
-                    _atomic_write(out / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
-        log = {"model": args.model, "data": [str(p) for p in args.data], "context": context, "step": step,
-               "config": dataclasses.asdict(config), "history": history}
+                path = Path(source) / name
+                if path.is_file():
+                    _atomic_write(out / name, lambda tmp, path=path: shutil.copyfile(path, tmp))
+        saved.save(out / TRAIN_STATE_FILE)
+        log = {**record, "step": saved.step, "config": dataclasses.asdict(config), "history": saved.history}
         _atomic_write(out / "training.json",
                       lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8"))
-        print(f"wrote {out} (step {step})")
+        print(f"wrote {out} (step {saved.step})")
 
+    first = state.step if state is not None else 0
     start = time.perf_counter()
-    history = train.train(model, data, config, checkpoint=checkpoint, save_every=args.save_every)
+    history = train.train(model, data, config, checkpoint=checkpoint, save_every=args.save_every, resume=state)
     elapsed = time.perf_counter() - start
     steps = [r for r in history if "loss" in r]
     held = [r["val_loss"] for r in history if "val_loss" in r]
-    tokens = config.steps * config.batch_size * config.accumulate * context
-    print(f"trained {len(steps)} steps in {elapsed:.1f} s ({tokens / elapsed:,.0f} tokens/s); training loss "
-          f"{steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}"
+    tokens = (config.steps - first) * config.batch_size * config.accumulate * context
+    print(f"trained {config.steps - first} steps in {elapsed:.1f} s ({tokens / elapsed:,.0f} tokens/s); training "
+          f"loss {steps[0]['loss']:.4f} (step 1) -> {steps[-1]['loss']:.4f}"
           + (f", held-out loss {held[0]:.4f} -> {held[-1]:.4f}" if held else ""))
     return 0
 
@@ -506,31 +568,38 @@ def main(argv: list[str] | None = None) -> int:
                     "cosine decay of the learning rate, gradients clipped and accumulated, the loss on the "
                     "text's last --val-fraction measured every --eval-every steps. Starts from a checkpoint "
                     "(fine-tuning) or a preset's random weights (--set changes the preset). Writes a Hugging "
-                    "Face checkpoint (config.json, model.safetensors, the source's tokenizer files) and "
-                    "training.json (settings, history) into --out, atomically, every --save-every steps and "
-                    "at the end. The optimizer's state is not saved.")
-    fit.add_argument("--model", required=True, help="checkpoint directory (GPT-2 or gpt-oss) or a preset name")
-    fit.add_argument("--data", required=True, nargs="+", help="UTF-8 text files to train on")
+                    "Face checkpoint (config.json, model.safetensors, the source's tokenizer files), "
+                    f"{TRAIN_STATE_FILE} (the optimizer's moments and the random state) and training.json "
+                    "(settings, history) into --out, atomically, every --save-every steps and at the end. "
+                    "--resume continues the run in --out from its last save, exactly as if it had not stopped, "
+                    "with its saved settings; --steps may raise its total (the schedule stretches to it), "
+                    "and the other optimizer flags change it from there.")
+    hide = argparse.SUPPRESS  # left out: the default, or on --resume the saved run's setting
+    fit.add_argument("--model", default=None,
+                     help="checkpoint directory (GPT-2 or gpt-oss) or a preset name (not with --resume)")
+    fit.add_argument("--data", default=None, nargs="+",
+                     help="UTF-8 text files to train on (with --resume: default, the run's own)")
     fit.add_argument("--out", required=True, help="directory to write the trained checkpoint into")
-    fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    fit.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    fit.add_argument("--set", action="append", default=hide, metavar="KEY=VALUE",
                      help="a preset's GPTConfig field, e.g. --set n_layer=4 (repeatable; presets only)")
-    fit.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    fit.add_argument("--batch-size", type=int, default=8, help="windows per micro-batch (default 8)")
-    fit.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (default 1)")
-    fit.add_argument("--context", type=int, default=None, help="window length in tokens (default: the model's)")
-    fit.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
-    fit.add_argument("--min-lr", type=float, default=None, help="learning rate at the last step (default lr / 10)")
-    fit.add_argument("--warmup", type=int, default=None, help="warmup steps (default: steps / 10, at most 100)")
-    fit.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's, on matrices only (default 0.1)")
-    fit.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0: no clipping (default 1)")
-    fit.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
-    fit.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps; 0: never (default 100)")
-    fit.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation (default 8)")
-    fit.add_argument("--log-every", type=int, default=10, help="a log line every N steps (default 10)")
+    fit.add_argument("--steps", type=int, default=hide, help="optimizer steps in all (default 1000)")
+    fit.add_argument("--batch-size", type=int, default=hide, help="windows per micro-batch (default 8)")
+    fit.add_argument("--accumulate", type=int, default=hide, help="micro-batches per step (default 1)")
+    fit.add_argument("--context", type=int, default=hide, help="window length in tokens (default: the model's)")
+    fit.add_argument("--lr", type=float, default=hide, help="peak learning rate (default 3e-4)")
+    fit.add_argument("--min-lr", type=float, default=hide, help="learning rate at the last step (default lr / 10)")
+    fit.add_argument("--warmup", type=int, default=hide, help="warmup steps (default: steps / 10, at most 100)")
+    fit.add_argument("--weight-decay", type=float, default=hide, help="AdamW's, on matrices only (default 0.1)")
+    fit.add_argument("--grad-clip", type=float, default=hide, help="largest gradient norm; 0: no clipping (default 1)")
+    fit.add_argument("--val-fraction", type=float, default=hide, help="share of the text held out (default 0.1)")
+    fit.add_argument("--eval-every", type=int, default=hide, help="held-out loss every N steps; 0: never (default 100)")
+    fit.add_argument("--eval-batches", type=int, default=hide, help="held-out batches per evaluation (default 8)")
+    fit.add_argument("--log-every", type=int, default=hide, help="a log line every N steps (default 10)")
     fit.add_argument("--save-every", type=int, default=0, help="also write --out every N steps (default: at the end)")
-    fit.add_argument("--seed", type=int, default=0, help="seed of the batches and of a preset's weights (default 0)")
+    fit.add_argument("--seed", type=int, default=hide, help="seed of the batches and of a preset's weights (default 0)")
     fit.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    fit.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+    fit.add_argument("--dtype", choices=sorted(DTYPES), default=hide,
                      help="weights, gradients and optimizer state (default float32; bfloat16 keeps no float32 copy)")
     fit.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
                      help="gptext's compiled kernels or the PyTorch reference (default auto)")

@@ -14,13 +14,21 @@ are windows of `context + 1` tokens at random offsets of the training split (a s
 generator: the same config draws the same batches); the held-out split is the stream's
 last `val_fraction`, evaluated on fixed, evenly spaced windows so that its loss is
 comparable from one evaluation to the next.
+
+A run can stop and continue: `checkpoint` receives a TrainState (the optimizer's moments,
+the batch sampler's and dropout's random state, the history, fingerprints of the data and
+of the weights), which `TrainState.save` writes beside the model's checkpoint; passing it
+back loaded (`train(..., resume=TrainState.load(path))`, the model loaded from that
+checkpoint) continues the run exactly where it stopped: the same batches and the same
+updates, as if it had never stopped, when the config is unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -132,6 +140,14 @@ class TokenData:
     def max_id(self) -> int:
         return int(torch.cat([self.train, self.val]).max())
 
+    def fingerprint(self) -> str:
+        """A digest of the windows' source (the token stream, its split and context): equal
+        for the same data, different for any other."""
+        digest = hashlib.sha256(f"{self.context} {self.train.numel()} {self.val.numel()}".encode())
+        for part in (self.train, self.val):
+            digest.update(part.numpy().tobytes())
+        return digest.hexdigest()
+
     def sample(self, windows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """`windows` random training windows: (inputs, targets), each (windows, context)."""
         offsets = torch.randint(0, self.train.numel() - self.context, (windows,), generator=generator)
@@ -158,6 +174,66 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """A digest of the model's weights (names, dtypes, shapes, bytes): the same wherever they
+    live, different after any update."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after `step` steps: with the model's weights at that step, enough to
+    continue it exactly. optimizer: AdamW's state_dict; generator: the batch sampler's state;
+    rng: torch's global generators (dropout), "cpu" and, training on CUDA, "cuda"; data and
+    weights: TokenData.fingerprint() and weights_digest(model) at that step, checked on resume
+    so that a state meets only its own data and weights."""
+
+    step: int
+    history: list[dict]
+    optimizer: dict
+    generator: torch.Tensor
+    data: str
+    weights: str
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    _FIELDS = ("step", "history", "optimizer", "generator", "data", "weights", "rng")
+
+    def save(self, path) -> None:
+        """Writes the state to `path` atomically (torch.save of tensors and plain containers:
+        TrainState.load reads it back without unpickling code)."""
+        from .weights import _atomic_write
+
+        record = {"format": "gptext.TrainState/1", **{name: getattr(self, name) for name in self._FIELDS}}
+        _atomic_write(Path(path), lambda tmp: torch.save(record, tmp))
+
+    @classmethod
+    def load(cls, path) -> "TrainState":
+        """The state TrainState.save wrote to `path` (read with weights_only=True)."""
+        path = Path(path)
+        try:
+            record = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"training state {path}: no such file") from None
+        except Exception as e:  # truncated, not a torch file, or holding more than tensors and containers
+            raise ValueError(f"training state {path}: unreadable ({type(e).__name__}: {e})") from None
+        if not isinstance(record, dict) or record.get("format") != "gptext.TrainState/1":
+            raise ValueError(f"training state {path}: not a gptext training state")
+        missing = [name for name in cls._FIELDS if name not in record]
+        if missing:
+            raise ValueError(f"training state {path}: malformed, missing {', '.join(missing)}")
+        state = cls(**{name: record[name] for name in cls._FIELDS})
+        if not (isinstance(state.step, int) and state.step >= 1 and isinstance(state.history, list)
+                and isinstance(state.optimizer, dict) and isinstance(state.generator, torch.Tensor)
+                and isinstance(state.rng, dict)):
+            raise ValueError(f"training state {path}: malformed (a field of the wrong type)")
+        return state
+
+
 @torch.no_grad()
 def evaluate(model: GPT, batches, device) -> float:
     """The mean loss over the given (inputs, targets) batches, in eval mode (no dropout)."""
@@ -174,13 +250,17 @@ def evaluate(model: GPT, batches, device) -> float:
 
 
 def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str], None] | None = print,
-          checkpoint: Callable[[int, list[dict]], None] | None = None, save_every: int = 0) -> list[dict]:
-    """Trains `model` in place for config.steps steps on data's training windows. Returns the
+          checkpoint: Callable[[TrainState], None] | None = None, save_every: int = 0,
+          resume: TrainState | None = None) -> list[dict]:
+    """Trains `model` in place up to step config.steps on data's training windows. Returns the
     history: one dict a step (step, loss, lr, grad_norm, tokens_per_s; val_loss where the
     held-out loss was measured), after {"step": 0, "val_loss": ...} before training when
-    anything is held out. `checkpoint(step, history)` is called
-    every `save_every` steps and after the last. A loss that is not finite stops training
-    with FloatingPointError."""
+    anything is held out. `checkpoint(state)` is called every `save_every` steps and after
+    the last, with the TrainState of that step (save it beside the model's weights to resume
+    later). `resume`: a state saved by an earlier run, the model holding the weights it was
+    saved with; training continues from its step (the schedule is config's, so a resumed
+    run whose config is unchanged takes exactly the steps the uninterrupted run would have).
+    A loss that is not finite stops training with FloatingPointError."""
     if data.context > model.config.context_length:
         raise ValueError(f"context {data.context} is longer than the model's context_length "
                          f"{model.config.context_length}")
@@ -191,17 +271,30 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
     device = next(model.parameters()).device
     say = log or (lambda line: None)
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate(0),
-                                  betas=config.betas)
+    groups = parameter_groups(model, config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate(0), betas=config.betas)
     held_out = data.held_out(config.eval_batches, config.batch_size) if config.eval_every else []
     history: list[dict] = []
-    if held_out:
+    first, fingerprint = 1, data.fingerprint()
+    if resume is not None:
+        history, first = _resume(resume, model, fingerprint, config, optimizer, generator, device), resume.step + 1
+        say(f"resumed at step {resume.step} of {config.steps}")
+    elif held_out:
         history.append({"step": 0, "val_loss": evaluate(model, held_out, device)})
         say(f"step {0:6d}  val loss {history[0]['val_loss']:.4f}")
+
+    def state(step: int) -> TrainState:
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        return TrainState(step=step, history=[dict(r) for r in history], optimizer=optimizer.state_dict(),
+                          generator=generator.get_state(), data=fingerprint, weights=weights_digest(model),
+                          rng=rng)
+
     tokens_per_step = config.batch_size * config.accumulate * data.context
     model.train()
     clock = time.perf_counter()
-    for step in range(1, config.steps + 1):
+    for step in range(first, config.steps + 1):
         lr = config.learning_rate(step - 1)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -238,6 +331,36 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
         elif "val_loss" in record:
             say(f"step {step:6d}  val loss {record['val_loss']:.4f}")
         if checkpoint is not None and ((save_every and step % save_every == 0) or step == config.steps):
-            checkpoint(step, history)
+            checkpoint(state(step))
     model.eval()
     return history
+
+
+def _resume(resume: TrainState, model: GPT, fingerprint: str, config: TrainConfig, optimizer, generator,
+            device) -> list[dict]:
+    """Restores a saved run into a fresh optimizer and generator after checking that it meets
+    its own data and weights; returns its history."""
+    if resume.step >= config.steps:
+        raise ValueError(f"the run to resume is at step {resume.step}, and config.steps is {config.steps}: "
+                         f"nothing is left to train (raise steps to go on)")
+    if resume.data != fingerprint:
+        raise ValueError("the data differs from the data the run to resume was trained on (other text, "
+                         "tokenizer, context or held-out share): its batches would not continue")
+    if resume.weights != weights_digest(model):
+        raise ValueError(f"the model's weights are not those the run to resume saved at step {resume.step}: "
+                         f"load the checkpoint written with that state (in the dtype it was trained in)")
+    try:
+        optimizer.load_state_dict(resume.optimizer)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"the saved optimizer state does not fit this model's parameters ({e})") from None
+    # The config's hyperparameters, not the saved ones, rule from here (lr is set every step).
+    for group, decay in zip(optimizer.param_groups, (config.weight_decay, 0.0)):
+        group["weight_decay"], group["betas"] = decay, config.betas
+    try:
+        generator.set_state(resume.generator)
+        torch.set_rng_state(resume.rng["cpu"])
+        if device.type == "cuda" and "cuda" in resume.rng:
+            torch.cuda.set_rng_state(resume.rng["cuda"], device)
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise ValueError(f"the saved random state is malformed ({e})") from None
+    return [dict(r) for r in resume.history]

@@ -1,6 +1,7 @@
 """gptext.train (AdamW with warmup and cosine decay, clipping, accumulation, held-out loss)
 and python -m gptext train, which fine-tunes a checkpoint or trains a preset from scratch."""
 
+import functools
 import json
 import math
 import subprocess
@@ -123,7 +124,8 @@ def test_training_lowers_the_loss(kernels, make):
     saved, lines = [], []
     history = train.train(model, data, train.TrainConfig(steps=60, batch_size=8, lr=1e-2, eval_every=20,
                                                          eval_batches=2, log_every=20),
-                          log=lines.append, checkpoint=lambda step, h: saved.append((step, len(h))), save_every=25)
+                          log=lines.append, checkpoint=lambda state: saved.append((state.step, len(state.history))),
+                          save_every=25)
     assert history[0]["step"] == 0 and set(history[0]) == {"step", "val_loss"}
     steps = history[1:]
     assert [r["step"] for r in steps] == list(range(1, 61))
@@ -157,6 +159,89 @@ def test_training_errors():
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = math.nan
     with pytest.raises(FloatingPointError, match="training loss is nan at step 1"):
         train.train(model, data, train.TrainConfig(steps=3, batch_size=2), log=None)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stopped_at(model, data, cfg, step, directory):
+    """Trains until `step`, saves the weights and the state there as a run that stops would,
+    and returns the state's path."""
+    def checkpoint(state):
+        if state.step == step:
+            model.save_pretrained(directory)
+            state.save(directory / "state.pt")
+            raise _Stop
+    with pytest.raises(_Stop):
+        train.train(model, data, cfg, log=None, checkpoint=checkpoint, save_every=1)
+    return directory / "state.pt"
+
+
+@pytest.mark.parametrize("make", [functools.partial(_gpt2, dropout=0.1), _oss])
+def test_a_resumed_run_takes_the_steps_of_an_uninterrupted_one(make, tmp_path):
+    data = train.TokenData(_pattern(), context=16, val_fraction=0.1)
+    cfg = train.TrainConfig(steps=8, batch_size=4, lr=1e-2, eval_every=3, eval_batches=2, log_every=0)
+    whole = make()
+    expected = train.train(whole, data, cfg, log=None)
+    state = train.TrainState.load(_stopped_at(make(), data, cfg, 5, tmp_path))
+    assert state.step == 5 and [r["step"] for r in state.history] == list(range(6))
+    lines = []
+    resumed = GPT.from_pretrained(tmp_path)
+    history = train.train(resumed, data, cfg, log=lines.append, resume=state)
+    assert lines[0] == "resumed at step 5 of 8"
+    # Bit for bit: the same batches, dropout masks and AdamW moments as if it had not stopped.
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in expected]
+    assert [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in history] == strip
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_what_is_not_its_own(tmp_path):
+    data = train.TokenData(_pattern(), context=16, val_fraction=0.1)
+    cfg = train.TrainConfig(steps=6, batch_size=2, lr=1e-2, eval_every=0, log_every=0)
+    state = train.TrainState.load(_stopped_at(_gpt2(), data, cfg, 3, tmp_path))
+
+    def resume(model=None, data=data, cfg=cfg):
+        train.train(model or GPT.from_pretrained(tmp_path), data, cfg, log=None, resume=state)
+
+    with pytest.raises(ValueError, match="at step 3, and config.steps is 3: nothing is left"):
+        resume(cfg=train.TrainConfig(steps=3, batch_size=2, eval_every=0))
+    with pytest.raises(ValueError, match="the data differs"):
+        resume(data=train.TokenData(_pattern(period=19), context=16, val_fraction=0.1))
+    with pytest.raises(ValueError, match="the data differs"):  # the same tokens, split otherwise
+        resume(data=train.TokenData(_pattern(), context=16, val_fraction=0.2))
+    with pytest.raises(ValueError, match="not those the run to resume saved at step 3"):
+        resume(model=_gpt2())  # the weights of step 0
+    with pytest.raises(ValueError, match="not those the run to resume saved"):
+        resume(model=GPT.from_pretrained(tmp_path, dtype=torch.bfloat16))
+    resume(cfg=train.TrainConfig(steps=4, batch_size=2, lr=1e-3, weight_decay=0.0, eval_every=0, log_every=0))
+
+
+def test_train_state_files(tmp_path):
+    data = train.TokenData(_pattern(), context=16, val_fraction=0.0)
+    path = _stopped_at(_gpt2(), data, train.TrainConfig(steps=4, batch_size=2, log_every=0), 2, tmp_path)
+    state = train.TrainState.load(path)
+    assert state.data == data.fingerprint() and set(state.rng) == {"cpu"}
+    assert state.optimizer["param_groups"][1]["weight_decay"] == 0.0
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        train.TrainState.load(tmp_path / "missing.pt")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="unreadable"):
+        train.TrainState.load(path)
+    torch.save({"step": 1}, path)
+    with pytest.raises(ValueError, match="not a gptext training state"):
+        train.TrainState.load(path)
+    torch.save({"format": "gptext.TrainState/1", "step": 1, "history": []}, path)
+    with pytest.raises(ValueError, match="missing optimizer, generator, data, weights, rng"):
+        train.TrainState.load(path)
+    torch.save({"format": "gptext.TrainState/1", **{k: getattr(state, k) for k in state._FIELDS}, "step": "2"}, path)
+    with pytest.raises(ValueError, match="wrong type"):
+        train.TrainState.load(path)
+    torch.save({"format": "gptext.TrainState/1", **{k: getattr(state, k) for k in state._FIELDS},
+                "history": [_Stop()]}, path)  # an object to unpickle: refused, never run
+    with pytest.raises(ValueError, match="unreadable"):
+        train.TrainState.load(path)
 
 
 # ---- the command line -------------------------------------------------------------------
@@ -250,3 +335,48 @@ def test_cli_errors(checkpoint, corpus, tmp_path, capsys):
     code, err = fails("--model", str(checkpoint), "--data", str(corpus), "--out", str(tmp_path / "file"))
     assert code == 2 and "is not a directory" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # nothing written
+
+
+def test_cli_resumes_a_run(corpus, tmp_path, capsys):
+    from gptext.__main__ import main  # in this process: the runs are a few steps of a tiny model
+
+    preset = ["--model", "gpt2-124m", "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2",
+              "--set", "context_length=16", "--data", str(corpus)]
+    # A constant learning rate, so that a run of 4 steps is the first half of a run of 8.
+    flags = ["--batch-size", "2", "--lr", "1e-3", "--min-lr", "1e-3", "--warmup", "0", "--eval-every", "3",
+             "--log-every", "0"]
+    assert main(["train", *preset, *flags, "--out", str(tmp_path / "whole"), "--steps", "8"]) == 0
+    assert main(["train", *preset, *flags, "--out", str(tmp_path / "run"), "--steps", "4"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed at step 4" in out and f"wrote {tmp_path / 'run'} (step 8)" in out and "trained 4 steps" in out
+    whole, run = (json.loads((tmp_path / name / "training.json").read_text()) for name in ("whole", "run"))
+    assert run["step"] == 8 and run["config"] == whole["config"] and run["set"] == whole["set"]
+    assert [r.get("loss") for r in run["history"]] == [r.get("loss") for r in whole["history"]]
+    # The stopped run also measured the held-out loss at its last step, 4.
+    held = {r["step"]: r["val_loss"] for r in run["history"] if "val_loss" in r}
+    assert held == {4: held[4], **{r["step"]: r["val_loss"] for r in whole["history"] if "val_loss" in r}}
+    a, b = GPT.from_pretrained(tmp_path / "whole"), GPT.from_pretrained(tmp_path / "run")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+    def fails(*args):
+        code = main(["train", *args])
+        return code, capsys.readouterr().err
+
+    again = ["--out", str(tmp_path / "run"), "--resume"]
+    code, err = fails(*again)
+    assert code == 2 and "at step 8, and config.steps is 8: nothing is left to train" in err
+    code, err = fails(*again, "--steps", "9", "--model", "gpt2-124m", "--seed", "1", "--context", "8")
+    assert code == 2 and "with its own --model, --context, --seed: leave them out" in err
+    code, err = fails("--out", str(tmp_path / "none"), "--resume")
+    assert code == 2 and "holds no run to resume" in err and not (tmp_path / "none").exists()
+    code, err = fails("--out", str(tmp_path / "none"))
+    assert code == 2 and "train needs --model and --data" in err
+    (tmp_path / "other.txt").write_text(corpus.read_text()[::-1])
+    code, err = fails(*again, "--steps", "9", "--data", str(tmp_path / "other.txt"))
+    assert code == 2 and "the data differs" in err
+    (tmp_path / "whole" / "training.json").write_text('{"model": "gpt2-124m"}')
+    code, err = fails("--out", str(tmp_path / "whole"), "--resume", "--steps", "9")
+    assert code == 2 and "training.json is malformed (KeyError" in err
