@@ -361,16 +361,22 @@ def preset_overrides(settings: list[str]) -> dict:
     return overrides
 
 
-# train's settings and their defaults. Flags left out of the command line are absent from its
-# arguments (argparse.SUPPRESS), so that a resumed run can tell what was given from what was not.
-TRAIN_DEFAULTS = {"set": [], "steps": 1000, "batch_size": 8, "accumulate": 1, "context": None, "lr": 3e-4,
-                  "min_lr": None, "warmup": None, "weight_decay": 0.1, "grad_clip": 1.0, "val_fraction": 0.1,
-                  "eval_every": 100, "eval_batches": 8, "log_every": 10, "seed": 0, "dtype": "float32"}
+# train's settings beyond TrainConfig's fields (whose defaults are TrainConfig's), with their
+# defaults. Flags left out of the command line are absent from its arguments (argparse.SUPPRESS),
+# so that a resumed run can tell what was given from what was not.
+TRAIN_DEFAULTS = {"set": [], "context": None, "val_fraction": 0.1, "dtype": "float32"}
 # What a resumed run cannot change: the model, and what decides its data's windows.
 FIXED_ON_RESUME = ("model", "set", "context", "val_fraction", "seed", "dtype")
 TRAIN_STATE_FILE = "training_state.pt"
-_CONFIG_FIELDS = ("steps", "batch_size", "accumulate", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
-                  "eval_every", "eval_batches", "log_every", "seed")
+
+
+def train_config_defaults() -> dict:
+    """TrainConfig's fields that train has a flag for, with their defaults."""
+    import dataclasses
+
+    from gptext import train
+
+    return {f.name: f.default for f in dataclasses.fields(train.TrainConfig) if f.name != "betas"}
 
 
 def saved_run(out) -> tuple[dict, "object"]:
@@ -386,8 +392,8 @@ def saved_run(out) -> tuple[dict, "object"]:
                            f"{TRAIN_STATE_FILE} that train writes beside the weights)")
     try:
         log = json.loads((out / "training.json").read_text(encoding="utf-8"))
-        settings = {"model": log["model"], "set": log["set"], "context": log["context"], "val_fraction": log["val_fraction"],
-                    "dtype": log["dtype"], "data": log["data"], **{k: log["config"][k] for k in _CONFIG_FIELDS}}
+        settings = {key: log[key] for key in ("model", "data", *TRAIN_DEFAULTS)}
+        settings.update({key: log["config"][key] for key in train_config_defaults()})
     except (ValueError, KeyError, TypeError) as e:
         raise CommandError(f"--resume: {out / 'training.json'} is malformed ({type(e).__name__}: {e})") from None
     try:
@@ -413,7 +419,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out}: exists and is not a directory")
-    given = {key: getattr(args, key) for key in TRAIN_DEFAULTS if hasattr(args, key)}
+    defaults = {**TRAIN_DEFAULTS, **train_config_defaults()}
+    given = {key: getattr(args, key) for key in defaults if hasattr(args, key)}
     state = None
     if args.resume:
         fixed = [f"--{key.replace('_', '-')}" for key in FIXED_ON_RESUME
@@ -429,7 +436,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if args.model is None or args.data is None:
             raise CommandError("train needs --model and --data (or --resume, to continue the run in --out)")
-        settings = {**TRAIN_DEFAULTS, **given}
+        settings = {**defaults, **given}
         source, data_files = args.model, args.data
     overrides = preset_overrides(settings["set"]) if state is None else None  # a resumed run's model is --out's
     model, origin = load_model(source, device, settings["dtype"], overrides, settings["seed"])
@@ -441,7 +448,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CommandError(f"--context {context} is longer than the model's context_length "
                            f"{model.config.context_length}")
     data = train.TokenData(train.tokenize(data_files, tok), context, settings["val_fraction"])
-    config = train.TrainConfig(**{key: settings[key] for key in _CONFIG_FIELDS})
+    config = train.TrainConfig(**{key: settings[key] for key in train_config_defaults()})
     record = {"model": settings["model"] if state is not None else args.model, "set": settings["set"],
               "data": [str(Path(p).resolve()) for p in data_files], "context": context,
               "val_fraction": settings["val_fraction"], "dtype": settings["dtype"]}

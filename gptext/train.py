@@ -271,8 +271,8 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
     device = next(model.parameters()).device
     say = log or (lambda line: None)
     generator = torch.Generator().manual_seed(config.seed)
-    groups = parameter_groups(model, config.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate(0), betas=config.betas)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate(0),
+                                  betas=config.betas)
     held_out = data.held_out(config.eval_batches, config.batch_size) if config.eval_every else []
     history: list[dict] = []
     first, fingerprint = 1, data.fingerprint()
@@ -287,7 +287,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        return TrainState(step=step, history=[dict(r) for r in history], optimizer=optimizer.state_dict(),
+        return TrainState(step=step, history=list(history), optimizer=optimizer.state_dict(),
                           generator=generator.get_state(), data=fingerprint, weights=weights_digest(model),
                           rng=rng)
 
@@ -349,13 +349,15 @@ def _resume(resume: TrainState, model: GPT, fingerprint: str, config: TrainConfi
     if resume.weights != weights_digest(model):
         raise ValueError(f"the model's weights are not those the run to resume saved at step {resume.step}: "
                          f"load the checkpoint written with that state (in the dtype it was trained in)")
+    # load_state_dict brings back the saved groups' hyperparameters too; the fresh optimizer's
+    # (the config's) rule from here, as they would in a run that had not stopped (lr is set every step).
+    fresh = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(resume.optimizer)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"the saved optimizer state does not fit this model's parameters ({e})") from None
-    # The config's hyperparameters, not the saved ones, rule from here (lr is set every step).
-    for group, decay in zip(optimizer.param_groups, (config.weight_decay, 0.0)):
-        group["weight_decay"], group["betas"] = decay, config.betas
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
     try:
         generator.set_state(resume.generator)
         torch.set_rng_state(resume.rng["cpu"])
@@ -363,4 +365,4 @@ def _resume(resume: TrainState, model: GPT, fingerprint: str, config: TrainConfi
             torch.cuda.set_rng_state(resume.rng["cuda"], device)
     except (KeyError, RuntimeError, TypeError) as e:
         raise ValueError(f"the saved random state is malformed ({e})") from None
-    return [dict(r) for r in resume.history]
+    return list(resume.history)
