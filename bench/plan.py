@@ -144,6 +144,10 @@ _OSS_CPU_EXPERTS = ((1, 4, 32, 1536, 768, "swiglu"), (1, 4, 32, 768, 768, "route
 # And in a prefill, more routes than experts: the op groups them by expert.
 _OSS_GPU_PREFILL_EXPERTS = ((1024, 4, 32, 5760, 2880, "swiglu"),)
 _OSS_CPU_PREFILL_EXPERTS = ((64, 4, 32, 1536, 768, "swiglu"), (64, 4, 32, 768, 768, "routes"))
+# The backward of a short prefill (256 routes, 8 an expert) on a GPU: the route-by-route
+# reference differentiates a gather of a whole expert per route, so its cost grows with the
+# routes times all the experts' weights, and a longer prefill would take seconds a call.
+_OSS_GPU_BWD_EXPERTS = ((64, 4, 32, 5760, 2880, "swiglu"),)
 
 FAMILIES = {
     ("cpu", "quick"): (
@@ -202,6 +206,7 @@ FAMILIES = {
         Family("rope", "gpt-oss", ((4, 64, 4096, 64), (4, 8, 4096, 64))),
         Family("expert_linear", "decode", _OSS_GPU_EXPERTS),
         Family("expert_linear", "prefill", _OSS_GPU_PREFILL_EXPERTS),
+        Family("expert_linear_bwd", "prefill", _OSS_GPU_BWD_EXPERTS, first_dtype_only=True),
         Family("attention", "prefill", _attention(_GPU_PREFILL), first_dtype_only=True),
         Family("attention", "decode", _attention(_GPU_DECODE), first_dtype_only=True),
         Family("attention_bwd", "prefill", _attention(((1, 16, 16, 4096, 4096, 64), (1, 16, 16, 4096, 4096, 128))),

@@ -42,14 +42,15 @@ def machine() -> str:
     return f"{name}; gptext CPU build {info.get('cpu_isa')}; {torch.get_num_threads()} threads"
 
 
-def assert_close(actual, expected, dtype=None, scale=1.0):
-    """Compares with the tolerance of `dtype` (default: actual's), widened by `scale`.
+def assert_close(actual, expected, dtype=None, scale=1.0, msg=None):
+    """Compares with the tolerance of `dtype` (default: actual's), widened by `scale`; `msg`
+    names what is compared in the failure.
     The two may differ in width (an fp32 result against a float64 oracle): both are compared
     in the wider one."""
     rtol, atol = TOLERANCES[dtype or actual.dtype]
     wide = torch.promote_types(actual.dtype, expected.dtype)
     torch.testing.assert_close(actual.to(wide), expected.to(wide), rtol=rtol * scale, atol=atol * scale,
-                               msg=lambda m: f"{m}\non {machine()}")
+                               msg=lambda m: f"{msg + ': ' if msg else ''}{m}\non {machine()}")
 
 
 def oracle(fn, *args, **kwargs):

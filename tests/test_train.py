@@ -287,9 +287,10 @@ def test_cli_fine_tunes_a_checkpoint(checkpoint, corpus, tmp_path):
     assert [r.get("loss") for r in history] == pytest.approx([r.get("loss") for r in log["history"]])
     tuned = GPT.from_pretrained(out)
     for (name, a), b in zip(model.state_dict().items(), tuned.state_dict().values()):
-        assert_close(b, a), name
-    generated = subprocess.run([sys.executable, "-m", "gptext", "generate", "--model", str(out), "--prompt", "Beautiful",
-                                "--max-new-tokens", "4", "--temperature", "0"], capture_output=True, text=True)
+        assert_close(b, a, msg=name)
+    generated = subprocess.run([sys.executable, "-m", "gptext", "generate", "--model", str(out),
+                                "--prompt", "Beautiful", "--max-new-tokens", "4", "--temperature", "0"],
+                               capture_output=True, text=True)
     assert generated.returncode == 0, generated.stderr
 
 
