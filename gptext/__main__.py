@@ -447,14 +447,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if context > model.config.context_length:
         raise CommandError(f"--context {context} is longer than the model's context_length "
                            f"{model.config.context_length}")
-    data = train.TokenData(train.tokenize(data_files, tok), context, settings["val_fraction"])
+    if any(train.is_token_file(path) for path in data_files):
+        if len(data_files) != 1:
+            raise CommandError("--data takes text files or one token file (from `python -m gptext tokenize`), "
+                               "not a token file among other files")
+        data = train.TokenData.from_file(data_files[0], context, settings["val_fraction"], tokenizer=tok)
+    else:
+        data = train.TokenData(train.tokenize(data_files, tok), context, settings["val_fraction"])
     config = train.TrainConfig(**{key: settings[key] for key in train_config_defaults()})
     record = {"model": settings["model"] if state is not None else args.model, "set": settings["set"],
               "data": [str(Path(p).resolve()) for p in data_files], "context": context,
               "val_fraction": settings["val_fraction"], "dtype": settings["dtype"]}
     cfg = model.config
     print(f"train: {source} ({origin}, {model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
-          f"width {cfg.n_embd}) on {data.train.numel():,} tokens ({data.val.numel():,} held out), windows of "
+          f"width {cfg.n_embd}) on {data.train.size:,} tokens ({data.val.size:,} held out), windows of "
           f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}, "
           f"{settings['dtype']}")
 
@@ -489,6 +495,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 # A checkpoint directory's tokenizer and generation settings, copied beside the trained weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import gptext
+    from gptext import train
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise CommandError(f"--out {out}: is a directory (give the token file's name)")
+    if not out.parent.is_dir():
+        raise CommandError(f"--out {out}: no directory {out.parent} to write it into")
+    try:
+        tok = gptext.get_tokenizer(args.tokenizer)
+    except FileNotFoundError:
+        raise CommandError(f"--tokenizer {args.tokenizer}: has no tokenizer.json (a GPT-2 checkpoint without one "
+                           f"reads GPT-2's vocabulary: --tokenizer gpt2)") from None
+    chars = sum(Path(p).stat().st_size for p in args.files if Path(p).is_file())
+    start = time.perf_counter()
+    header = train.write_tokens(args.files, tok, out)
+    elapsed = time.perf_counter() - start
+    print(f"tokenize: wrote {out}: {header['count']:,} tokens ({header['dtype']}, largest id {header['max_id']}) "
+          f"from {len(args.files)} file{'s' if len(args.files) > 1 else ''} ({chars / 1e6:,.1f} MB) with "
+          f"{tok.name!r} in {elapsed:.1f} s ({header['count'] / max(elapsed, 1e-9):,.0f} tokens/s)")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -585,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--model", default=None,
                      help="checkpoint directory (GPT-2 or gpt-oss) or a preset name (not with --resume)")
     fit.add_argument("--data", default=None, nargs="+",
-                     help="UTF-8 text files to train on (with --resume: default, the run's own)")
+                     help="UTF-8 text files to train on, or one token file from `tokenize` (with --resume: "
+                          "default, the run's own)")
     fit.add_argument("--out", required=True, help="directory to write the trained checkpoint into")
     fit.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     fit.add_argument("--set", action="append", default=hide, metavar="KEY=VALUE",
@@ -611,6 +644,18 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
                      help="gptext's compiled kernels or the PyTorch reference (default auto)")
     fit.set_defaults(run=cmd_train)
+
+    tokenize = commands.add_parser(
+        "tokenize", help="encode text files once into a token file that train reads in place",
+        description="Encode UTF-8 text files (joined with <|endoftext|>) into a token file: a header (count, "
+                    "digest, tokenizer) and the tokens as uint16 or uint32, written atomically without holding the "
+                    "text's tokens in memory. train --data FILE reads it memory-mapped, so a corpus larger than "
+                    "memory trains, and checks that it was made with the model's tokenizer.")
+    tokenize.add_argument("files", nargs="+", help="UTF-8 text files")
+    tokenize.add_argument("--out", required=True, help="the token file to write")
+    tokenize.add_argument("--tokenizer", default="gpt2",
+                          help="gpt2 (shipped), or a checkpoint directory or tokenizer.json (default gpt2)")
+    tokenize.set_defaults(run=cmd_tokenize)
 
     demo = commands.add_parser(
         "demo", help="train a small GPT on a short text with gptext's ops, then generate from it",

@@ -39,7 +39,7 @@ def run(device: str = "cpu", steps: int = 200, seed: int = 0, prompt: str = "Bea
     cfg = GPTConfig(vocab_size=len(vocab), context_length=64, n_embd=128, n_layer=4, n_head=4)
     model = GPT(cfg).to(device)
     print(f"demo: a {model.num_parameters() / 1e6:.2f}M-parameter GPT ({cfg.n_layer} layers, width {cfg.n_embd}, "
-          f"{cfg.vocab_size}-token vocabulary) learns the Zen of Python ({data.train.numel()} tokens) on {device}")
+          f"{cfg.vocab_size}-token vocabulary) learns the Zen of Python ({data.train.size} tokens) on {device}")
 
     schedule = train.TrainConfig(steps=steps, batch_size=16, lr=2e-3, warmup=0, weight_decay=0.0, eval_every=0,
                                  log_every=50, seed=seed)

@@ -18,11 +18,26 @@ from pathlib import Path
 
 import tiktoken
 
-__all__ = ["get_tokenizer", "load_tokenizer"]
+__all__ = ["get_tokenizer", "load_tokenizer", "digest", "splits_at_line_starts"]
 
 DATA = Path(__file__).parent / "data"
 # GPT-2's pre-tokenisation pattern (contractions, letters, numbers, other symbols, spaces).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# cl100k's and o200k's (o200k_harmony's, gpt-oss's) patterns, as tiktoken writes them and as
+# tokenizer.json files made from those vocabularies carry them in a Split pre-tokenizer.
+CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+# Patterns under which a line start is always a split (see split_at_line_starts).
+LINE_SPLIT_PATTERNS = frozenset({GPT2_PATTERN, CL100K_PATTERN, O200K_PATTERN})
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 ENDOFTEXT = "<|endoftext|>"
 
@@ -92,6 +107,27 @@ def _pre_tokenizer_pattern(spec, file: Path) -> str:
             return steps[0]["pattern"]["Regex"]
     raise ValueError(f"{file}: pre_tokenizer {json.dumps(spec)[:200]} is not one gptext reads (ByteLevel with its "
                      f"regex, or Split(regex, isolated) then ByteLevel without one, neither adding a prefix space)")
+
+
+def splits_at_line_starts(tok: tiktoken.Encoding) -> bool:
+    """Whether `tok`'s pre-tokenisation always splits a text where a line that starts with an
+    ASCII letter or digit follows a line that ends in a printable, non-space ASCII character
+    (a newline between the two): true of GPT-2's, cl100k's and o200k's patterns, where no
+    piece holds a newline followed by a letter or digit and a lone newline is a piece of its
+    own whatever follows it. Text cut at such places encodes, piece by piece, to the tokens
+    of the whole."""
+    return tok._pat_str in LINE_SPLIT_PATTERNS
+
+
+def digest(tok: tiktoken.Encoding) -> str:
+    """A sha256 of what decides `tok`'s tokens (its split pattern, its ranks, its special
+    tokens): equal for two encodings that tokenize alike, whatever their names."""
+    h = hashlib.sha256(tok._pat_str.encode("utf-8"))
+    for token, rank in sorted(tok._mergeable_ranks.items(), key=lambda item: item[1]):
+        h.update(b"%d %d:" % (rank, len(token)) + token)
+    for token, rank in sorted(tok._special_tokens.items(), key=lambda item: item[1]):
+        h.update(b"special %d " % rank + token.encode("utf-8") + b"\n")
+    return h.hexdigest()
 
 
 def load_tokenizer(path: str | os.PathLike) -> tiktoken.Encoding:

@@ -8,6 +8,9 @@ accumulated over micro-batches, the loss on held-out tokens measured as it goes.
     history = train.train(model, data, train.TrainConfig(steps=500, batch_size=8))
     model.save_pretrained("gpt2-notes")
 
+A corpus too large for memory is encoded once into a token file (write_tokens: the tokens
+as uint16 or uint32 behind a JSON header), which TokenData.from_file reads memory-mapped.
+
 The model's forward and backward run on gptext's ops (kernels or reference, whichever the
 backend picks), so this is also how the ops' gradients are exercised end to end. Batches
 are windows of `context + 1` tokens at random offsets of the training split (a seeded
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,78 +96,304 @@ class TrainConfig:
         return low + (self.lr - low) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+# ---- data: text files, token files, training windows -----------------------------------
+
+TOKEN_FILE_FORMAT = "gptext.tokens/1"
+_TOKEN_MAGIC = b"GPTXTOK1"
+_TOKEN_ALIGN = 64  # the tokens start on a 64-byte boundary
+_CHUNK_CHARS = 1 << 20  # text encoded about a million characters at a time
+
+
+def _cut(text: str, lo: int = 0) -> int:
+    """The last place in `text`, after the newline at lo or later, where a tokenizer that
+    splits_at_line_starts always splits (a newline after a printable non-space ASCII
+    character, before an ASCII letter or digit), or 0 if there is none."""
+    end = len(text) - 1
+    while True:
+        i = text.rfind("\n", max(lo, 1), end)
+        if i < 1:
+            return 0
+        before, after = text[i - 1], text[i + 1]
+        if "!" <= before <= "~" and after.isascii() and after.isalnum():
+            return i + 1
+        end = i
+
+
+def _text_pieces(path: Path, split: bool, chunk_chars: int):
+    """The text of the UTF-8 file at `path` (newlines as Python's text mode reads them) in
+    pieces of about chunk_chars cut where `_cut` says, or whole when not `split`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            carry = ""
+            while True:
+                chunk = f.read(chunk_chars)
+                if not chunk:
+                    break
+                # Only the new text can hold a cut: the carried text had none (a long line).
+                carry, searched = carry + chunk, len(carry)
+                cut = _cut(carry, max(searched - 1, 0)) if split else 0
+                if cut:
+                    yield carry[:cut]
+                    carry = carry[cut:]
+            if carry:
+                yield carry
+    except FileNotFoundError:
+        raise FileNotFoundError(f"training data {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"training data {path}: a directory, not a text file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"training data {path}: not UTF-8 text ({e})") from None
+
+
+def encode_files(paths, tok, chunk_chars: int = _CHUNK_CHARS, threads: int | None = None):
+    """The UTF-8 text files at `paths` encoded with tiktoken encoding `tok` as plain text
+    (special-token strings in them are text, not control tokens), joined with <|endoftext|>
+    where the encoding has it: yields uint32 numpy arrays whose concatenation is the
+    stream. A file is read about chunk_chars characters at a time and its pieces encoded
+    on `threads` threads (default: the processor's cores) when the tokenizer splits at line
+    starts (tokenizer.splits_at_line_starts: GPT-2's, cl100k's and o200k's patterns), which
+    gives the tokens of the whole file; under any other pattern each file is encoded whole."""
+    import numpy as np
+
+    from .tokenizer import splits_at_line_starts
+
+    paths = [Path(p) for p in paths]
+    for path in paths:  # before any work: a misspelt name should not cost the files before it
+        if not path.exists():
+            raise FileNotFoundError(f"training data {path}: no such file")
+    try:
+        separator = np.array([tok.encode_single_token("<|endoftext|>")], dtype=np.uint32)
+    except KeyError:
+        separator = None
+    split, threads = splits_at_line_starts(tok), threads or os.cpu_count() or 1
+
+    def encoded(batch):
+        return [np.array(ids, dtype=np.uint32) for ids in tok.encode_ordinary_batch(batch, num_threads=threads)]
+
+    for i, path in enumerate(paths):
+        if i and separator is not None:
+            yield separator
+        batch = []
+        for piece in _text_pieces(path, split, chunk_chars):
+            batch.append(piece)
+            if len(batch) == threads:
+                yield from encoded(batch)
+                batch = []
+        if batch:
+            yield from encoded(batch)
+
+
 def tokenize(paths, tok) -> torch.Tensor:
     """The UTF-8 text files at `paths`, encoded with tiktoken encoding `tok` as plain text
     (special-token strings in them are text, not control tokens), joined with <|endoftext|>
-    where the encoding has it: a 1-d int64 tensor."""
+    where the encoding has it: a 1-d int64 tensor (in memory; write_tokens writes the same
+    stream to a file that TokenData reads in place)."""
+    import numpy as np
+
+    parts = list(encode_files(paths, tok))
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64)) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def write_tokens(paths, tok, out, chunk_chars: int = _CHUNK_CHARS) -> dict:
+    """Encodes the text files at `paths` as tokenize does and writes the stream to the token
+    file `out` (atomically), without holding it in memory: a header (a JSON dict: format,
+    dtype, count, max_id, the sha256 of the tokens as little-endian uint32, the tokenizer's
+    name, n_vocab and tokenizer.digest, the sources), then the tokens as little-endian
+    uint16 (a vocabulary of up to 65536 ids) or uint32, from a 64-byte boundary (the file
+    starts with 8 magic bytes and the header's length, a little-endian uint64). Returns
+    the header. TokenData.from_file reads it in place."""
+    import json
+
+    import numpy as np
+
+    from .tokenizer import digest as tokenizer_digest
+    from .weights import _atomic_write
+
+    out = Path(out)
+    dtype = np.dtype("<u2") if tok.n_vocab <= 1 << 16 else np.dtype("<u4")
+    header = {"format": TOKEN_FILE_FORMAT, "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
+              "count": 0, "max_id": -1, "sha256": "", "tokenizer": {"name": tok.name, "n_vocab": tok.n_vocab,
+                                                                    "sha256": tokenizer_digest(tok)},
+              "sources": [str(Path(p).resolve()) for p in paths]}
+    # Room for the header once its count, largest id and digest are known (no wider than these).
+    widest = {**header, "count": 10 ** 20, "max_id": 1 << 32, "sha256": "0" * 64}
+    room = _token_offset(len(json.dumps(widest).encode("utf-8")))
+
+    def write(tmp):
+        stream, count, largest = hashlib.sha256(), 0, -1
+        with open(tmp, "wb") as f:
+            f.seek(room)
+            for ids in encode_files(paths, tok, chunk_chars):
+                if ids.size:
+                    stream.update(ids.astype("<u4").tobytes())
+                    count, largest = count + ids.size, max(largest, int(ids.max()))
+                    ids.astype(dtype).tofile(f)
+            header.update(count=count, max_id=largest, sha256=stream.hexdigest())
+            text = json.dumps(header).encode("utf-8")
+            space = room - len(_TOKEN_MAGIC) - 8  # the header, padded with spaces up to the tokens
+            f.seek(0)
+            f.write(_TOKEN_MAGIC + space.to_bytes(8, "little") + text.ljust(space))
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write(out, write)
+    return header
+
+
+def _token_offset(header_bytes: int) -> int:
+    """Where a token file's tokens start after a header of header_bytes."""
+    return -(-(len(_TOKEN_MAGIC) + 8 + header_bytes) // _TOKEN_ALIGN) * _TOKEN_ALIGN
+
+
+def is_token_file(path) -> bool:
+    """Whether `path` is a file that starts as write_tokens's do."""
     try:
-        separator = [tok.encode_single_token("<|endoftext|>")]
-    except KeyError:
-        separator = []
-    ids: list[int] = []
-    for i, path in enumerate(paths):
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"training data {path}: no such file") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"training data {path}: not UTF-8 text ({e})") from None
-        ids += (separator if i else []) + tok.encode_ordinary(text)
-    return torch.tensor(ids, dtype=torch.long)
+        with open(path, "rb") as f:
+            return f.read(len(_TOKEN_MAGIC)) == _TOKEN_MAGIC
+    except OSError:
+        return False
+
+
+def read_tokens(path):
+    """(header, tokens) of the token file at `path` (write_tokens's): the tokens a read-only
+    numpy memmap (uint16 or uint32), nothing read yet. ValueError, naming the file, for a
+    file that is not one, has a malformed header, or is cut short."""
+    import json
+
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic, length = f.read(len(_TOKEN_MAGIC)), int.from_bytes(f.read(8), "little")
+            if magic != _TOKEN_MAGIC:
+                raise ValueError(f"token file {path}: not a gptext token file (write one with "
+                                 f"`python -m gptext tokenize` or train.write_tokens)")
+            if not 0 < length < 1 << 24:
+                raise ValueError(f"token file {path}: malformed header (length {length})")
+            header = json.loads(f.read(length).decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"token file {path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"token file {path}: malformed header ({e})") from None
+    fields = {"format": str, "dtype": str, "count": int, "max_id": int, "sha256": str, "tokenizer": dict}
+    if not isinstance(header, dict) or any(not isinstance(header.get(k), t) for k, t in fields.items()):
+        raise ValueError(f"token file {path}: malformed header (it needs {', '.join(fields)})")
+    if header["format"] != TOKEN_FILE_FORMAT or header["dtype"] not in ("uint16", "uint32"):
+        raise ValueError(f"token file {path}: format {header['format']!r} with dtype {header['dtype']!r} is not "
+                         f"{TOKEN_FILE_FORMAT!r} with uint16 or uint32")
+    dtype = np.dtype("<u2" if header["dtype"] == "uint16" else "<u4")
+    offset, count = _token_offset(length), header["count"]
+    size = path.stat().st_size
+    if size != offset + count * dtype.itemsize:
+        raise ValueError(f"token file {path}: {size} bytes where its header's {count:,} {header['dtype']} tokens "
+                         f"make {offset + count * dtype.itemsize}: the file is "
+                         + ("cut short" if size < offset + count * dtype.itemsize else "longer than its header says"))
+    if count == 0:
+        return header, np.zeros(0, dtype=dtype)
+    return header, np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+
+def _stream_digest(ids) -> str:
+    """The sha256 of a token stream as little-endian uint32 (a token file's header's)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for start in range(0, len(ids), 1 << 24):
+        h.update(np.ascontiguousarray(ids[start:start + (1 << 24)]).astype("<u4").tobytes())
+    return h.hexdigest()
 
 
 class TokenData:
     """A token stream split into training and held-out parts, served as (inputs, targets)
-    windows of `context` tokens, the targets the inputs shifted by one."""
+    windows of `context` tokens, the targets the inputs shifted by one. ids: a 1-d tensor or
+    numpy array of token ids (an array, a memory map included, is read in place);
+    TokenData.from_file reads a token file. `train` and `val` are the two parts (numpy
+    arrays), the held-out one the stream's last `val_fraction`."""
 
-    def __init__(self, ids: torch.Tensor, context: int, val_fraction: float = 0.1):
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.long, torch.int):
-            raise ValueError("ids must be a 1-d tensor of token ids (int64 or int32)")
+    def __init__(self, ids, context: int, val_fraction: float = 0.1, *, _digest: str | None = None,
+                 _max_id: int | None = None):
+        import numpy as np
+
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or ids.dtype not in (torch.long, torch.int):
+                raise ValueError("ids must be a 1-d tensor of token ids (int64 or int32)")
+            ids = ids.detach().cpu().numpy()
+        elif not (isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu"):
+            raise ValueError("ids must be a 1-d tensor or numpy array of token ids (integers)")
         if context < 1:
             raise ValueError(f"context must be at least 1, got {context}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if ids.numel() and int(ids.min()) < 0:
-            raise ValueError(f"token ids must not be negative, got {int(ids.min())}")
-        self.context = context
-        ids = ids.long().cpu()
-        held_out = math.ceil(ids.numel() * val_fraction) if val_fraction else 0
+        if _max_id is None and ids.size:
+            low, _max_id = int(ids.min()), int(ids.max())
+            if low < 0:
+                raise ValueError(f"token ids must not be negative, got {low}")
+            if _max_id >= 1 << 32:
+                raise ValueError(f"token ids must be below 2**32, got {_max_id}")
+        self.context, self._max_id, self._digest = context, -1 if _max_id is None else _max_id, _digest
+        held_out = math.ceil(ids.size * val_fraction) if val_fraction else 0
         if val_fraction and held_out < context + 1:
             held_out = context + 1  # at least one whole window
-        self.train, self.val = ids[:ids.numel() - held_out], ids[ids.numel() - held_out:]
-        if self.train.numel() < context + 1:
-            raise ValueError(f"{ids.numel()} tokens are too few for windows of {context} (+1) tokens"
+        self.train, self.val = ids[:ids.size - held_out], ids[ids.size - held_out:]
+        if self.train.size < context + 1:
+            raise ValueError(f"{ids.size} tokens are too few for windows of {context} (+1) tokens"
                              + (f" with {held_out} held out for evaluation" if held_out else "")
                              + ": give more text, a shorter context or a smaller val_fraction")
 
+    @classmethod
+    def from_file(cls, path, context: int, val_fraction: float = 0.1, tokenizer=None) -> "TokenData":
+        """The tokens of the token file at `path` (write_tokens's), read in place: memory-mapped,
+        its largest id and digest taken from its header. With `tokenizer` (a tiktoken
+        Encoding), a file written with another tokenizer raises ValueError."""
+        from .tokenizer import digest as tokenizer_digest
+
+        header, ids = read_tokens(path)
+        if tokenizer is not None and header["tokenizer"].get("sha256") != tokenizer_digest(tokenizer):
+            made = header["tokenizer"]
+            raise ValueError(f"token file {path} was written with tokenizer {made.get('name')!r} "
+                             f"({made.get('n_vocab')} ids), and this model's is {tokenizer.name!r} "
+                             f"({tokenizer.n_vocab} ids): tokenize the text again with this model's tokenizer")
+        try:
+            return cls(ids, context, val_fraction, _digest=header["sha256"], _max_id=header["max_id"])
+        except ValueError as e:
+            raise ValueError(f"token file {path}: {e}") from None
+
+    def __len__(self) -> int:
+        return self.train.size + self.val.size
+
     def max_id(self) -> int:
-        return int(torch.cat([self.train, self.val]).max())
+        return self._max_id
 
     def fingerprint(self) -> str:
         """A digest of the windows' source (the token stream, its split and context): equal
-        for the same data, different for any other."""
-        digest = hashlib.sha256(f"{self.context} {self.train.numel()} {self.val.numel()}".encode())
-        for part in (self.train, self.val):
-            digest.update(part.numpy().tobytes())
-        return digest.hexdigest()
+        for the same data however it was given, different for any other."""
+        if self._digest is None:
+            import numpy as np
+
+            self._digest = _stream_digest(np.concatenate([self.train, self.val]) if self.val.size else self.train)
+        return hashlib.sha256(f"{self.context} {self.train.size} {self.val.size} {self._digest}".encode()).hexdigest()
+
+    def _windows(self, part, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import numpy as np
+
+        chunk = torch.from_numpy(part[offsets.numpy()[:, None] + np.arange(self.context + 1)].astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
 
     def sample(self, windows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """`windows` random training windows: (inputs, targets), each (windows, context)."""
-        offsets = torch.randint(0, self.train.numel() - self.context, (windows,), generator=generator)
-        chunk = self.train[offsets[:, None] + torch.arange(self.context + 1)]
-        return chunk[:, :-1], chunk[:, 1:]
+        """`windows` random training windows: (inputs, targets), each (windows, context), int64."""
+        offsets = torch.randint(0, self.train.size - self.context, (windows,), generator=generator)
+        return self._windows(self.train, offsets)
 
     def held_out(self, batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Up to batches x batch_size evenly spaced held-out windows, in batches (none if
         nothing is held out)."""
-        room = self.val.numel() - self.context
+        room = self.val.size - self.context
         if room < 1 or batches < 1:
             return []
         count = min(batches * batch_size, room)
-        offsets = torch.linspace(0, room - 1, count).long()
-        chunk = self.val[offsets[:, None] + torch.arange(self.context + 1)]
-        return [(c[:, :-1], c[:, 1:]) for c in chunk.split(batch_size)]
+        inputs, targets = self._windows(self.val, torch.linspace(0, room - 1, count).long())
+        return list(zip(inputs.split(batch_size), targets.split(batch_size)))
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -183,6 +413,9 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+TRAIN_STATE_FORMAT = "gptext.TrainState/2"  # 2: TokenData.fingerprint of the stream's uint32 digest
 
 
 @dataclass
@@ -208,7 +441,7 @@ class TrainState:
         TrainState.load reads it back without unpickling code)."""
         from .weights import _atomic_write
 
-        record = {"format": "gptext.TrainState/1", **{name: getattr(self, name) for name in self._FIELDS}}
+        record = {"format": TRAIN_STATE_FORMAT, **{name: getattr(self, name) for name in self._FIELDS}}
         _atomic_write(Path(path), lambda tmp: torch.save(record, tmp))
 
     @classmethod
@@ -221,7 +454,10 @@ class TrainState:
             raise FileNotFoundError(f"training state {path}: no such file") from None
         except Exception as e:  # truncated, not a torch file, or holding more than tensors and containers
             raise ValueError(f"training state {path}: unreadable ({type(e).__name__}: {e})") from None
-        if not isinstance(record, dict) or record.get("format") != "gptext.TrainState/1":
+        if isinstance(record, dict) and record.get("format") == "gptext.TrainState/1":
+            raise ValueError(f"training state {path}: written by an earlier gptext, whose fingerprint of the data "
+                             f"this one no longer computes: the run cannot be resumed")
+        if not isinstance(record, dict) or record.get("format") != TRAIN_STATE_FORMAT:
             raise ValueError(f"training state {path}: not a gptext training state")
         missing = [name for name in cls._FIELDS if name not in record]
         if missing:

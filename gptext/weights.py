@@ -411,12 +411,19 @@ def load_gpt_oss_original(path, dtype: torch.dtype | None = None, device=None) -
     return _assign(model, state, unknown, directory, device, lambda ours: theirs.get(ours, ours))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(target: Path, write) -> None:
     """write(temp_path) then rename over target: readers never see a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary name only
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

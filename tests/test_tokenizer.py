@@ -35,8 +35,7 @@ def test_unknown_and_damaged(tmp_path, monkeypatch):
 
 TEXTS = ["Hello, I am", "", "  spaces  and\nnewlines\t\r\n", "héllo wörld ✓ 日本語 🙂", "I'll've we're 12345 6789012",
          "def f(x):\n    return x**2  # comment", "ALLCAPS mixedCase dont't"]
-CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+CL100K_PATTERN = tokenizer.CL100K_PATTERN
 
 
 def _converted(pattern):

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,7 +60,7 @@ def test_config_rejects_bad_values(field, value, match):
 
 def test_token_data_windows():
     data = train.TokenData(torch.arange(1000), context=16, val_fraction=0.1)
-    assert data.train.numel() == 900 and data.val.numel() == 100
+    assert data.train.size == 900 and data.val.size == 100 and len(data) == 1000
     x, y = data.sample(64, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (64, 16) and torch.equal(y, x + 1)  # targets: the next token
     assert int(y.max()) < 900  # training windows never reach the held-out tokens
@@ -69,13 +70,21 @@ def test_token_data_windows():
     assert int(starts.min()) == 900 and int(held[-1][1].max()) == 999  # evenly over all of the held-out part
     assert all(torch.equal(a[0], b[0]) for a, b in zip(held, data.held_out(2, 4)))  # the same windows every time
     assert train.TokenData(torch.arange(100), context=16, val_fraction=0.0).held_out(2, 4) == []
-    assert train.TokenData(torch.arange(100), context=16, val_fraction=0.01).val.numel() == 17  # one whole window
+    assert train.TokenData(torch.arange(100), context=16, val_fraction=0.01).val.size == 17  # one whole window
     with pytest.raises(ValueError, match="too few"):
         train.TokenData(torch.arange(30), context=16, val_fraction=0.1)
     with pytest.raises(ValueError, match="1-d"):
         train.TokenData(torch.zeros(4, 4, dtype=torch.long), context=2)
     with pytest.raises(ValueError, match="negative"):
         train.TokenData(torch.tensor([1, -2, 3, 4]), context=2, val_fraction=0.0)
+    with pytest.raises(ValueError, match="below 2\\*\\*32"):
+        train.TokenData(torch.tensor([1, 2 ** 32, 3, 4]), context=2, val_fraction=0.0)
+    with pytest.raises(ValueError, match="1-d tensor or numpy array"):
+        train.TokenData(np.arange(10.0), context=2)
+    # A numpy array is read in place, with the tensor's windows.
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a, b = train.TokenData(torch.arange(1000), 16).sample(8, g1), train.TokenData(np.arange(1000), 16).sample(8, g2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_tokenize_joins_files_with_endoftext(tmp_path):
@@ -232,13 +241,17 @@ def test_train_state_files(tmp_path):
     torch.save({"step": 1}, path)
     with pytest.raises(ValueError, match="not a gptext training state"):
         train.TrainState.load(path)
-    torch.save({"format": "gptext.TrainState/1", "step": 1, "history": []}, path)
+    torch.save({"format": "gptext.TrainState/1", **{k: getattr(state, k) for k in state._FIELDS}}, path)
+    with pytest.raises(ValueError, match="written by an earlier gptext"):
+        train.TrainState.load(path)
+    torch.save({"format": train.TRAIN_STATE_FORMAT, "step": 1, "history": []}, path)
     with pytest.raises(ValueError, match="missing optimizer, generator, data, weights, rng"):
         train.TrainState.load(path)
-    torch.save({"format": "gptext.TrainState/1", **{k: getattr(state, k) for k in state._FIELDS}, "step": "2"}, path)
+    torch.save({"format": train.TRAIN_STATE_FORMAT, **{k: getattr(state, k) for k in state._FIELDS}, "step": "2"},
+               path)
     with pytest.raises(ValueError, match="wrong type"):
         train.TrainState.load(path)
-    torch.save({"format": "gptext.TrainState/1", **{k: getattr(state, k) for k in state._FIELDS},
+    torch.save({"format": train.TRAIN_STATE_FORMAT, **{k: getattr(state, k) for k in state._FIELDS},
                 "history": [_Stop()]}, path)  # an object to unpickle: refused, never run
     with pytest.raises(ValueError, match="unreadable"):
         train.TrainState.load(path)
