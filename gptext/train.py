@@ -209,12 +209,12 @@ def write_tokens(paths, tok, out, chunk_chars: int = _CHUNK_CHARS) -> dict:
     from .tokenizer import digest as tokenizer_digest
     from .weights import _atomic_write
 
-    out = Path(out)
+    out, paths = Path(out), [Path(p) for p in paths]
     dtype = np.dtype("<u2") if tok.n_vocab <= 1 << 16 else np.dtype("<u4")
     header = {"format": TOKEN_FILE_FORMAT, "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
               "count": 0, "max_id": -1, "sha256": "", "tokenizer": {"name": tok.name, "n_vocab": tok.n_vocab,
                                                                     "sha256": tokenizer_digest(tok)},
-              "sources": [str(Path(p).resolve()) for p in paths]}
+              "sources": [str(p.resolve()) for p in paths]}
     # Room for the header once its count, largest id and digest are known (no wider than these).
     widest = {**header, "count": 10 ** 20, "max_id": 1 << 32, "sha256": "0" * 64}
     room = _token_offset(len(json.dumps(widest).encode("utf-8")))

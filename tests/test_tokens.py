@@ -103,7 +103,7 @@ def test_a_vocabulary_beyond_65536_ids_stores_uint32(tmp_path):
     tok = _encoding(tokenizer.GPT2_PATTERN, {"<|endoftext|>": 70000})
     path = tmp_path / "a.txt"
     path.write_text("Hello there.\n", encoding="utf-8")
-    header = train.write_tokens([path, path], tok, tmp_path / "a.tokens")
+    header = train.write_tokens((p for p in [path, path]), tok, tmp_path / "a.tokens")  # any iterable
     _, ids = train.read_tokens(tmp_path / "a.tokens")
     assert header["dtype"] == "uint32" and ids.dtype == np.uint32 and header["max_id"] == 70000
     assert ids.tolist() == train.tokenize([path, path], tok).tolist() and 70000 in ids.tolist()
