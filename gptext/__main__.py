@@ -403,6 +403,41 @@ def saved_run(out) -> tuple[dict, "object"]:
     return settings, state
 
 
+def token_file(data_files) -> bool:
+    """Whether --data names a token file (then it is the only file), rather than text files."""
+    from gptext import train
+
+    if not any(train.is_token_file(path) for path in data_files):
+        return False
+    if len(data_files) != 1:
+        raise CommandError("--data takes text files or one token file (from `python -m gptext tokenize`), "
+                           "not a token file among other files")
+    return True
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import gptext
+    from gptext import train
+
+    gptext.set_backend(args.backend)
+    device = args.device or default_device()
+    model, origin = load_model(args.model, device, args.dtype or ("bfloat16" if device.startswith("cuda")
+                                                                  else "float32"))
+    tok = tokenizer_for(args.model, model, "eval")
+    ids = train.read_tokens(args.data[0], tok)[1] if token_file(args.data) else train.tokenize(args.data, tok)
+    result = train.perplexity(model, ids, args.context, args.stride, args.batch_size)
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, **result}))
+    else:
+        print(f"eval: {args.model} ({origin}) on {len(ids):,} tokens: loss {result['loss']:.4f}, perplexity "
+              f"{result['perplexity']:.3f} over {result['tokens']:,} predicted tokens in {result['windows']:,} "
+              f"windows of {result['context']} (stride {result['stride']}); {result['seconds']:.1f} s, "
+              f"{result['tokens'] / max(result['seconds'], 1e-9):,.0f} tokens/s on {device}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
     import json
@@ -447,10 +482,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if context > model.config.context_length:
         raise CommandError(f"--context {context} is longer than the model's context_length "
                            f"{model.config.context_length}")
-    if any(train.is_token_file(path) for path in data_files):
-        if len(data_files) != 1:
-            raise CommandError("--data takes text files or one token file (from `python -m gptext tokenize`), "
-                               "not a token file among other files")
+    if token_file(data_files):
         data = train.TokenData.from_file(data_files[0], context, settings["val_fraction"], tokenizer=tok)
     else:
         data = train.TokenData(train.tokenize(data_files, tok), context, settings["val_fraction"])
@@ -644,6 +676,25 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
                      help="gptext's compiled kernels or the PyTorch reference (default auto)")
     fit.set_defaults(run=cmd_train)
+
+    ev = commands.add_parser(
+        "eval", help="a model's loss and perplexity on text files or a token file",
+        description="The mean next-token loss and perplexity of a model on UTF-8 text files (joined with "
+                    "<|endoftext|>, tokenized as train does) or one token file: every token but the first "
+                    "predicted once, through windows of --context tokens starting every --stride tokens, each "
+                    "token scored in the first window that predicts it.")
+    ev.add_argument("--model", required=True, help="checkpoint directory (GPT-2 or gpt-oss) or a preset name")
+    ev.add_argument("--data", required=True, nargs="+", help="UTF-8 text files, or one token file from `tokenize`")
+    ev.add_argument("--context", type=int, default=None, help="window length in tokens (default: the model's)")
+    ev.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context / 2)")
+    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    ev.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="default: bfloat16 on CUDA, float32 on CPU")
+    ev.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
+                    help="gptext's compiled kernels or the PyTorch reference (default auto)")
+    ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ev.set_defaults(run=cmd_eval)
 
     tokenize = commands.add_parser(
         "tokenize", help="encode text files once into a token file that train reads in place",

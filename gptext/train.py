@@ -254,13 +254,16 @@ def is_token_file(path) -> bool:
         return False
 
 
-def read_tokens(path):
+def read_tokens(path, tokenizer=None):
     """(header, tokens) of the token file at `path` (write_tokens's): the tokens a read-only
     numpy memmap (uint16 or uint32), nothing read yet. ValueError, naming the file, for a
-    file that is not one, has a malformed header, or is cut short."""
+    file that is not one, has a malformed header, or is cut short, and with `tokenizer` (a
+    tiktoken Encoding) for one written with another tokenizer."""
     import json
 
     import numpy as np
+
+    from .tokenizer import digest as tokenizer_digest
 
     path = Path(path)
     try:
@@ -282,6 +285,11 @@ def read_tokens(path):
     if header["format"] != TOKEN_FILE_FORMAT or header["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"token file {path}: format {header['format']!r} with dtype {header['dtype']!r} is not "
                          f"{TOKEN_FILE_FORMAT!r} with uint16 or uint32")
+    if tokenizer is not None and header["tokenizer"].get("sha256") != tokenizer_digest(tokenizer):
+        made = header["tokenizer"]
+        raise ValueError(f"token file {path} was written with tokenizer {made.get('name')!r} "
+                         f"({made.get('n_vocab')} ids), and this model's is {tokenizer.name!r} "
+                         f"({tokenizer.n_vocab} ids): tokenize the text again with this model's tokenizer")
     dtype = np.dtype("<u2" if header["dtype"] == "uint16" else "<u4")
     offset, count = _token_offset(length), header["count"]
     size = path.stat().st_size
@@ -346,14 +354,7 @@ class TokenData:
         """The tokens of the token file at `path` (write_tokens's), read in place: memory-mapped,
         its largest id and digest taken from its header. With `tokenizer` (a tiktoken
         Encoding), a file written with another tokenizer raises ValueError."""
-        from .tokenizer import digest as tokenizer_digest
-
-        header, ids = read_tokens(path)
-        if tokenizer is not None and header["tokenizer"].get("sha256") != tokenizer_digest(tokenizer):
-            made = header["tokenizer"]
-            raise ValueError(f"token file {path} was written with tokenizer {made.get('name')!r} "
-                             f"({made.get('n_vocab')} ids), and this model's is {tokenizer.name!r} "
-                             f"({tokenizer.n_vocab} ids): tokenize the text again with this model's tokenizer")
+        header, ids = read_tokens(path, tokenizer)
         try:
             return cls(ids, context, val_fraction, _digest=header["sha256"], _max_id=header["max_id"])
         except ValueError as e:
@@ -483,6 +484,71 @@ def evaluate(model: GPT, batches, device) -> float:
         return total / count
     finally:
         model.train(was_training)
+
+
+def windows(tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows that score a stream of `tokens` tokens once each: (begin, end, first) with
+    inputs ids[begin:end], targets ids[begin + 1:end + 1], and only the targets from index
+    `first` on scored (the earlier ones were scored by the window before). Windows of
+    `context` tokens (or of all but the last token, in a shorter stream) start every `stride`
+    tokens, the last one moved back to end at the stream's end, so that every token after
+    the first `context` is predicted from at least context - stride tokens before it."""
+    if context < 1 or not 1 <= stride <= context:
+        raise ValueError(f"need context >= 1 and 1 <= stride <= context, got context {context}, stride {stride}")
+    spans, done, begin = [], 0, 0  # targets 1..done are scored
+    while done < tokens - 1:
+        end = min(begin + context, tokens - 1)
+        spans.append((max(0, end - context), end, done + 1))
+        done, begin = end, begin + stride
+    return spans
+
+
+@torch.no_grad()
+def perplexity(model: GPT, ids, context: int | None = None, stride: int | None = None, batch_size: int = 4) -> dict:
+    """The mean next-token loss of `model` over the token stream `ids` (a 1-d tensor or numpy
+    array: tokenize's, a token file's) and its exponential, the perplexity: every token but
+    the first predicted once, through windows of `context` tokens (default: the model's
+    context_length) that start every `stride` tokens (default: context / 2), each token
+    scored in the first window that predicts it (see `windows`), `batch_size` windows a
+    forward pass, in eval mode. Returns {"loss", "perplexity", "tokens" (scored),
+    "windows", "context", "stride", "seconds"}."""
+    import numpy as np
+
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    if not (isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu"):
+        raise ValueError("ids must be a 1-d tensor or numpy array of token ids (integers)")
+    if ids.size < 2:
+        raise ValueError(f"{ids.size} token(s): perplexity needs at least two, one to predict from and one to predict")
+    context = model.config.context_length if context is None else context
+    if context > model.config.context_length:
+        raise ValueError(f"context {context} is longer than the model's context_length {model.config.context_length}")
+    stride = max(1, context // 2) if stride is None else stride
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    spans = windows(ids.size, context, stride)
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    total, scored, start = 0.0, 0, time.perf_counter()
+    try:
+        for first in range(0, len(spans), batch_size):  # the windows are all one length
+            batch = spans[first:first + batch_size]
+            chunk = np.stack([ids[b:e + 1] for b, e, _ in batch]).astype(np.int64)
+            low, high = int(chunk.min()), int(chunk.max())
+            if low < 0 or high >= model.config.vocab_size:
+                raise ValueError(f"the tokens hold id {low if low < 0 else high}, outside the model's vocabulary "
+                                 f"of {model.config.vocab_size}: they were tokenized for another model")
+            x, y = torch.from_numpy(chunk[:, :-1]), torch.from_numpy(chunk[:, 1:]).clone()
+            for row, (b, _, keep) in enumerate(batch):
+                y[row, :keep - b - 1] = -1  # targets the window before scored
+            count = int((y >= 0).sum())
+            _, loss = model(x.to(device), y.to(device))
+            total, scored = total + float(loss) * count, scored + count
+    finally:
+        model.train(was_training)
+    mean = total / scored
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": scored, "windows": len(spans),
+            "context": context, "stride": stride, "seconds": time.perf_counter() - start}
 
 
 def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str], None] | None = print,
