@@ -3,8 +3,9 @@
 // calls in place of torch.ops.gptext.<op> outside torch.compile:
 //
 //   _try_<op>   what each public op calls first. It serves the call when the direct path
-//               is on (_set_direct: backend not 'reference', no profiling observer) and the
-//               first argument is a plain CPU tensor of a kernel dtype, and its arguments
+//               is on (_set_direct: backend not 'reference', no profiling observer), the
+//               first argument is a plain CPU tensor of a kernel dtype, no CPU autocast
+//               region is open (ops.py casts the arguments inside one), and the arguments
 //               pass the op's C++ checks (ops_common.h). Otherwise it returns None, and
 //               ops.py runs its own checks, which raise the error in the op's words or call
 //               _call_<op>. torch.compile traces a polyfill in its place that always
@@ -22,6 +23,7 @@
 // torch._C._AutoDispatchBelowAutograd. The GIL is released around the call, as torch's
 // own bindings release it. On a 1x1024 CPU softmax the Python checks and the
 // is_compiling test that _try_<op> stands in for cost about 0.9 us, more than the kernel.
+#include <ATen/autocast_mode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
@@ -167,12 +169,14 @@ auto parse(Args& a) {
 std::atomic<bool> g_direct{false};
 
 // Whether a _try_<op> entry point takes a call whose first argument is obj: a plain tensor
-// (or nn.Parameter) on the CPU, of a dtype the kernels take.
+// (or nn.Parameter) on the CPU, of a dtype the kernels take, outside a CPU torch.autocast
+// region (under one, ops.py casts the arguments first).
 bool servable(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) return false;
   const at::Tensor& t = THPVariable_Unpack(obj);
   const at::ScalarType dtype = t.scalar_type();
-  return t.is_cpu() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
+  return t.is_cpu() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
+         !at::autocast::is_autocast_enabled(at::kCPU);
 }
 
 // Whether the Python error now set is one that sends a _try_<op> call on to ops.py's checks

@@ -403,6 +403,14 @@ def saved_run(out) -> tuple[dict, "object"]:
     return settings, state
 
 
+def autocast_arg(value: str) -> str | None:
+    """--autocast's value as TrainConfig.autocast takes it."""
+    try:
+        return {"bf16": "bfloat16", "bfloat16": "bfloat16", "none": None}[value]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give bf16 or none") from None
+
+
 def token_file(data_files) -> bool:
     """Whether --data names a token file (then it is the only file), rather than text files."""
     from gptext import train
@@ -494,7 +502,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"train: {source} ({origin}, {model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
           f"width {cfg.n_embd}) on {data.train.size:,} tokens ({data.val.size:,} held out), windows of "
           f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}, "
-          f"{settings['dtype']}")
+          f"{settings['dtype']}" + (f" under {config.autocast} autocast" if config.autocast else ""))
 
     def checkpoint(saved: train.TrainState) -> None:
         # The weights first, the state (which names their digest) after them, the settings last:
@@ -673,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     fit.add_argument("--dtype", choices=sorted(DTYPES), default=hide,
                      help="weights, gradients and optimizer state (default float32; bfloat16 keeps no float32 copy)")
+    fit.add_argument("--autocast", type=autocast_arg, default=hide, metavar="{bf16,none}",
+                     help="bf16: mixed precision, the forward passes under torch.autocast in bfloat16 with float32 "
+                          "weights, gradients and optimizer state (default none)")
     fit.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
                      help="gptext's compiled kernels or the PyTorch reference (default auto)")
     fit.set_defaults(run=cmd_train)

@@ -253,6 +253,8 @@ def _steps(model, tokens, pad, max_new_tokens, temperature, top_k, top_p, eos_to
     if max_new_tokens == 0:
         return
     weight = model.lm_head.weight
+    # Under torch.autocast the projections' keys and values come in the region's dtype.
+    dtype = ops._autocast_dtype(weight) or weight.dtype
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
     if cuda_graph is None:
@@ -260,10 +262,10 @@ def _steps(model, tokens, pad, max_new_tokens, temperature, top_k, top_p, eos_to
     if max_new_tokens == 1:
         decoder = None  # the prefill alone gives the one token: no cache, and the held graph stays
     elif cuda_graph:
-        decoder = _graph_decoder(model, batch, total, weight.dtype, weight.device)
+        decoder = _graph_decoder(model, batch, total, dtype, weight.device)
         decoder.reset(pad)
     else:
-        decoder = _EagerDecoder(model, KVCache(model, batch, total, weight.dtype, weight.device), pad)
+        decoder = _EagerDecoder(model, KVCache(model, batch, total, dtype, weight.device), pad)
 
     # Prefill: every prompt token at once, keys and values into slots [0, prompt_len).
     slots = torch.arange(prompt_len, device=tokens.device)

@@ -25,6 +25,7 @@ import json
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -481,6 +482,48 @@ def _attention_kernels(q: torch.Tensor) -> bool:
     return _use_kernels("attention", q) if gap is None else _fall_back("attention", gap)
 
 
+# ---- torch.autocast ------------------------------------------------------------------------
+# Inside a torch.autocast region the ops cast their floating-point arguments as PyTorch's
+# own ops of the same kind do: the products (linear, ffn, attention, expert_linear) run in
+# the region's dtype, and the normalisations in the widest of their arguments' dtypes (so
+# float32 weights keep the residual stream and the normed rows in float32). A float32
+# residual added to a product is added after it, in float32, as `F.linear(...) + residual`
+# would be. softmax and rope keep their input's dtype (their math is float32 already;
+# rope's cos and sin are float32). The casts are differentiable: gradients reach float32
+# weights in float32. Outside a region nothing changes; the CPU entry points decline calls
+# inside one (csrc/python_module.cpp), which then come here.
+
+def _autocast_dtype(x) -> torch.dtype | None:
+    """The dtype of the torch.autocast region enabled for tensor x's device type, else None."""
+    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+        return None
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda"):
+        return None
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _autocast_off(x: torch.Tensor):
+    """A region with autocast off on x's device type: an op runs there once it has cast its
+    arguments, so that the reference computes as it does outside autocast."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _cast(dtype: torch.dtype, *tensors):
+    """The floating-point tensors among `tensors` in `dtype` (others as they are)."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+                 for t in tensors)
+
+
+def _widest(*tensors) -> torch.dtype:
+    """The widest floating-point dtype among `tensors` (None entries ignored)."""
+    dtype = None
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 # ---- the ops ----------------------------------------------------------------------------------
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causal: bool = False,
@@ -527,6 +570,10 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 @_observed("layernorm")
 def _layernorm(x, weight, bias=None, eps=1e-5):
+    if _autocast_dtype(x) is not None:
+        x, weight, bias = _cast(_widest(x, weight, bias), x, weight, bias)
+        with _autocast_off(x):
+            return _layernorm.__wrapped__(x, weight, bias, eps)
     _check_norm("layernorm", x, weight, bias, eps)
     if _use_kernels("layernorm", x):
         return _compiled("layernorm", x, weight, bias, eps)[0]
@@ -543,6 +590,10 @@ def layernorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 @_observed("layernorm_residual")
 def _layernorm_residual(x, residual, weight, bias=None, eps=1e-5):
+    if _autocast_dtype(x) is not None:
+        x, residual, weight, bias = _cast(_widest(x, residual, weight, bias), x, residual, weight, bias)
+        with _autocast_off(x):
+            return _layernorm_residual.__wrapped__(x, residual, weight, bias, eps)
     _check_norm_residual("layernorm_residual", x, residual, weight, bias, eps)
     if _use_kernels("layernorm_residual", x):
         out, total, _, _ = _compiled("layernorm_residual", x, residual, weight, bias, eps)
@@ -558,6 +609,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
 
 @_observed("rmsnorm")
 def _rmsnorm(x, weight, eps=1e-5):
+    if _autocast_dtype(x) is not None:
+        x, weight = _cast(_widest(x, weight), x, weight)
+        with _autocast_off(x):
+            return _rmsnorm.__wrapped__(x, weight, eps)
     _check_norm("rmsnorm", x, weight, None, eps)
     if _use_kernels("rmsnorm", x):
         return _compiled("rmsnorm", x, weight, eps)[0]
@@ -574,6 +629,10 @@ def rmsnorm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 
 @_observed("rmsnorm_residual")
 def _rmsnorm_residual(x, residual, weight, eps=1e-5):
+    if _autocast_dtype(x) is not None:
+        x, residual, weight = _cast(_widest(x, residual, weight), x, residual, weight)
+        with _autocast_off(x):
+            return _rmsnorm_residual.__wrapped__(x, residual, weight, eps)
     _check_norm_residual("rmsnorm_residual", x, residual, weight, None, eps)
     if _use_kernels("rmsnorm_residual", x):
         out, total, _ = _compiled("rmsnorm_residual", x, residual, weight, eps)
@@ -595,6 +654,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 @_observed("linear")
 def _linear(x, weight, bias=None, activation=None, residual=None):
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight, bias = _cast(dtype, x, weight, bias)
+        with _autocast_off(x):
+            if isinstance(residual, torch.Tensor) and residual.dtype != dtype:
+                return _linear.__wrapped__(x, weight, bias, activation) + residual
+            return _linear.__wrapped__(x, weight, bias, activation, residual)
     _check_linear("linear", x, weight, bias, activation, residual)
     if _use_kernels("linear", x):
         return _compiled("linear", x, weight, bias, activation or "none", residual)
@@ -611,6 +677,13 @@ def ffn(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
 
 @_observed("ffn")
 def _ffn(x, w_fc, b_fc, w_proj, b_proj, residual=None):
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, w_fc, b_fc, w_proj, b_proj = _cast(dtype, x, w_fc, b_fc, w_proj, b_proj)
+        with _autocast_off(x):
+            if isinstance(residual, torch.Tensor) and residual.dtype != dtype:
+                return _ffn.__wrapped__(x, w_fc, b_fc, w_proj, b_proj) + residual
+            return _ffn.__wrapped__(x, w_fc, b_fc, w_proj, b_proj, residual)
     _check_ffn(x, w_fc, b_fc, w_proj, b_proj, residual)
     if _use_kernels("ffn", x):
         return _compiled("ffn", x, w_fc, b_fc, w_proj, b_proj, residual)
@@ -693,6 +766,11 @@ def _expert_linear_grads(grad, x, weight, bias, experts, activation, limit, need
 
 @_observed("expert_linear")
 def _expert_linear(x, weight, bias, experts, activation=None, limit=7.0):
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight, bias = _cast(dtype, x, weight, bias)
+        with _autocast_off(x):
+            return _expert_linear.__wrapped__(x, weight, bias, experts, activation, limit)
     limit = float(limit)
     _check_expert_linear(x, weight, bias, experts, activation, limit)
     if _use_kernels("expert_linear", x):
@@ -737,6 +815,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 @_observed("attention")
 def _attention(q, k, v, causal=True, window=None, sinks=None, scale=None, *, kv_starts=None, kv_lens=None):
+    dtype = _autocast_dtype(q)
+    if dtype is not None:
+        q, k, v = _cast(dtype, q, k, v)  # the sinks stay as they are (float32 side inputs)
+        with _autocast_off(q):
+            return _attention.__wrapped__(q, k, v, causal, window, sinks, scale, kv_starts=kv_starts, kv_lens=kv_lens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     window = 0 if window is None else int(window)
     _check_attention(q, k, v, causal, window, sinks, scale, kv_starts, kv_lens)
@@ -746,6 +829,44 @@ def _attention(q, k, v, causal=True, window=None, sinks=None, scale=None, *, kv_
 
 
 # ---- autograd formulas and fake implementations of the compiled ops ------------------------
+
+def _backward_in_storage_dtype(x: torch.Tensor) -> bool:
+    """Whether linear's and ffn's backward products run in x's 16-bit dtype itself (fp32
+    accumulation inside the GEMM, one rounding of each result) rather than in float32: on
+    CUDA, and on a CPU whose bf16 (fp16) products gptext runs on the processor's own bf16
+    (fp16) dot products (build_info's cpu_bf16_gemm, cpu_f16_gemm); elsewhere torch's 16-bit
+    CPU matmul is far slower than converting to float32 first."""
+    if x.dtype == torch.float32:
+        return False
+    if x.device.type != "cpu":
+        return True
+    key = {torch.bfloat16: ("cpu_bf16_gemm", "bf16"), torch.float16: ("cpu_f16_gemm", "fp16")}.get(x.dtype)
+    return key is not None and _build().get(key[0]) == key[1]
+
+
+def _linear_grads(grad, x, weight, bias, activation, pre=None):
+    """Gradients of linear(x, weight, bias, activation) with respect to x, weight and bias.
+    In float32, and for 16-bit inputs where _backward_in_storage_dtype says no, the
+    reference's (every product in float32, each result rounded once). Otherwise the products
+    run in the inputs' dtype, as eager PyTorch's backward does: the activation's slope at
+    the pre-activation (`pre`, or recomputed) taken in float32, the bias gradient summed in
+    float32 from the unrounded result, the two GEMMs on its rounding to the inputs' dtype."""
+    if not _backward_in_storage_dtype(x):
+        return reference.linear_backward(grad, x, weight, bias, activation)
+    out_features, in_features = weight.shape
+    if activation in ("gelu", "relu"):
+        pre = F.linear(x, weight, bias) if pre is None else pre
+        slope = reference.gelu_tanh_grad(pre.float()) if activation == "gelu" else (pre > 0).float()
+        wide = grad.float() * slope
+    else:
+        wide = grad
+    rows = wide.reshape(-1, out_features)
+    dbias = rows.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None else None
+    rows = rows.to(x.dtype)
+    dx = (rows @ weight).view(*x.shape[:-1], in_features)
+    dweight = rows.T @ x.reshape(-1, in_features)
+    return dx, dweight, dbias
+
 
 def _register_compiled_ops() -> None:
     lib = "gptext::"
@@ -855,7 +976,7 @@ def _register_compiled_ops() -> None:
 
     def _linear_backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
-        dx, dweight, dbias = reference.linear_backward(grad, x, weight, bias, ctx.activation)
+        dx, dweight, dbias = _linear_grads(grad, x, weight, bias, ctx.activation)
         return dx, dweight, dbias, None, grad if ctx.has_residual else None
 
     torch.library.register_autograd(lib + "linear", _linear_backward, setup_context=_linear_setup)
@@ -872,9 +993,13 @@ def _register_compiled_ops() -> None:
 
     def _ffn_backward(ctx, grad):
         x, w_fc, b_fc, w_proj, b_proj = ctx.saved_tensors
-        hidden = reference.linear(x, w_fc, b_fc, "gelu")  # recomputed, not stored by the forward
-        dhidden, dw_proj, db_proj = reference.linear_backward(grad, hidden, w_proj, b_proj, None)
-        dx, dw_fc, db_fc = reference.linear_backward(dhidden, x, w_fc, b_fc, "gelu")
+        if _backward_in_storage_dtype(x):
+            pre = F.linear(x, w_fc, b_fc)  # recomputed (the forward keeps no hidden): the hidden and its slope
+            hidden = reference.gelu_tanh(pre.float()).to(x.dtype)
+        else:
+            pre, hidden = None, reference.linear(x, w_fc, b_fc, "gelu")
+        dhidden, dw_proj, db_proj = _linear_grads(grad, hidden, w_proj, b_proj, None)
+        dx, dw_fc, db_fc = _linear_grads(dhidden, x, w_fc, b_fc, "gelu", pre)
         return dx, dw_fc, db_fc, dw_proj, db_proj, grad if ctx.has_residual else None
 
     torch.library.register_autograd(lib + "ffn", _ffn_backward, setup_context=_ffn_setup)

@@ -28,6 +28,7 @@ updates, as if it had never stopped, when the config is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -49,7 +50,10 @@ class TrainConfig:
     to min_lr (default lr / 10) at the last step; weight_decay applies to matrices and
     embeddings only (not to biases, norm weights or sinks); grad_clip: the largest global
     gradient norm (0: none); eval_every / eval_batches: held-out loss every so many steps
-    over so many fixed batches (0: never); log_every: a log line every so many steps."""
+    over so many fixed batches (0: never); log_every: a log line every so many steps;
+    autocast: "bfloat16" runs the forward passes (training and held-out) under torch.autocast
+    in bf16, the weights, gradients and AdamW's state staying float32 (mixed precision),
+    None computes in the weights' dtype."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -64,6 +68,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     seed: int = 0
+    autocast: str | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate"):
@@ -78,6 +83,9 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.autocast not in (None, "bfloat16"):
+            raise ValueError(f"autocast must be None or 'bfloat16', got {self.autocast!r} (float16 would need a "
+                             f"loss scaler)")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError(f"weight_decay and grad_clip must be 0 or more, got {self.weight_decay}, {self.grad_clip}")
 
@@ -471,15 +479,24 @@ class TrainState:
         return state
 
 
+def _precision(config: TrainConfig, device: torch.device):
+    """The context a forward pass of training runs in: torch.autocast for config.autocast."""
+    if config.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, config.autocast))
+
+
 @torch.no_grad()
-def evaluate(model: GPT, batches, device) -> float:
-    """The mean loss over the given (inputs, targets) batches, in eval mode (no dropout)."""
+def evaluate(model: GPT, batches, device, precision=None) -> float:
+    """The mean loss over the given (inputs, targets) batches, in eval mode (no dropout),
+    each forward pass in the `precision` context (a torch.autocast) when one is given."""
     was_training = model.training
     model.eval()
     try:
         total = count = 0
         for x, y in batches:
-            _, loss = model(x.to(device), y.to(device))
+            with precision if precision is not None else contextlib.nullcontext():
+                _, loss = model(x.to(device), y.to(device))
             total, count = total + float(loss) * x.shape[0], count + x.shape[0]
         return total / count
     finally:
@@ -571,6 +588,12 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
         raise ValueError(f"the data holds token id {largest}, beyond the model's vocabulary of "
                          f"{model.config.vocab_size}: it was tokenized for another model")
     device = next(model.parameters()).device
+    if config.autocast is not None:
+        wide = {p.dtype for p in model.parameters()} - {torch.float32}
+        if wide:
+            raise ValueError(f"autocast={config.autocast!r} keeps float32 weights and runs the products in "
+                             f"{config.autocast}; the model's are {', '.join(map(str, sorted(wide, key=str)))}: "
+                             f"load it in float32")
     say = log or (lambda line: None)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate(0),
@@ -582,7 +605,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
         history, first = _resume(resume, model, fingerprint, config, optimizer, generator, device), resume.step + 1
         say(f"resumed at step {resume.step} of {config.steps}")
     elif held_out:
-        history.append({"step": 0, "val_loss": evaluate(model, held_out, device)})
+        history.append({"step": 0, "val_loss": evaluate(model, held_out, device, _precision(config, device))})
         say(f"step {0:6d}  val loss {history[0]['val_loss']:.4f}")
 
     def state(step: int) -> TrainState:
@@ -605,7 +628,8 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
         inputs, targets = data.sample(config.batch_size * config.accumulate, generator)
         loss_sum = torch.zeros((), device=device)
         for x, y in zip(inputs.split(config.batch_size), targets.split(config.batch_size)):
-            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            with _precision(config, device):
+                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (loss / config.accumulate).backward()
             loss_sum += loss.detach()
         if config.grad_clip:
@@ -623,7 +647,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
                   "tokens_per_s": tokens_per_step / (now - clock)}
         clock = now
         if held_out and (step % config.eval_every == 0 or step == config.steps):
-            record["val_loss"] = evaluate(model, held_out, device)
+            record["val_loss"] = evaluate(model, held_out, device, _precision(config, device))
             clock = time.perf_counter()  # the evaluation's time is not the step's
         history.append(record)
         if config.log_every and (step % config.log_every == 0 or step == 1 or step == config.steps):

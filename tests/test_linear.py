@@ -212,6 +212,43 @@ def test_ffn_gradients(kernels, device):
         assert_close(got.grad, want.grad, scale=20)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_storage_dtype", [True, False])
+def test_16_bit_gradients_are_as_accurate_as_eager_pytorchs(kernels, device, dtype, in_storage_dtype, monkeypatch):
+    # Both ways of taking linear's and ffn's backward in 16 bits (products in the dtype itself,
+    # or in float32) against float64, each no further from it than eager autograd in that dtype.
+    monkeypatch.setattr(gptext.ops, "_backward_in_storage_dtype", lambda x: in_storage_dtype)
+    gen = torch.Generator().manual_seed(7)
+    make = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(dtype).to(device)  # noqa: E731
+    x, w_fc, b_fc = make(33, 48), make(192, 48, scale=48 ** -0.5), make(192, scale=0.1)
+    w_proj, b_proj = make(48, 192, scale=192 ** -0.5), make(48, scale=0.1)
+    g = {48: make(33, 48), 192: make(33, 192)}  # the output gradient, by output width
+
+    def grads(fn, cast):
+        leaves = [t.detach().clone().to(cast).requires_grad_() for t in (x, w_fc, b_fc, w_proj, b_proj)]
+        out = fn(*leaves)
+        out.backward(g[out.shape[-1]].to(cast))
+        return [t.grad.double() if t.grad is not None else torch.zeros(t.shape, dtype=torch.float64)
+                for t in leaves]  # the linear case leaves the projection unused
+
+    def eager_mlp(x, w_fc, b_fc, w_proj, b_proj):
+        return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
+
+    def eager_linear(x, w_fc, b_fc, *_):
+        return F.gelu(F.linear(x, w_fc, b_fc), approximate="tanh")
+
+    cases = [(lambda *t: gptext.ops.ffn(*t), eager_mlp),
+             (lambda x, w, b, *_: gptext.ops.linear(x, w, b, "gelu"), eager_linear)]
+    for ours, eager in cases:
+        exact = grads(eager, torch.float64)
+        for got, base, want in zip(grads(ours, dtype), grads(eager, dtype), exact):
+            if not want.abs().sum():  # the unused projection of the linear case
+                continue
+            err = lambda a: float((a - want).norm() / want.norm())  # noqa: E731
+            assert err(got) <= 1.1 * err(base), (err(got), err(base))
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (dict(x=torch.ones(2, 4, dtype=torch.int64)), TypeError, "floating-point"),
     (dict(weight=torch.ones(3, 5)), ValueError, "features"),
