@@ -75,6 +75,40 @@ def _softmax_functions(case):
     return (lambda x: ops.softmax(x), lambda x: torch.softmax(x, -1), lambda x: reference.softmax(x))
 
 
+# cross_entropy: the classifier's loss in training, forward and backward together (the
+# loss and the logits' gradient), shape (rows, vocabulary). Eager takes F.cross_entropy of
+# a float32 copy of the logits, as a model computing its loss in float32 does.
+def _cross_entropy_inputs(case, randn):
+    rows, vocab = case.shape
+    logits = randn((rows, vocab), 2.0)
+    g = torch.Generator().manual_seed(rows)
+    return logits, torch.randint(0, vocab, (rows,), generator=g).to(logits.device)
+
+
+def _cross_entropy_functions(case):
+    def trained(loss_fn):
+        def call(logits, targets):
+            with torch.enable_grad():
+                leaf = logits.detach().requires_grad_()
+                loss = loss_fn(leaf, targets)
+                (grad,) = torch.autograd.grad(loss, leaf)
+            return loss.detach(), grad
+        return call
+
+    def reference_loss(logits, targets):
+        loss, _ = reference.cross_entropy(logits, targets)
+        return loss.mean()
+
+    return (trained(lambda x, t: ops.cross_entropy(x, t)), trained(lambda x, t: F.cross_entropy(x.float(), t)),
+            trained(reference_loss))
+
+
+def _cross_entropy_cost(case):
+    rows, vocab = case.shape
+    # The logits read by the forward and again by the backward, their gradient written.
+    return 6.0 * rows * vocab, float(3 * rows * vocab * _itemsize(case) + 8 * rows)
+
+
 def _layernorm_residual_inputs(case, randn):
     cols = case.shape[-1]
     return randn(case.shape), randn(case.shape), randn((cols,), 0.1, 1.0), randn((cols,), 0.1)
@@ -352,6 +386,8 @@ def _attention_bound(case):
 OP_SPECS = {
     "softmax": OpSpec(lambda case: "memory", lambda case, randn: (randn(case.shape, 2.0),), _softmax_functions,
                       lambda case: (5.0 * _elements(case), 2.0 * _elements(case) * _itemsize(case))),
+    "cross_entropy": OpSpec(lambda case: "memory", _cross_entropy_inputs, _cross_entropy_functions,
+                            _cross_entropy_cost),
     "layernorm_residual": OpSpec(
         lambda case: "memory", _layernorm_residual_inputs, _layernorm_residual_functions,
         lambda case: (9.0 * _elements(case), float((4 * _elements(case) + 2 * case.shape[-1]) * _itemsize(case)))),

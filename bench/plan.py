@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from gptext import profiling
 
-OPS = ("softmax", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "rope", "expert_linear",
+OPS = ("softmax", "cross_entropy", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "rope", "expert_linear",
        "expert_linear_bwd", "attention", "attention_bwd")
 MODES = ("quick", "full")
 
@@ -48,7 +48,8 @@ class Timing:
 class Case:
     """One op at one shape and dtype.
 
-    shape: softmax, layernorm_residual, rmsnorm_residual: (rows, cols); linear: (M, K, N), weight [N, K];
+    shape: softmax, cross_entropy, layernorm_residual, rmsnorm_residual: (rows, cols); linear: (M, K, N),
+    weight [N, K];
     ffn: (M, width), hidden 4 x width; rope: (batch, heads, positions, head_dim); expert_linear(_bwd): (tokens, slots, experts, N, K), with
     epilogue "swiglu" or "routes" (one row of x per route); attention(_bwd): (batch, heads, kv_heads, q_len,
     k_len, head_dim), with epilogue "causal" or "".
@@ -152,6 +153,7 @@ _OSS_GPU_BWD_EXPERTS = ((64, 4, 32, 5760, 2880, "swiglu"),)
 FAMILIES = {
     ("cpu", "quick"): (
         Family("softmax", "rows", ((4096, 1024), (256, 50257), (16384, 128))),
+        Family("cross_entropy", "classifier", ((256, 50257),)),
         Family("layernorm_residual", "rows", ((4096, 768), (1024, 2880), (8, 768))),
         Family("rmsnorm_residual", "rows", ((1024, 2880), (8, 2880))),
         Family("linear", "decode", ((1, 768, 2304, "+b"), (8, 768, 3072, "+b+gelu"), (1, 768, 50257, ""))),
@@ -166,6 +168,7 @@ FAMILIES = {
     ("cpu", "full"): (
         Family("softmax", "rows", ((4096, 1024), (256, 50257), (16384, 128))),
         Family("softmax", "sweep", ((1, 1024), (16, 1024), (256, 1024)), first_dtype_only=True),
+        Family("cross_entropy", "classifier", ((256, 50257), (16, 201088))),
         Family("layernorm_residual", "rows", ((4096, 768), (1024, 2880), (8, 768))),
         Family("rmsnorm_residual", "rows", ((1024, 2880), (8, 2880))),
         Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS + ((768, 50257, ""),))),
@@ -181,6 +184,7 @@ FAMILIES = {
     ),
     ("cuda", "quick"): (
         Family("softmax", "rows", ((16384, 1024), (8192, 50257))),
+        Family("cross_entropy", "classifier", ((8192, 50257),)),
         Family("layernorm_residual", "rows", ((16384, 768), (16384, 2880))),
         Family("rmsnorm_residual", "rows", ((16384, 2880),)),
         Family("linear", "square", ((4096, 4096, 4096, ""),)),
@@ -197,6 +201,7 @@ FAMILIES = {
         Family("softmax", "rows", ((16384, 1024), (8192, 50257))),
         Family("softmax", "sweep", tuple((rows, 1024) for rows in (1, 4, 16, 64, 256, 1024, 4096)),
                first_dtype_only=True),
+        Family("cross_entropy", "classifier", ((8192, 50257), (2048, 201088))),
         Family("layernorm_residual", "rows", ((16384, 768), (16384, 1600), (16384, 2880))),
         Family("rmsnorm_residual", "rows", ((16384, 2880),)),
         Family("linear", "square", ((4096, 4096, 4096, ""),)),

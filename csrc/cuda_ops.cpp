@@ -45,6 +45,22 @@ at::Tensor softmax_cuda(const at::Tensor& x, int64_t dim, double scale, bool cau
   return softmax_result(p);
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                                      int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  CrossEntropyProblem p = cross_entropy_forward_problem(logits, targets, ignore_index);
+  check_cuda(kernels::cross_entropy_forward(p.args, p.dtype, current_stream()), "cross_entropy");
+  return {p.loss, p.lse};
+}
+
+at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
+                                       const at::Tensor& lse, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  CrossEntropyProblem p = cross_entropy_backward_problem(grad, logits, targets, lse, ignore_index);
+  check_cuda(kernels::cross_entropy_backward(p.args, p.dtype, current_stream()), "cross_entropy_backward");
+  return p.dx;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                               const std::optional<at::Tensor>& bias, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -363,6 +379,8 @@ TORCH_LIBRARY_FRAGMENT(gptext, m) {
 
 TORCH_LIBRARY_IMPL(gptext, CUDA, m) {
   m.impl("softmax", &gptext::softmax_cuda);
+  m.impl("cross_entropy", &gptext::cross_entropy_cuda);
+  m.impl("cross_entropy_backward", &gptext::cross_entropy_backward_cuda);
   m.impl("layernorm", &gptext::layernorm_cuda);
   m.impl("layernorm_residual", &gptext::layernorm_residual_cuda);
   m.impl("rmsnorm", &gptext::rmsnorm_cuda);

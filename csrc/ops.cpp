@@ -115,6 +115,22 @@ at::Tensor softmax_cpu(const at::Tensor& x, int64_t dim, double scale, bool caus
   return softmax_result(p);
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                                     int64_t ignore_index) {
+  CrossEntropyProblem p = cross_entropy_forward_problem(logits, targets, ignore_index);
+  parallel_rows(p.args.rows, p.args.cols,
+                [&](int64_t begin, int64_t end) { cpu::cross_entropy_rows(p.dtype, p.args, begin, end); });
+  return {p.loss, p.lse};
+}
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
+                                      const at::Tensor& lse, int64_t ignore_index) {
+  CrossEntropyProblem p = cross_entropy_backward_problem(grad, logits, targets, lse, ignore_index);
+  parallel_rows(p.args.rows, p.args.cols,
+                [&](int64_t begin, int64_t end) { cpu::cross_entropy_backward_rows(p.dtype, p.args, begin, end); });
+  return p.dx;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                              const std::optional<at::Tensor>& bias, double eps) {
   NormProblem p = norm_problem("layernorm", x, std::nullopt, weight, bias, eps);
@@ -403,6 +419,10 @@ std::string linear_backend_cpu(const at::Tensor&, const at::Tensor&) { return "c
 
 TORCH_LIBRARY(gptext, m) {
   m.def("softmax(Tensor x, int dim=-1, float scale=1.0, bool causal=False, int window=0) -> Tensor");
+  m.def("cross_entropy(Tensor logits, Tensor targets, int ignore_index=-100) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "cross_entropy_backward(Tensor grad, Tensor logits, Tensor targets, Tensor lse, int ignore_index) -> "
+      "Tensor");
   m.def("layernorm(Tensor x, Tensor weight, Tensor? bias, float eps=1e-05) -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def(
       "layernorm_residual(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps=1e-05) -> "
@@ -432,6 +452,8 @@ TORCH_LIBRARY(gptext, m) {
 
 TORCH_LIBRARY_IMPL(gptext, CPU, m) {
   m.impl("softmax", &gptext::softmax_cpu);
+  m.impl("cross_entropy", &gptext::cross_entropy_cpu);
+  m.impl("cross_entropy_backward", &gptext::cross_entropy_backward_cpu);
   m.impl("layernorm", &gptext::layernorm_cpu);
   m.impl("layernorm_residual", &gptext::layernorm_residual_cpu);
   m.impl("rmsnorm", &gptext::rmsnorm_cpu);

@@ -105,6 +105,67 @@ inline at::Tensor softmax_result(const SoftmaxProblem& p) {
   return p.dim == p.y.dim() - 1 ? p.y : p.y.movedim(-1, p.dim).contiguous();
 }
 
+// ---- cross-entropy -----------------------------------------------------------------------
+// Checks of cross_entropy(logits (rows, cols), targets (rows,) int64, ignore_index) and its
+// backward's extra arguments; the targets' range is the kernels' to handle (NaN loss), as
+// reading them here would synchronise a GPU.
+struct CrossEntropyProblem {
+  at::Tensor logits, targets, loss, lse, grad, dx;
+  DType dtype;
+  CrossEntropyArgs args;
+};
+
+inline CrossEntropyProblem cross_entropy_problem(const char* op, const at::Tensor& logits, const at::Tensor& targets,
+                                                 int64_t ignore_index) {
+  CrossEntropyProblem p;
+  p.dtype = kernel_dtype(logits, "cross_entropy", "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 2, "gptext.ops.", op, ": logits must be 2-d (rows, classes), got shape ",
+                    logits.sizes());
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "gptext.ops.", op, ": targets must be int64, got ",
+                   targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.device() == logits.device(), "gptext.ops.", op, ": targets is on ", targets.device(),
+                    " but logits is on ", logits.device());
+  check_shape(targets, {logits.size(0)}, op, "targets");
+  TORCH_CHECK_VALUE(logits.size(1) > 0 || logits.size(0) == 0, "gptext.ops.", op, ": logits has no classes");
+  p.logits = logits.contiguous();
+  p.targets = targets.contiguous();
+  p.args = CrossEntropyArgs{p.logits.data_ptr(), p.targets.data_ptr<int64_t>(), nullptr, nullptr, nullptr, nullptr,
+                            logits.size(0), logits.size(1), ignore_index};
+  return p;
+}
+
+inline CrossEntropyProblem cross_entropy_forward_problem(const at::Tensor& logits, const at::Tensor& targets,
+                                                         int64_t ignore_index) {
+  CrossEntropyProblem p = cross_entropy_problem("cross_entropy", logits, targets, ignore_index);
+  const auto f32 = p.logits.options().dtype(at::kFloat);
+  p.loss = at::empty({p.args.rows}, f32);
+  p.lse = at::empty({p.args.rows}, f32);
+  p.args.loss = p.loss.data_ptr<float>();
+  p.args.lse = p.lse.data_ptr<float>();
+  return p;
+}
+
+inline CrossEntropyProblem cross_entropy_backward_problem(const at::Tensor& grad, const at::Tensor& logits,
+                                                          const at::Tensor& targets, const at::Tensor& lse,
+                                                          int64_t ignore_index) {
+  const char* op = "cross_entropy_backward";
+  CrossEntropyProblem p = cross_entropy_problem(op, logits, targets, ignore_index);
+  for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&lse, "lse"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "gptext.ops.", op, ": ", name, " must be float32, got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == logits.device(), "gptext.ops.", op, ": ", name, " is on ", t->device(),
+                      " but logits is on ", logits.device());
+    check_shape(*t, {p.args.rows}, op, name);
+  }
+  p.grad = grad.contiguous();
+  p.lse = lse.contiguous();
+  p.dx = at::empty(p.logits.sizes(), p.logits.options());
+  p.args.grad = p.grad.data_ptr<float>();
+  p.args.lse = const_cast<float*>(p.lse.data_ptr<float>());
+  p.args.dx = p.dx.data_ptr();
+  return p;
+}
+
 // ---- LayerNorm and RMSNorm -------------------------------------------------------------
 struct NormProblem {
   at::Tensor x, residual, weight, bias;  // contiguous; residual/bias undefined when absent

@@ -381,7 +381,7 @@ class GPT(nn.Module):
             return logits
         if targets.shape != idx.shape:
             raise ValueError(f"targets has shape {tuple(targets.shape)}; expected {tuple(idx.shape)} like idx")
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = ops.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def run(self, idx: torch.Tensor, step: Step, cache=None, last_only: bool = False) -> torch.Tensor:

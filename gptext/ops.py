@@ -40,6 +40,7 @@ __all__ = [
     "attention",
     "backend",
     "build_info",
+    "cross_entropy",
     "expert_linear",
     "ffn",
     "gemm_policy",
@@ -561,6 +562,56 @@ def _softmax(x, dim=-1, *, scale=None, causal=False, window=None):
     return reference.softmax(x, dim, scale=scale, causal=causal, window=window)
 
 
+CROSS_ENTROPY_REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """The cross-entropy of logits (..., classes) against integer targets (...), as
+    F.cross_entropy(logits.float(), targets) gives it, fused: each row's log-sum-exp in fp32
+    from one read of the logits (in their own dtype: no float32 copy of a vocabulary-wide
+    tensor), and the backward writes the logits' gradient, softmax minus the target's one-hot
+    times the loss's gradient, in one more pass from the saved log-sum-exp, rounded once to
+    the logits' dtype. reduction "mean" (over the targets that are not ignore_index, NaN when
+    none is), "sum", or "none" (fp32, targets' shape, 0 at ignored targets). A target
+    outside [0, classes) raises IndexError on the CPU and gives a NaN loss on CUDA, where
+    checking would read the targets back to the host."""
+    return _cross_entropy(logits, targets, ignore_index, reduction)
+
+
+@_observed("cross_entropy")
+def _cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
+    _check_tensor("cross_entropy", "logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"gptext.ops.cross_entropy: logits must have a non-empty last (class) dimension, got "
+                         f"shape {tuple(logits.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"gptext.ops.cross_entropy: targets must be an int64 or int32 tensor, got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"gptext.ops.cross_entropy: targets has shape {tuple(targets.shape)}; expected "
+                         f"{tuple(logits.shape[:-1])}, logits' without the class dimension")
+    if targets.device != logits.device:
+        raise ValueError(f"gptext.ops.cross_entropy: targets is on {targets.device} but logits is on {logits.device}")
+    if reduction not in CROSS_ENTROPY_REDUCTIONS:
+        raise ValueError(f"gptext.ops.cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    classes = logits.shape[-1]
+    rows, flat = logits.reshape(-1, classes), targets.reshape(-1).long()
+    if flat.is_cpu and flat.numel() and not torch.compiler.is_compiling():
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= classes))
+        if bool(bad.any()):
+            raise IndexError(f"gptext.ops.cross_entropy: targets holds {int(flat[bad][0])}, outside [0, {classes}) "
+                             f"(and not ignore_index {ignore_index})")
+    if _use_kernels("cross_entropy", logits):
+        loss = torch.ops.gptext.cross_entropy.default(rows, flat, int(ignore_index))[0]
+    else:
+        loss = reference.cross_entropy(rows, flat, int(ignore_index))[0]
+    if reduction == "none":
+        return loss.view(targets.shape)
+    total = loss.sum()
+    return total if reduction == "sum" else total / (flat != ignore_index).sum()
+
+
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
               eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension (fp32 statistics, biased variance)."""
@@ -980,6 +1031,30 @@ def _register_compiled_ops() -> None:
         return dx, dweight, dbias, None, grad if ctx.has_residual else None
 
     torch.library.register_autograd(lib + "linear", _linear_backward, setup_context=_linear_setup)
+
+    @torch.library.register_fake(lib + "cross_entropy")
+    def _cross_entropy_fake(logits, targets, ignore_index=-100):
+        return logits.new_empty(logits.shape[:1], dtype=torch.float32), logits.new_empty(logits.shape[:1],
+                                                                                          dtype=torch.float32)
+
+    def _cross_entropy_setup(ctx, inputs, output):
+        logits, targets, ignore_index = inputs
+        _, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index = ignore_index
+
+    def _cross_entropy_backward(ctx, grad_loss, _grad_lse):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.ops.gptext.cross_entropy_backward(grad_loss.float().contiguous(), logits, targets, lse,
+                                                       ctx.ignore_index)
+        return grad, None, None
+
+    torch.library.register_autograd(lib + "cross_entropy", _cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+    @torch.library.register_fake(lib + "cross_entropy_backward")
+    def _cross_entropy_backward_fake(grad, logits, targets, lse, ignore_index):
+        return logits.new_empty(logits.shape)
 
     @torch.library.register_fake(lib + "ffn")
     def _ffn_fake(x, w_fc, b_fc, w_proj, b_proj, residual=None):

@@ -224,6 +224,10 @@ def _cost(op: str, a: dict, out) -> tuple[str, str, float, float]:
             pairs = sum(max(0, min(k_len, k_len - q_len + i + 1)) for i in range(q_len))
         return (ops.implementation(op, q), f"{batch}x{heads}x{q_len}x{dim}/{k.shape[1]}x{k_len}",
                 4.0 * batch * heads * pairs * dim, _nbytes(q, k, a["v"], out))
+    if op == "cross_entropy":
+        logits = a["logits"]
+        return (ops.implementation(op, logits), "x".join(map(str, logits.shape)), 4.0 * logits.numel(),
+                _nbytes(logits, a["targets"], out))
     x = a["x"]
     if op == "linear":
         w = a["weight"]

@@ -17,6 +17,8 @@ import torch
 __all__ = [
     "attention",
     "attention_mask",
+    "cross_entropy",
+    "cross_entropy_backward",
     "expert_linear",
     "ffn",
     "gelu_tanh",
@@ -137,6 +139,32 @@ def softmax_backward(grad: torch.Tensor, probs: torch.Tensor, dim: int, scale: f
     """Gradient of softmax(scale * x) w.r.t. x, from the output probabilities."""
     g, p = _wide(grad), _wide(probs)
     return (scale * p * (g - (g * p).sum(dim, keepdim=True))).to(probs.dtype)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """Per row of logits (rows, classes) against targets (rows,): (loss, lse), both fp32 (rows,):
+    lse the log-sum-exp of the row, loss = lse - logits[target]; 0 for a row whose target is
+    ignore_index, NaN for a target outside [0, classes) (read on the device, never checked
+    on the host)."""
+    wide = _wide(logits)
+    lse = torch.logsumexp(wide, dim=-1)
+    inside = (targets >= 0) & (targets < logits.shape[-1])
+    picked = torch.log_softmax(wide, -1).gather(-1, targets.clamp(0, max(logits.shape[-1] - 1, 0))[:, None])[:, 0]
+    loss = torch.where(inside, -picked, torch.full_like(lse, float("nan")))
+    loss = torch.where(targets == ignore_index, torch.zeros_like(lse), loss)
+    return loss.float(), lse.float()
+
+
+def cross_entropy_backward(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                           ignore_index: int = -100) -> torch.Tensor:
+    """Gradient of cross_entropy's per-row loss: (softmax(logits) - onehot(target)) * grad[row],
+    from the saved log-sum-exp, in logits' dtype; zeros for an ignored (or out-of-range) row."""
+    wide = _wide(logits)
+    p = torch.exp(wide - lse[:, None].to(wide.dtype))
+    valid = (targets != ignore_index) & (targets >= 0) & (targets < logits.shape[-1])
+    p = p - torch.nn.functional.one_hot(targets.clamp(0, max(logits.shape[-1] - 1, 0)), logits.shape[-1]).to(p.dtype)
+    p = p * torch.where(valid, grad.to(p.dtype), torch.zeros_like(grad, dtype=p.dtype))[:, None]
+    return torch.where(valid[:, None], p, torch.zeros_like(p)).to(logits.dtype)
 
 
 def layernorm_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,7 +110,7 @@ def test_dtype_names():
 
 def test_plan_selects_cases():
     quick = kernel_cases("cpu", "quick")
-    assert {c.dtype for c in quick} == {"float32", "bfloat16"} and len(quick) == 38
+    assert {c.dtype for c in quick} == {"float32", "bfloat16"} and len(quick) == 40
     assert [c.label for c in quick if c.op == "attention" and c.dtype == "float32"] == [
         "1x12/12x128x128x64 causal", "1x12/12x1x1024x64 causal"]
     full = kernel_cases("cuda", "full")

@@ -522,6 +522,67 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
   if (kStream) stream_fence();
 }
 
+// Cross-entropy, a row at a time through an fp32 buffer of the row (a vocabulary's row is
+// 200 KB: it stays in L2 between the passes). Forward: the max as the row is converted (or
+// read in place in fp32), then the sum of the exponentials: one read of the logits.
+// Backward: the probabilities from the saved log-sum-exp, minus 1 at the target, times the
+// row's gradient, rounded once: one read and one write.
+inline bool cross_entropy_target(const CrossEntropyArgs& a, int64_t target) {
+  return target != a.ignore_index && target >= 0 && target < a.cols;
+}
+
+template <typename Fmt>
+void cross_entropy_rows_t(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
+  using T = typename Fmt::storage;
+  std::unique_ptr<float[]> buffer(new float[size_t(a.cols)]);
+  float* buf = buffer.get();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const T* x = static_cast<const T*>(a.x) + row * a.cols;
+    const float* values = buf;
+    float row_max;
+    if constexpr (std::is_same_v<Fmt, F32>) {
+      values = x;
+      row_max = max_row(values, a.cols);
+    } else {
+      row_max = load_rows_max<Fmt>(x, buf, a.cols);
+    }
+    const float log_sum = std::log(exp_row(values, buf, a.cols, row_max, kLog2e));
+    const int64_t target = a.targets[row];
+    a.lse[row] = row_max == -INFINITY ? -INFINITY : row_max + log_sum;
+    // (max - x[t]) + log(sum), not lse - x[t]: no cancellation where the logits are large.
+    a.loss[row] = target == a.ignore_index ? 0.0f
+                  : cross_entropy_target(a, target) ? (row_max - Fmt::load(x[target])) + log_sum
+                                                    : NAN;
+  }
+}
+
+template <typename Fmt, bool kStream>
+void cross_entropy_backward_rows_t(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
+  using T = typename Fmt::storage;
+  std::unique_ptr<float[]> buffer(new float[size_t(a.cols)]);
+  float* buf = buffer.get();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const T* x = static_cast<const T*>(a.x) + row * a.cols;
+    T* dx = static_cast<T*>(a.dx) + row * a.cols;
+    const int64_t target = a.targets[row];
+    if (!cross_entropy_target(a, target)) {
+      store_rows_fn<Fmt, kStream>(dx, a.cols, [](int64_t) { return 0.0f; });
+      continue;
+    }
+    const float* values = buf;
+    if constexpr (std::is_same_v<Fmt, F32>) {
+      values = x;
+    } else {
+      load_rows<Fmt>(x, buf, a.cols);
+    }
+    exp_row(values, buf, a.cols, a.lse[row], kLog2e);  // the probabilities: exp(x - lse)
+    buf[target] -= 1.0f;
+    const float g = a.grad[row];
+    store_rows_fn<Fmt, kStream>(dx, a.cols, [buf, g](int64_t i) { return buf[i] * g; });
+  }
+  if (kStream) stream_fence();
+}
+
 // Each row goes through fp32 buffers (in L1: a row is a few KB); the weight and bias are
 // converted once per call. With a residual, the statistics see the sum as stored (rounded
 // to the storage type), as on the GPU. Two-pass statistics over the fp32 row.
@@ -2245,6 +2306,16 @@ void gemm_amx(const GemmArgs&, const uint32_t*, int64_t, int64_t) { throw std::l
 
 void rope_rows(DType dtype, const RopeArgs& args, int64_t row_begin, int64_t row_end) {
   dispatch(dtype, [&](auto tag) { rope_rows_t<decltype(tag)>(args, row_begin, row_end); });
+}
+
+void cross_entropy_rows(DType dtype, const CrossEntropyArgs& args, int64_t row_begin, int64_t row_end) {
+  dispatch(dtype, [&](auto tag) { cross_entropy_rows_t<decltype(tag)>(args, row_begin, row_end); });
+}
+
+void cross_entropy_backward_rows(DType dtype, const CrossEntropyArgs& args, int64_t row_begin, int64_t row_end) {
+  dispatch_streamed(dtype, args.rows, args.cols, 2, [&](auto tag, auto stream) {
+    cross_entropy_backward_rows_t<decltype(tag), decltype(stream)::value>(args, row_begin, row_end);
+  });
 }
 
 void to_storage(DType dtype, const float* src, void* dst, int64_t n) {

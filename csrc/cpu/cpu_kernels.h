@@ -14,6 +14,10 @@ namespace gptext::cpu {
 
 #define GPTEXT_CPU_KERNELS                                                                \
   void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64_t row_end); \
+  /* CrossEntropyArgs' forward (loss, lse) and backward (dx) for rows [row_begin, row_end). */  \
+  void cross_entropy_rows(DType dtype, const CrossEntropyArgs& args, int64_t row_begin, int64_t row_end); \
+  void cross_entropy_backward_rows(DType dtype, const CrossEntropyArgs& args, int64_t row_begin,         \
+                                   int64_t row_end);                                                     \
   void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_t row_end);  \
   /* Rows (b, h, t) [row_begin, row_end) of RopeArgs' x, flattened in that order. */          \
   void rope_rows(DType dtype, const RopeArgs& args, int64_t row_begin, int64_t row_end);      \

@@ -136,6 +136,14 @@ void softmax_rows(DType dtype, const SoftmaxArgs& args, int64_t row_begin, int64
   GPTEXT_CPU_CALL(softmax_rows, dtype, args, row_begin, row_end);
 }
 
+void cross_entropy_rows(DType dtype, const CrossEntropyArgs& args, int64_t row_begin, int64_t row_end) {
+  GPTEXT_CPU_CALL(cross_entropy_rows, dtype, args, row_begin, row_end);
+}
+
+void cross_entropy_backward_rows(DType dtype, const CrossEntropyArgs& args, int64_t row_begin, int64_t row_end) {
+  GPTEXT_CPU_CALL(cross_entropy_backward_rows, dtype, args, row_begin, row_end);
+}
+
 void layernorm_rows(DType dtype, const NormArgs& args, int64_t row_begin, int64_t row_end) {
   GPTEXT_CPU_CALL(layernorm_rows, dtype, args, row_begin, row_end);
 }

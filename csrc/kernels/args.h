@@ -10,6 +10,24 @@
 
 namespace gptext {
 
+// Cross-entropy of rows of logits against one target index a row (the classifier's loss,
+// fused: the row's softmax is never stored). Forward: lse[r] = log(sum_j exp(x[r, j])) and
+// loss[r] = lse[r] - x[r, t_r] in fp32; a row whose target is ignore_index gets loss 0, one
+// whose target is outside [0, cols) gets NaN. Backward: dx[r, j] = (exp(x[r, j] - lse[r]) -
+// [j == t_r]) * grad[r], rounded to x's dtype once; an ignored row (or one whose target is
+// out of range) gets zeros.
+struct CrossEntropyArgs {
+  const void* x;           // (rows, cols) logits
+  const int64_t* targets;  // (rows,)
+  float* loss;             // forward: (rows,)
+  float* lse;              // (rows,): written by the forward, read by the backward
+  const float* grad;       // backward: (rows,), d(total) / d(loss[r])
+  void* dx;                // backward: (rows, cols), x's dtype
+  int64_t rows;
+  int64_t cols;
+  int64_t ignore_index;
+};
+
 // Softmax over the last dimension: y[r, :] = softmax(scale * x[r, :]) restricted to the
 // keys attention_key_range() allows for row r, whose query index is r % q_len. With
 // causal == false every key is visible. Masked positions come out as 0.

@@ -16,6 +16,7 @@
 
 namespace gptext::kernels {
 
+using ::gptext::CrossEntropyArgs;
 using ::gptext::ExpertArgs;
 using ::gptext::RopeArgs;
 using ::gptext::GemmArgs;
@@ -24,6 +25,10 @@ using ::gptext::SoftmaxArgs;
 
 // ---- softmax (softmax.cu): SoftmaxArgs in args.h -------------------------------------
 cudaError_t softmax_forward(const SoftmaxArgs& args, DType dtype, cudaStream_t stream);
+
+// ---- cross-entropy of logits rows (softmax.cu): CrossEntropyArgs in args.h ------------
+cudaError_t cross_entropy_forward(const CrossEntropyArgs& args, DType dtype, cudaStream_t stream);
+cudaError_t cross_entropy_backward(const CrossEntropyArgs& args, DType dtype, cudaStream_t stream);
 
 // ---- LayerNorm, optionally fused with the residual add (layernorm.cu) -----------------
 cudaError_t layernorm_forward(const NormArgs& args, DType dtype, cudaStream_t stream);

@@ -1,4 +1,6 @@
-// Row softmax, with the attention-score options (scale, causal mask, sliding window).
+// Row softmax, with the attention-score options (scale, causal mask, sliding window), and
+// the cross-entropy of logits rows built on its online variant (unverified: not yet run on
+// a GPU).
 //
 // Three variants, picked by row length (thresholds in softmax_math.cuh):
 //   1. warp per row, the row in registers (cols <= 1024): one read, one write, reductions
@@ -190,6 +192,69 @@ __global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const So
   }
 }
 
+// Cross-entropy against a target per row (CrossEntropyArgs), one block per row. Forward:
+// the online (max, sum) of the row as variant 3 takes them, one read of the logits; thread
+// 0 writes the row's log-sum-exp and loss. Backward: one read of the logits and one write
+// of their gradient, the probabilities recomputed from the saved log-sum-exp.
+template <typename T>
+__global__ void __launch_bounds__(kOnlineThreads) cross_entropy_kernel(const CrossEntropyArgs a) {
+  constexpr int VEC = 16 / sizeof(T);
+  __shared__ float scratch[32];
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const T* x = static_cast<const T*>(a.x) + row * a.cols;
+    SoftmaxStats stats = softmax_stats_empty();
+    for_each_chunk<T, VEC>(x, a.cols, true, [&](int64_t, const float* vals, auto count) {
+      constexpr int kCount = decltype(count)::value;
+      float chunk_max = -INFINITY;
+#pragma unroll
+      for (int e = 0; e < kCount; ++e) chunk_max = fmaxf(chunk_max, vals[e]);
+      SoftmaxStats chunk = {chunk_max, 0.0f};
+#pragma unroll
+      for (int e = 0; e < kCount; ++e) chunk.sum += softmax_exp(vals[e], chunk_max, kLog2e);
+      stats = softmax_stats_merge(stats, chunk, kLog2e);
+    });
+    const float row_max = dev::block_max(stats.max, scratch);
+    const float sum = dev::block_sum(stats.sum * softmax_exp(stats.max, row_max, kLog2e), scratch);
+    if (threadIdx.x == 0) {
+      const float log_sum = logf(sum);
+      const int64_t target = a.targets[row];
+      a.lse[row] = row_max == -INFINITY ? -INFINITY : row_max + log_sum;
+      // (max - x[t]) + log(sum), not lse - x[t]: no cancellation where the logits are large.
+      a.loss[row] = target == a.ignore_index                ? 0.0f
+                    : (target >= 0 && target < a.cols) ? (row_max - to_float(x[target])) + log_sum
+                                                           : NAN;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kOnlineThreads) cross_entropy_backward_kernel(const CrossEntropyArgs a) {
+  constexpr int VEC = 16 / sizeof(T);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const T* x = static_cast<const T*>(a.x) + row * a.cols;
+    T* dx = static_cast<T*>(a.dx) + row * a.cols;
+    const int64_t target = a.targets[row];
+    const bool valid = target != a.ignore_index && target >= 0 && target < a.cols;
+    const float lse = a.lse[row], g = valid ? a.grad[row] : 0.0f;
+    // x and dx share the vector path only if their rows are equally misaligned.
+    const bool vectorize = (reinterpret_cast<uintptr_t>(x) - reinterpret_cast<uintptr_t>(dx)) % 16 == 0;
+    for_each_chunk<T, VEC>(x, a.cols, vectorize, [&](int64_t col, const float* vals, auto count) {
+      constexpr int kCount = decltype(count)::value;
+      float d[kCount];
+#pragma unroll
+      for (int e = 0; e < kCount; ++e) {
+        const float p = softmax_exp(vals[e], lse, kLog2e) - (col + e == target ? 1.0f : 0.0f);
+        d[e] = valid ? p * g : 0.0f;
+      }
+      if constexpr (kCount == VEC) {
+        dev::store_floats<VEC>(dx + col, d);
+      } else {
+        dx[col] = from_float<T>(d[0]);
+      }
+    });
+  }
+}
+
 // Variant 4: a cluster of kClusterBlocks blocks per row (rows strided over the clusters).
 // The row is a scalar head up to the first 16-byte boundary, packs of VEC, a scalar tail:
 // pack p goes to cluster thread p % G (G = the cluster's threads) in step p / G, coalesced
@@ -367,6 +432,24 @@ cudaError_t softmax_forward(const SoftmaxArgs& args, DType dtype, cudaStream_t s
   if (args.rows == 0 || args.cols == 0) return cudaSuccess;
   if (!(args.scale > 0.0f) || (args.causal && args.q_len <= 0)) return cudaErrorInvalidValue;
   return GPTEXT_DISPATCH_DTYPE(dtype, T, [&] { return launch_softmax<T>(args, stream); });
+}
+
+cudaError_t cross_entropy_forward(const CrossEntropyArgs& args, DType dtype, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  if (args.cols <= 0) return cudaErrorInvalidValue;
+  return GPTEXT_DISPATCH_DTYPE(dtype, T, [&] {
+    cross_entropy_kernel<T><<<dev::capped_grid(args.rows), kOnlineThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t cross_entropy_backward(const CrossEntropyArgs& args, DType dtype, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  if (args.cols <= 0) return cudaErrorInvalidValue;
+  return GPTEXT_DISPATCH_DTYPE(dtype, T, [&] {
+    cross_entropy_backward_kernel<T><<<dev::capped_grid(args.rows), kOnlineThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace gptext::kernels
