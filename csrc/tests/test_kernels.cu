@@ -144,6 +144,56 @@ static void test_softmax(std::mt19937& gen) {
   }
 }
 
+// Cross-entropy forward (loss, lse) and backward (dx) against the CPU kernels, one row's
+// target ignored and, from 3 rows, one out of range (NaN loss, zero gradient).
+static void test_cross_entropy(std::mt19937& gen) {
+  struct Case {
+    int64_t rows, cols;
+  };
+  const Case cases_[] = {{3, 1}, {5, 37}, {33, 1024}, {4, 16385}, {2, 50257}, {1, 201088}};
+  for (DType t : {DType::F32, DType::BF16, DType::F16}) {
+    for (const Case& c : cases_) {
+      if (c.rows * c.cols > max_elements) continue;
+      for (int offset : {0, 1}) {
+        const HostArray x = random_array(t, c.rows * c.cols, gen, 3.0f);
+        std::vector<int64_t> targets(c.rows);
+        std::uniform_int_distribution<int64_t> pick(0, c.cols - 1);
+        for (auto& v : targets) v = pick(gen);
+        if (c.rows > 1) targets[1] = -1;      // ignored
+        if (c.rows > 2) targets[2] = c.cols;  // out of range
+        const HostArray grad = random_array(DType::F32, c.rows, gen);
+        HostArray loss(DType::F32, c.rows), lse(DType::F32, c.rows), dx(t, x.size());
+        CrossEntropyArgs args{x.bytes.data(), targets.data(), static_cast<float*>(loss.data()),
+                              static_cast<float*>(lse.data()), reinterpret_cast<const float*>(grad.bytes.data()), dx.data(),
+                              c.rows, c.cols, -1};
+        cpu::cross_entropy_rows(t, args, 0, c.rows);
+        cpu::cross_entropy_backward_rows(t, args, 0, c.rows);
+        // The device outputs start as junk, so that a value the kernels never write shows.
+        HostArray junk(DType::F32, c.rows), junk_dx(t, x.size());
+        for (size_t i = 0; i < junk.size(); ++i) junk.set(i, 777.0f);
+        for (size_t i = 0; i < junk_dx.size(); ++i) junk_dx.set(i, 777.0f);
+        DeviceArray d_x(x, offset), d_loss(junk), d_lse(junk), d_grad(grad), d_dx(junk_dx, offset);
+        void* d_targets = nullptr;
+        CUDA_OK(cudaMalloc(&d_targets, c.rows * sizeof(int64_t)));
+        CUDA_OK(cudaMemcpy(d_targets, targets.data(), c.rows * sizeof(int64_t), cudaMemcpyHostToDevice));
+        CrossEntropyArgs dev_args{d_x.ptr, static_cast<const int64_t*>(d_targets), static_cast<float*>(d_loss.ptr),
+                                  static_cast<float*>(d_lse.ptr), static_cast<const float*>(d_grad.ptr), d_dx.ptr,
+                                  c.rows, c.cols, -1};
+        CUDA_OK(kernels::cross_entropy_forward(dev_args, t, nullptr));
+        CUDA_OK(kernels::cross_entropy_backward(dev_args, t, nullptr));
+        CUDA_OK(cudaDeviceSynchronize());
+        CUDA_OK(cudaFree(d_targets));
+        const std::string name = std::string(name_of(t)) + " " + std::to_string(c.rows) + "x" + std::to_string(c.cols) +
+                                 (offset ? " misaligned" : "");
+        compare("cross_entropy loss " + name, d_loss.download(DType::F32), loss, 1e-5f, 2e-5f);
+        compare("cross_entropy lse " + name, d_lse.download(DType::F32), lse, 1e-5f, 2e-5f);
+        // Each side's gradient comes from its own log-sum-exp: their difference scales it.
+        compare("cross_entropy dx " + name, d_dx.download(t), dx, 1e-7f, std::max(rtol(t), 1e-4f));
+      }
+    }
+  }
+}
+
 static void test_layernorm(std::mt19937& gen) {
   for (DType t : {DType::F32, DType::BF16, DType::F16}) {
     for (int64_t cols : {1, 37, 768, 1024, 1600, 2880, 16384, 20000}) {
@@ -698,6 +748,7 @@ int main(int argc, char** argv) {
   }
   std::mt19937 gen(1234);
   test_softmax(gen);
+  test_cross_entropy(gen);
   test_layernorm(gen);
   test_expert_linear(gen);
   test_rope(gen);
