@@ -1,6 +1,6 @@
-"""The model sections: prefill and decode tokens/s of a GPT-2 and a gpt-oss model for gptext
-on its kernels, gptext on its reference, and Hugging Face transformers, all on the same
-random weights.
+"""The model sections: prefill, training-step and decode tokens/s of a GPT-2 and a gpt-oss
+model for gptext on its kernels, gptext on its reference, and Hugging Face transformers, all
+on the same random weights.
 
 gptext builds the model (seeded, on the device, in the section's dtype), saves it as a
 Hugging Face checkpoint of its family, and transformers loads that directory
@@ -45,6 +45,12 @@ METHODS = {
     "prefill": "tokens/s = batch x tokens / median seconds of one forward pass over them, logits at every "
                "position (transformers with use_cache=False). Repeats run in rounds over the competitors, "
                "interleaved",
+    "train": "tokens/s = batch x tokens / median seconds of one training step's forward and backward pass over "
+             "them: the mean next-token loss at every position (transformers: its logits' cross-entropy in float32, "
+             "as its own causal-LM loss takes it), then its gradients into every weight (freed before each step; "
+             "no optimizer step). tokens = batch x (tokens - 1) predicted positions. Repeats run in "
+             "rounds over the competitors, interleaved; the first step's losses must agree within the logits' "
+             "tolerance",
     "decode": "tokens/s = (new_tokens - 1) x batch / (median seconds of generate(new_tokens) - median seconds of "
               "generate(1)): both calls run the same prefill and sample one token from its logits, so the "
               "difference is new_tokens - 1 decode steps. Greedy; each library's default decode path (gptext: a "
@@ -60,6 +66,7 @@ class ModelCompetitor:
     forward: Callable          # idx -> logits (B, T, vocab)
     generate: Callable         # (idx, new_tokens) -> tokens (B, T + new_tokens)
     reason: str = ""           # why it can't run, when it can't
+    train: Callable | None = None  # (idx, targets) -> loss, its gradients left in the weights
 
 
 def _on_backend(name: str, fn: Callable) -> Callable:
@@ -69,9 +76,22 @@ def _on_backend(name: str, fn: Callable) -> Callable:
     return call
 
 
+def _training_step(module: torch.nn.Module, loss_of: Callable) -> Callable:
+    """(idx, targets) -> loss: one forward and backward pass of `module`, grad mode on, its
+    gradients freed first."""
+    def step(idx, targets):
+        module.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = loss_of(idx, targets)
+            loss.backward()
+        return loss.detach()
+    return step
+
+
 def _gptext_competitor(name: str, backend: str, model: GPT) -> ModelCompetitor:
     return ModelCompetitor(name, _on_backend(backend, model),
-                           _on_backend(backend, lambda idx, n: model.generate(idx, max_new_tokens=n, temperature=0)))
+                           _on_backend(backend, lambda idx, n: model.generate(idx, max_new_tokens=n, temperature=0)),
+                           train=_on_backend(backend, _training_step(model, lambda idx, t: model(idx, t)[1])))
 
 
 def _hf_competitor(checkpoint: str, device: torch.device, dtype: torch.dtype) -> tuple[ModelCompetitor, dict]:
@@ -90,7 +110,12 @@ def _hf_competitor(checkpoint: str, device: torch.device, dtype: torch.dtype) ->
         return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, do_sample=False,
                            pad_token_id=0, eos_token_id=None)
 
-    return ModelCompetitor("hf", lambda idx: hf(idx, use_cache=False).logits, generate), runs
+    def hf_loss(idx, targets):  # as transformers' own causal-LM loss: the logits in float32
+        logits = hf(idx, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    return ModelCompetitor("hf", lambda idx: hf(idx, use_cache=False).logits, generate,
+                           train=_training_step(hf, hf_loss)), runs
 
 
 def build(plan: ModelPlan, device: torch.device) -> tuple[dict, list[ModelCompetitor]]:
@@ -110,7 +135,7 @@ def build(plan: ModelPlan, device: torch.device) -> tuple[dict, list[ModelCompet
              "config": dataclasses.asdict(cfg), "parameters": model.num_parameters(), "dtype": plan.dtype,
              "weights": f"random (seed 0) in {plan.dtype}, saved by gptext as a Hugging Face {cfg.arch} checkpoint "
              "that transformers loaded: identical in every competitor", "hf": hf_runs, "methods": METHODS,
-             "timing": {"prefill": vars(plan.timing), "decode": vars(plan.decode_timing)}}
+             "timing": {"prefill": vars(plan.timing), "train": vars(plan.timing), "decode": vars(plan.decode_timing)}}
     return setup, field
 
 
@@ -165,6 +190,40 @@ def _prefill_rounds(field: list[ModelCompetitor], case: ModelCase, idx, device, 
     for competitor, time in zip(live, times):
         outcome[competitor.name] = time if isinstance(time, Exception) else {
             "time": time, "tokens_per_s": case.batch * case.tokens / time["median"]}
+    return outcome
+
+
+def _train_rounds(field: list[ModelCompetitor], case: ModelCase, idx, device, plan: ModelPlan) -> dict:
+    """{competitor name: train entry, or the exception it raised}: as _prefill_rounds, over
+    training steps. Each competitor predicts idx[:, 1:] from idx[:, :-1]; a loss that
+    differs from gptext's beyond the logits' tolerance fails that competitor's row."""
+    live, outcome, losses, calls = [], {}, {}, {}
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    for competitor in field:
+        if competitor.train is None:
+            continue
+        call = lambda c=competitor: c.train(inputs, targets)  # noqa: E731
+        try:
+            losses[competitor.name] = float(call())
+            live.append(competitor)
+            calls[competitor.name] = call
+        except Exception as error:  # noqa: BLE001 - reported in the competitor's row
+            outcome[competitor.name] = error
+    tolerance = LOGITS_TOLERANCE[plan.dtype]
+    if "gptext" in losses:
+        for name, loss in losses.items():
+            if abs(loss - losses["gptext"]) > tolerance * abs(losses["gptext"]):
+                live = [c for c in live if c.name != name]
+                outcome[name] = RuntimeError(f"its loss {loss:.6g} differs from gptext's {losses['gptext']:.6g} "
+                                             f"by more than {tolerance:g} (relative)")
+    try:
+        times = plan.timing.measure_together([calls[c.name] for c in live], device)
+    except Exception as error:  # noqa: BLE001 - reported in every timed competitor's row
+        times = [error] * len(live)
+    for competitor, time in zip(live, times):
+        outcome[competitor.name] = time if isinstance(time, Exception) else {
+            "time": time, "tokens_per_s": case.batch * (case.tokens - 1) / time["median"],
+            "loss": losses[competitor.name]}
     return outcome
 
 
@@ -232,7 +291,8 @@ def run_case(case: ModelCase, field: list[ModelCompetitor], plan: ModelPlan, voc
     record = {"phase": case.phase, "label": case.label, "batch": case.batch, "tokens": case.tokens,
               "new_tokens": case.new_tokens, "dtype": plan.dtype, "method": METHODS[case.phase], "results": []}
     idx = _tokens(case.batch, case.tokens, vocab, device, seed=2)
-    rounds = (_decode_rounds if case.phase == "decode" else _prefill_rounds)(field, case, idx, device, plan)
+    rounds = {"decode": _decode_rounds, "train": _train_rounds}.get(case.phase, _prefill_rounds)(
+        field, case, idx, device, plan)
     generated = {}
     for competitor in field:
         entry = {"competitor": competitor.name, "status": "ok"}
@@ -265,9 +325,10 @@ def _finish(record: dict, gate: dict) -> None:
     else:
         record["status"] = "ok" if headline["status"] == "ok" else "error"
     entries = record["results"] if record["status"] == "ok" else []
-    # A prefill's competitors ran the same tokens in the same rounds: the median of the
-    # per-round time ratios. A decode's rate comes from two medians, so the ratio of rates.
-    key = "time" if record["phase"] == "prefill" else "tokens_per_s"
+    # A prefill's (a training step's) competitors ran the same tokens in the same rounds: the
+    # median of the per-round time ratios. A decode's rate comes from two medians, so the
+    # ratio of rates.
+    key = "tokens_per_s" if record["phase"] == "decode" else "time"
     speedups = {r["competitor"]: metrics.speedup_over(entries, r, key) for r in entries}
     record["speedup"] = {name: x for name, x in speedups.items() if x is not None}
 

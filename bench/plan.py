@@ -85,8 +85,9 @@ class Family:
 
 @dataclass(frozen=True)
 class ModelCase:
-    """prefill: a forward pass over batch x tokens; decode: generate new_tokens after a
-    prompt of `tokens`, for `batch` sequences."""
+    """prefill: a forward pass over batch x tokens; train: a training step's forward and
+    backward pass predicting tokens - 1 positions of batch sequences; decode: generate
+    new_tokens after a prompt of `tokens`, for `batch` sequences."""
 
     phase: str
     batch: int
@@ -248,9 +249,11 @@ _OSS_CPU = dict(n_embd=768, n_layer=4, n_head=16, n_kv_head=2, head_width=64, ex
 _OSS_GPU = dict(n_layer=2, context_length=8192)
 
 
-def _cases(prefill=(), decode=()):
-    """Model cases from (batch, tokens) prefills and (batch, tokens, new_tokens) decodes."""
-    return (*(ModelCase("prefill", *p) for p in prefill), *(ModelCase("decode", *d) for d in decode))
+def _cases(prefill=(), decode=(), train=()):
+    """Model cases from (batch, tokens) prefills, (batch, tokens, new_tokens) decodes and
+    (batch, tokens) training steps (forward and backward over tokens - 1 predictions)."""
+    return (*(ModelCase("prefill", *p) for p in prefill), *(ModelCase("train", *t) for t in train),
+            *(ModelCase("decode", *d) for d in decode))
 
 
 def _sections(dtype, timing, decode_timing, oss_overrides, gpt2_cases, oss_cases, oss_timing=None):
@@ -261,14 +264,16 @@ def _sections(dtype, timing, decode_timing, oss_overrides, gpt2_cases, oss_cases
 
 MODEL_PLANS = {
     ("cpu", "quick"): _sections("float32", Timing(1, 5, 2.0), Timing(0, 3, 0.0), _OSS_CPU,
-                                _cases([(1, 128), (4, 128)], [(1, 128, 128)]), _cases([(1, 256)], [(1, 256, 32)])),
+                                _cases([(1, 128), (4, 128)], [(1, 128, 128)], [(4, 129)]),
+                                _cases([(1, 256)], [(1, 256, 32)])),
     ("cpu", "full"): _sections("float32", Timing(1, 10, 5.0), Timing(0, 5, 60.0), _OSS_CPU,
-                               _cases([(1, 128), (4, 128), (8, 256)], [(1, 128, 128), (8, 128, 128)]),
+                               _cases([(1, 128), (4, 128), (8, 256)], [(1, 128, 128), (8, 128, 128)], [(4, 257)]),
                                _cases([(1, 256), (4, 256)], [(1, 256, 64), (4, 256, 64)])),
     ("cuda", "quick"): _sections("bfloat16", Timing(3, 20, 1.0), Timing(1, 3, 0.0), _OSS_GPU,
-                                 _cases([(1, 128), (8, 1024)], [(1, 128, 128)]), _cases([(1, 1024)], [(1, 128, 64)])),
+                                 _cases([(1, 128), (8, 1024)], [(1, 128, 128)], [(8, 1025)]),
+                                 _cases([(1, 1024)], [(1, 128, 64)])),
     ("cuda", "full"): _sections("bfloat16", Timing(3, 30, 1.0), Timing(1, 5, 20.0), _OSS_GPU,
-                                _cases([(1, 128), (1, 1024), (8, 1024)], [(1, 128, 128), (8, 128, 128)]),
+                                _cases([(1, 128), (1, 1024), (8, 1024)], [(1, 128, 128), (8, 128, 128)], [(8, 1025)]),
                                 _cases([(1, 1024), (4, 4096)], [(1, 128, 128), (8, 128, 128)]),
                                 oss_timing=Timing(3, 20, 1.0)),
 }
