@@ -424,7 +424,10 @@ def token_file(data_files) -> bool:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import contextlib
     import json
+
+    import torch
 
     import gptext
     from gptext import train
@@ -435,9 +438,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                                   else "float32"))
     tok = tokenizer_for(args.model, model, "eval")
     ids = train.read_tokens(args.data[0], tok)[1] if token_file(args.data) else train.tokenize(args.data, tok)
-    result = train.perplexity(model, ids, args.context, args.stride, args.batch_size)
+    precision = (torch.autocast(torch.device(device).type, dtype=getattr(torch, args.autocast)) if args.autocast
+                 else contextlib.nullcontext())
+    with precision:
+        result = train.perplexity(model, ids, args.context, args.stride, args.batch_size)
     if args.json:
-        print(json.dumps({"model": args.model, "data": args.data, **result}))
+        print(json.dumps({"model": args.model, "data": args.data, "autocast": args.autocast, **result}))
     else:
         print(f"eval: {args.model} ({origin}) on {len(ids):,} tokens: loss {result['loss']:.4f}, perplexity "
               f"{result['perplexity']:.3f} over {result['tokens']:,} predicted tokens in {result['windows']:,} "
@@ -704,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: bfloat16 on CUDA, float32 on CPU")
     ev.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
                     help="gptext's compiled kernels or the PyTorch reference (default auto)")
+    ev.add_argument("--autocast", type=autocast_arg, default=None, metavar="{bf16,none}",
+                    help="bf16: the forward passes under torch.autocast in bfloat16 (default none)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ev.set_defaults(run=cmd_eval)
 

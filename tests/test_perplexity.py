@@ -124,6 +124,11 @@ def test_cli_eval(tmp_path, capsys):
     for result in results:
         assert result["loss"] == pytest.approx(expected["loss"], rel=1e-6) and result["tokens"] == ids.numel() - 1
         assert (result["context"], result["stride"]) == (32, 16)
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "zen.txt"), "--json",
+                 "--autocast", "bf16"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert mixed["autocast"] == "bfloat16" and mixed["loss"] != expected["loss"]
+    assert mixed["loss"] == pytest.approx(expected["loss"], rel=1e-2)  # bf16 products, float32 weights
     assert main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "zen.txt"), "--context", "8",
                  "--stride", "8"]) == 0
     out = capsys.readouterr().out
