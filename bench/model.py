@@ -33,7 +33,7 @@ import torch
 import gptext
 from gptext import GPT, GPTConfig, profiling
 
-from . import metrics, results
+from . import metrics, results, tables
 from .plan import ModelCase, ModelPlan
 
 # Relative RMS error of gptext's logits against the reference's and transformers'. Measured
@@ -325,11 +325,7 @@ def _finish(record: dict, gate: dict) -> None:
     else:
         record["status"] = "ok" if headline["status"] == "ok" else "error"
     entries = record["results"] if record["status"] == "ok" else []
-    # A prefill's (a training step's) competitors ran the same tokens in the same rounds: the
-    # median of the per-round time ratios. A decode's rate comes from two medians, so the
-    # ratio of rates.
-    key = "tokens_per_s" if record["phase"] == "decode" else "time"
-    speedups = {r["competitor"]: metrics.speedup_over(entries, r, key) for r in entries}
+    speedups = {r["competitor"]: metrics.speedup_over(entries, r, tables.speedup_key(record)) for r in entries}
     record["speedup"] = {name: x for name, x in speedups.items() if x is not None}
 
 

@@ -126,6 +126,12 @@ def kernel_line(record: dict, entry: dict, progress: str = "") -> str:
         "" if first else times(metrics.speedup_over(record["results"], entry)), check], tail)
 
 
+def speedup_key(record: dict) -> str:
+    """What a model row's speed-ups compare: a decode's tokens/s (from two medians), else the
+    per-round times (the competitors ran the same tokens in the same rounds)."""
+    return "tokens_per_s" if record["phase"] == "decode" else "time"
+
+
 def model_line(record: dict, entry: dict, gate_ok: bool, progress: str = "") -> str:
     """A model row's line; gate_ok: whether the logits check passed (else no speed-ups)."""
     first, case_cells = _lead(record, entry, "phase", progress)
@@ -136,7 +142,7 @@ def model_line(record: dict, entry: dict, gate_ok: bool, progress: str = "") -> 
         entry["competitor"], seconds(time and time["median"]), spread(time),
         seconds(entry["time_1"]["median"]) if "time_1" in entry else "",
         f"{rate:.1f}" if rate else ("-" if entry["status"] == "ok" else ""),
-        "" if first or not gate_ok else times(metrics.speedup_over(record["results"], entry, "tokens_per_s")),
+        "" if first or not gate_ok else times(metrics.speedup_over(record["results"], entry, speedup_key(record))),
         check], tail)
 
 
