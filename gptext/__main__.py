@@ -424,10 +424,7 @@ def token_file(data_files) -> bool:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import contextlib
     import json
-
-    import torch
 
     import gptext
     from gptext import train
@@ -438,9 +435,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                                   else "float32"))
     tok = tokenizer_for(args.model, model, "eval")
     ids = train.read_tokens(args.data[0], tok)[1] if token_file(args.data) else train.tokenize(args.data, tok)
-    precision = (torch.autocast(torch.device(device).type, dtype=getattr(torch, args.autocast)) if args.autocast
-                 else contextlib.nullcontext())
-    with precision:
+    with train.autocast_region(args.autocast, device):
         result = train.perplexity(model, ids, args.context, args.stride, args.batch_size)
     if args.json:
         print(json.dumps({"model": args.model, "data": args.data, "autocast": args.autocast, **result}))

@@ -310,14 +310,30 @@ def read_tokens(path, tokenizer=None):
     return header, np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
 
 
-def _stream_digest(ids) -> str:
-    """The sha256 of a token stream as little-endian uint32 (a token file's header's)."""
+def _stream_digest(*parts) -> str:
+    """The sha256 of a token stream, given as consecutive parts, as little-endian uint32 (a
+    token file's header's)."""
     import numpy as np
 
     h = hashlib.sha256()
-    for start in range(0, len(ids), 1 << 24):
-        h.update(np.ascontiguousarray(ids[start:start + (1 << 24)]).astype("<u4").tobytes())
+    for ids in parts:
+        for start in range(0, len(ids), 1 << 24):
+            h.update(np.ascontiguousarray(ids[start:start + (1 << 24)]).astype("<u4").tobytes())
     return h.hexdigest()
+
+
+def _token_array(ids):
+    """ids as a 1-d numpy array of token ids, read in place: a 1-d int64/int32 tensor (on the
+    CPU) or integer numpy array (a memory map included); ValueError for anything else."""
+    import numpy as np
+
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.dtype not in (torch.long, torch.int):
+            raise ValueError("ids must be a 1-d tensor of token ids (int64 or int32)")
+        return ids.detach().cpu().numpy()
+    if not (isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu"):
+        raise ValueError("ids must be a 1-d tensor or numpy array of token ids (integers)")
+    return ids
 
 
 class TokenData:
@@ -329,14 +345,7 @@ class TokenData:
 
     def __init__(self, ids, context: int, val_fraction: float = 0.1, *, _digest: str | None = None,
                  _max_id: int | None = None):
-        import numpy as np
-
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1 or ids.dtype not in (torch.long, torch.int):
-                raise ValueError("ids must be a 1-d tensor of token ids (int64 or int32)")
-            ids = ids.detach().cpu().numpy()
-        elif not (isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu"):
-            raise ValueError("ids must be a 1-d tensor or numpy array of token ids (integers)")
+        ids = _token_array(ids)
         if context < 1:
             raise ValueError(f"context must be at least 1, got {context}")
         if not 0 <= val_fraction < 1:
@@ -378,9 +387,7 @@ class TokenData:
         """A digest of the windows' source (the token stream, its split and context): equal
         for the same data however it was given, different for any other."""
         if self._digest is None:
-            import numpy as np
-
-            self._digest = _stream_digest(np.concatenate([self.train, self.val]) if self.val.size else self.train)
+            self._digest = _stream_digest(self.train, self.val)
         return hashlib.sha256(f"{self.context} {self.train.size} {self.val.size} {self._digest}".encode()).hexdigest()
 
     def _windows(self, part, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,11 +486,12 @@ class TrainState:
         return state
 
 
-def _precision(config: TrainConfig, device: torch.device):
-    """The context a forward pass of training runs in: torch.autocast for config.autocast."""
-    if config.autocast is None:
+def autocast_region(autocast: str | None, device):
+    """The context a forward pass runs in: torch.autocast in dtype `autocast` ("bfloat16",
+    TrainConfig.autocast's values) on device's type, or none for None."""
+    if autocast is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, config.autocast))
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, autocast))
 
 
 @torch.no_grad()
@@ -531,10 +539,7 @@ def perplexity(model: GPT, ids, context: int | None = None, stride: int | None =
     "windows", "context", "stride", "seconds"}."""
     import numpy as np
 
-    if isinstance(ids, torch.Tensor):
-        ids = ids.detach().cpu().numpy()
-    if not (isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu"):
-        raise ValueError("ids must be a 1-d tensor or numpy array of token ids (integers)")
+    ids = _token_array(ids)
     if ids.size < 2:
         raise ValueError(f"{ids.size} token(s): perplexity needs at least two, one to predict from and one to predict")
     context = model.config.context_length if context is None else context
@@ -605,7 +610,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
         history, first = _resume(resume, model, fingerprint, config, optimizer, generator, device), resume.step + 1
         say(f"resumed at step {resume.step} of {config.steps}")
     elif held_out:
-        history.append({"step": 0, "val_loss": evaluate(model, held_out, device, _precision(config, device))})
+        history.append({"step": 0, "val_loss": evaluate(model, held_out, device, autocast_region(config.autocast, device))})
         say(f"step {0:6d}  val loss {history[0]['val_loss']:.4f}")
 
     def state(step: int) -> TrainState:
@@ -628,7 +633,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
         inputs, targets = data.sample(config.batch_size * config.accumulate, generator)
         loss_sum = torch.zeros((), device=device)
         for x, y in zip(inputs.split(config.batch_size), targets.split(config.batch_size)):
-            with _precision(config, device):
+            with autocast_region(config.autocast, device):
                 _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (loss / config.accumulate).backward()
             loss_sum += loss.detach()
@@ -647,7 +652,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
                   "tokens_per_s": tokens_per_step / (now - clock)}
         clock = now
         if held_out and (step % config.eval_every == 0 or step == config.steps):
-            record["val_loss"] = evaluate(model, held_out, device, _precision(config, device))
+            record["val_loss"] = evaluate(model, held_out, device, autocast_region(config.autocast, device))
             clock = time.perf_counter()  # the evaluation's time is not the step's
         history.append(record)
         if config.log_every and (step % config.log_every == 0 or step == 1 or step == config.steps):
