@@ -64,6 +64,31 @@ def test_extreme_logits(backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [7, 97, 50257])
+def test_nan_logits_give_nan(backend, device, dtype, cols):
+    """A NaN logit makes its row's loss and gradient NaN wherever it sits (mid-row, the last
+    column, every column), as F.cross_entropy does, so a diverged run cannot look finite;
+    an ignored row stays 0 and the other rows are untouched."""
+    logits, targets = _case((6, cols), dtype, device)
+    targets[1] = 0
+    logits[0, cols // 2] = float("nan")
+    logits[1, -1] = float("nan")
+    logits[2] = float("nan")
+    logits[3] = float("-inf")
+    logits[3, 1] = float("nan")
+    logits[4, -1] = float("nan")
+    targets[4] = -1  # ignored
+    leaf = logits.clone().requires_grad_()
+    loss = ops.cross_entropy(leaf, targets, ignore_index=-1, reduction="none")
+    assert torch.isnan(loss[:4]).all() and loss[4] == 0 and torch.isfinite(loss[5])
+    loss.sum().backward()
+    grad = leaf.grad.float()
+    assert torch.isnan(grad[:4]).all() and (grad[4] == 0).all() and torch.isfinite(grad[5]).all()
+    assert ops.cross_entropy(logits, targets, ignore_index=-1).isnan()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_empty_and_all_ignored(backend, device):
     base, targets = _case((6, 40), torch.float32, device)
     view = base.t().contiguous().t()[::2]  # column-major rows, every other one

@@ -123,12 +123,20 @@ def test_fully_masked_rows_are_zero(kernels, device, cols):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cols", [16, 5000, 20000])
-def test_nan_propagates(kernels, device, cols):
-    x = torch.randn(2, cols, device=device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [16, 37, 5000, 20000, 50257])
+def test_nan_propagates(kernels, device, dtype, cols):
+    """A NaN makes its row NaN wherever it sits (mid-row, the last column: a tail element
+    outside the vector loops) and even when nothing else in the row is finite, as in
+    PyTorch; the other rows are untouched."""
+    x = torch.randn(5, cols, device=device)
     x[0, cols // 2] = float("nan")
-    y = gptext.ops.softmax(x)
-    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+    x[1, -1] = float("nan")
+    x[2] = float("nan")
+    x[3] = float("-inf")
+    x[3, 0] = float("nan")
+    y = gptext.ops.softmax(x.to(dtype))
+    assert torch.isnan(y[:4]).all() and torch.isfinite(y[4]).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -493,6 +493,16 @@ inline float exp_row(const float* src, float* dst, int64_t n, float max, float k
   return sum;
 }
 
+// A row's max as max_row and load_rows_max find it skips NaN; a row of NaN and -inf alone
+// then looks empty (max -inf), which would give zeros. This makes its max NaN instead, so
+// that the row comes out NaN as any other row holding a NaN does (through exp_row's sum).
+inline float keep_nan_max(float row_max, const float* v, int64_t n) {
+  if (row_max != -INFINITY) return row_max;
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(v[i])) return NAN;
+  return row_max;
+}
+
 template <typename Fmt, bool kStream>
 void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
   using T = typename Fmt::storage;
@@ -513,6 +523,7 @@ void softmax_rows_t(const SoftmaxArgs& a, int64_t row_begin, int64_t row_end) {
     } else {
       row_max = load_rows_max<Fmt>(x + keys.begin, buf, n);
     }
+    row_max = keep_nan_max(row_max, values, n);
     // Summed as the exponentials are made: one pass over the row, not two.
     const float inv = softmax_inv_sum(exp_row(values, buf, n, row_max, k));
     std::fill(y, y + keys.begin, Fmt::store(0.0f));
@@ -546,6 +557,7 @@ void cross_entropy_rows_t(const CrossEntropyArgs& a, int64_t row_begin, int64_t 
     } else {
       row_max = load_rows_max<Fmt>(x, buf, a.cols);
     }
+    row_max = keep_nan_max(row_max, values, a.cols);
     const float log_sum = std::log(exp_row(values, buf, a.cols, row_max, kLog2e));
     const int64_t target = a.targets[row];
     a.lse[row] = row_max == -INFINITY ? -INFINITY : row_max + log_sum;

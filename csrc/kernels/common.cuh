@@ -254,9 +254,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// max(a, b) that keeps a NaN, as PyTorch's max does (fmaxf drops it): a row max over
+// values that hold a NaN is NaN, so that every probability and the log-sum-exp derived from
+// it come out NaN instead of the NaN being skipped.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
@@ -281,7 +286,7 @@ struct SumOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };
 struct MaxOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  __device__ __forceinline__ float operator()(float a, float b) const { return nan_max(a, b); }
 };
 
 __device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce(v, scratch, SumOp{}, 0.0f); }

@@ -17,7 +17,8 @@
 //      distributed shared memory (each block reads its peers' through map_shared_rank),
 //      one cluster barrier a row. Unverified: not yet run on a GPU.
 // Math is fp32 whatever the storage type. 128-bit loads and stores where the row length
-// and the pointers allow; element-wise tails otherwise.
+// and the pointers allow; element-wise tails otherwise. The maxima keep NaN (dev::nan_max):
+// a visible NaN makes its whole row NaN, as in PyTorch, wherever in the row it sits.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow, kSoftmaxB
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         if (!visible(keys, col0 + e)) v[it][e] = -INFINITY;
-        row_max = fmaxf(row_max, v[it][e]);
+        row_max = dev::nan_max(row_max, v[it][e]);
       }
     }
     row_max = dev::row_max<kWarpPerRow>(row_max, scratch);
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(kOnlineThreads) softmax_online_kernel(const So
       float chunk_max = -INFINITY;
 #pragma unroll
       for (int e = 0; e < kCount; ++e)
-        if (visible(keys, col + e)) chunk_max = fmaxf(chunk_max, vals[e]);
+        if (visible(keys, col + e)) chunk_max = dev::nan_max(chunk_max, vals[e]);
       SoftmaxStats chunk = {chunk_max, 0.0f};
 #pragma unroll
       for (int e = 0; e < kCount; ++e)
@@ -207,7 +208,7 @@ __global__ void __launch_bounds__(kOnlineThreads) cross_entropy_kernel(const Cro
       constexpr int kCount = decltype(count)::value;
       float chunk_max = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < kCount; ++e) chunk_max = fmaxf(chunk_max, vals[e]);
+      for (int e = 0; e < kCount; ++e) chunk_max = dev::nan_max(chunk_max, vals[e]);
       SoftmaxStats chunk = {chunk_max, 0.0f};
 #pragma unroll
       for (int e = 0; e < kCount; ++e) chunk.sum += softmax_exp(vals[e], chunk_max, kLog2e);
@@ -308,11 +309,11 @@ __global__ void __launch_bounds__(kClusterThreads) softmax_cluster_kernel(const 
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         if (!visible(keys, head + p * VEC + e)) v[it][e] = -INFINITY;
-        part_max = fmaxf(part_max, v[it][e]);
+        part_max = dev::nan_max(part_max, v[it][e]);
       }
     }
     if (extra_col >= 0 && visible(keys, extra_col)) extra = to_float(x[extra_col]);
-    part_max = dev::block_max(fmaxf(part_max, extra), scratch);
+    part_max = dev::block_max(dev::nan_max(part_max, extra), scratch);
 
     extra = softmax_exp(extra, part_max, k);
     const float part_sum = dev::block_sum(exp_in_place(v, part_max, k) + extra, scratch);
@@ -324,7 +325,7 @@ __global__ void __launch_bounds__(kClusterThreads) softmax_cluster_kernel(const 
     for (int r = 0; r < kClusterBlocks; ++r) stat[r] = cluster.map_shared_rank(block_stat, r)[slot];
     float row_max = -INFINITY;
 #pragma unroll
-    for (int r = 0; r < kClusterBlocks; ++r) row_max = fmaxf(row_max, stat[r].x);
+    for (int r = 0; r < kClusterBlocks; ++r) row_max = dev::nan_max(row_max, stat[r].x);
     float row_sum = 0.0f;
 #pragma unroll
     for (int r = 0; r < kClusterBlocks; ++r) row_sum += stat[r].y * softmax_exp(stat[r].x, row_max, k);

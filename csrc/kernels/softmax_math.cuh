@@ -44,9 +44,10 @@ struct SoftmaxStats {
 GPTEXT_HD SoftmaxStats softmax_stats_empty() { return {-INFINITY, 0.0f}; }
 
 // Merges two partial statistics (associative and commutative, so any reduction tree
-// works). Rescales the partial sum whose max is smaller; an empty side contributes 0.
+// works). Rescales the partial sum whose max is smaller; an empty side contributes 0; a NaN
+// max (a NaN among the values) is kept, and with it a NaN sum.
 GPTEXT_HD SoftmaxStats softmax_stats_merge(SoftmaxStats a, SoftmaxStats b, float k) {
-  const float m = a.max > b.max ? a.max : b.max;
+  const float m = (a.max > b.max || a.max != a.max) ? a.max : b.max;
   if (m == -INFINITY) return softmax_stats_empty();
   return {m, a.sum * exp2_approx((a.max - m) * k) + b.sum * exp2_approx((b.max - m) * k)};
 }

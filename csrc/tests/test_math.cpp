@@ -161,6 +161,12 @@ static void test_softmax_stats() {
   const SoftmaxStats empty = softmax_stats_merge(softmax_stats_empty(), softmax_stats_empty(), k);
   CHECK(empty.max == -INFINITY && empty.sum == 0.0f, "empty merge");
   CHECK(softmax_exp(3.0f, -INFINITY, k) == 0.0f && softmax_inv_sum(0.0f) == 0.0f, "fully masked row");
+  // A NaN survives a merge in either order, also with an empty side.
+  const SoftmaxStats nan = {NAN, NAN};
+  for (const SoftmaxStats& other : {softmax_stats_empty(), SoftmaxStats{2.0f, 1.0f}}) {
+    const SoftmaxStats ab = softmax_stats_merge(nan, other, k), ba = softmax_stats_merge(other, nan, k);
+    CHECK(std::isnan(ab.sum) && std::isnan(ba.sum), "NaN merge");
+  }
 }
 
 static void test_welford() {
