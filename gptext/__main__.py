@@ -368,6 +368,8 @@ TRAIN_DEFAULTS = {"set": [], "context": None, "val_fraction": 0.1, "dtype": "flo
 # What a resumed run cannot change: the model, and what decides its data's windows.
 FIXED_ON_RESUME = ("model", "set", "context", "val_fraction", "seed", "dtype")
 TRAIN_STATE_FILE = "training_state.pt"
+# TrainConfig fields added after training.json was first written, which an older one lacks.
+ADDED_SETTINGS = ("activation_checkpointing",)
 
 
 def train_config_defaults() -> dict:
@@ -393,7 +395,9 @@ def saved_run(out) -> tuple[dict, "object"]:
     try:
         log = json.loads((out / "training.json").read_text(encoding="utf-8"))
         settings = {key: log[key] for key in ("model", "data", *TRAIN_DEFAULTS)}
-        settings.update({key: log["config"][key] for key in train_config_defaults()})
+        # A setting newer than the run's gptext takes its default (what that run trained with).
+        settings.update({key: log["config"][key] if key in log["config"] or key not in ADDED_SETTINGS
+                         else default for key, default in train_config_defaults().items()})
     except (ValueError, KeyError, TypeError) as e:
         raise CommandError(f"--resume: {out / 'training.json'} is malformed ({type(e).__name__}: {e})") from None
     try:
@@ -503,7 +507,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"train: {source} ({origin}, {model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
           f"width {cfg.n_embd}) on {data.train.size:,} tokens ({data.val.size:,} held out), windows of "
           f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}, "
-          f"{settings['dtype']}" + (f" under {config.autocast} autocast" if config.autocast else ""))
+          f"{settings['dtype']}" + (f" under {config.autocast} autocast" if config.autocast else "")
+          + (", activation checkpointing" if config.activation_checkpointing else ""))
 
     def checkpoint(saved: train.TrainState) -> None:
         # The weights first, the state (which names their digest) after them, the settings last:
@@ -685,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--autocast", type=autocast_arg, default=hide, metavar="{bf16,none}",
                      help="bf16: mixed precision, the forward passes under torch.autocast in bfloat16 with float32 "
                           "weights, gradients and optimizer state (default none)")
+    fit.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=hide,
+                     help="keep only each block's inputs and recompute the block in the backward pass: less "
+                          "memory, one more forward pass of the blocks, the same steps (default off)")
     fit.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
                      help="gptext's compiled kernels or the PyTorch reference (default auto)")
     fit.set_defaults(run=cmd_train)

@@ -19,6 +19,12 @@ Weights are stored as PyTorch stores them (Linear: [out_features, in_features], 
 RoPE runs on gptext.ops.rope; the MoE's routing (top-k) is plain PyTorch here, the
 experts' products gptext.ops.expert_linear (or, on the reference backend past a decode
 step's few routes, gptext.ops.linear per expert).
+
+With model.activation_checkpointing set, a forward pass that records gradients keeps only
+each block's inputs (the residual stream and the pending MLP output) and runs the block
+again in the backward pass to rebuild the rest (torch.utils.checkpoint, non-reentrant, with
+the random state restored so that dropout draws the same masks): a block's activations are
+alive one block at a time, for a second forward pass of the blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import ops, reference
 from .config import GPTConfig
@@ -336,11 +343,14 @@ class GPT(nn.Module):
     model(idx) -> logits (B, T, vocab_size); model(idx, targets) -> (logits, loss).
     GPT.from_pretrained(dir) / model.save_pretrained(dir): Hugging Face checkpoints.
     model.generate(idx, ...): sampling with a KV cache (see gptext.generate).
+    model.activation_checkpointing = True: forward passes that record gradients recompute
+    each block in the backward pass instead of keeping its activations (see above).
     """
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
+        self.activation_checkpointing = False
         if cfg.arch == "gpt2":
             self.transformer = nn.ModuleDict(dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -406,8 +416,12 @@ class GPT(nn.Module):
             step = dataclasses.replace(step, rotary=self.rotary(step.positions))
             blocks, final_norm = m.layers, m.norm
         pending = None
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for block in blocks:
-            stream, pending = block(stream, pending, step, cache)
+            if recompute:
+                stream, pending = torch.utils.checkpoint.checkpoint(block, stream, pending, step, use_reentrant=False)
+            else:
+                stream, pending = block(stream, pending, step, cache)
         x, _ = final_norm(stream, pending)
         if last_only:
             x = x[:, -1:]

@@ -53,7 +53,10 @@ class TrainConfig:
     over so many fixed batches (0: never); log_every: a log line every so many steps;
     autocast: "bfloat16" runs the forward passes (training and held-out) under torch.autocast
     in bf16, the weights, gradients and AdamW's state staying float32 (mixed precision),
-    None computes in the weights' dtype."""
+    None computes in the weights' dtype; activation_checkpointing: keep only each block's
+    inputs in the forward pass and recompute the block in the backward pass (GPT's
+    activation_checkpointing, set for the run): less memory for one more forward pass of
+    the blocks, the same steps bit for bit."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -69,6 +72,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     autocast: str | None = None
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate"):
@@ -623,47 +627,53 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
 
     tokens_per_step = config.batch_size * config.accumulate * data.context
     model.train()
-    clock = time.perf_counter()
-    for step in range(first, config.steps + 1):
-        lr = config.learning_rate(step - 1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # One draw of every window of the step, split into micro-batches: a step is the same
-        # however it is accumulated.
-        inputs, targets = data.sample(config.batch_size * config.accumulate, generator)
-        loss_sum = torch.zeros((), device=device)
-        for x, y in zip(inputs.split(config.batch_size), targets.split(config.batch_size)):
-            with autocast_region(config.autocast, device):
-                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / config.accumulate).backward()
-            loss_sum += loss.detach()
-        if config.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-        else:
-            norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
-        step_loss = float(loss_sum) / config.accumulate
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"the training loss is {step_loss} at step {step}: lower the learning rate "
-                                     f"(now {lr:.3g}) or check the data and the model's weights")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        now = time.perf_counter()
-        record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": norm,
-                  "tokens_per_s": tokens_per_step / (now - clock)}
-        clock = now
-        if held_out and (step % config.eval_every == 0 or step == config.steps):
-            record["val_loss"] = evaluate(model, held_out, device, autocast_region(config.autocast, device))
-            clock = time.perf_counter()  # the evaluation's time is not the step's
-        history.append(record)
-        if config.log_every and (step % config.log_every == 0 or step == 1 or step == config.steps):
-            say(f"step {step:6d}  loss {step_loss:.4f}  lr {lr:.3g}  grad norm {norm:.3g}  "
-                f"{record['tokens_per_s']:,.0f} tokens/s"
-                + (f"  val loss {record['val_loss']:.4f}" if "val_loss" in record else ""))
-        elif "val_loss" in record:
-            say(f"step {step:6d}  val loss {record['val_loss']:.4f}")
-        if checkpoint is not None and ((save_every and step % save_every == 0) or step == config.steps):
-            checkpoint(state(step))
-    model.eval()
+    recompute = model.activation_checkpointing
+    model.activation_checkpointing = config.activation_checkpointing
+    try:
+        clock = time.perf_counter()
+        for step in range(first, config.steps + 1):
+            lr = config.learning_rate(step - 1)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # One draw of every window of the step, split into micro-batches: a step is the same
+            # however it is accumulated.
+            inputs, targets = data.sample(config.batch_size * config.accumulate, generator)
+            loss_sum = torch.zeros((), device=device)
+            for x, y in zip(inputs.split(config.batch_size), targets.split(config.batch_size)):
+                with autocast_region(config.autocast, device):
+                    _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                (loss / config.accumulate).backward()
+                loss_sum += loss.detach()
+            if config.grad_clip:
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+            else:
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                norm = float(torch.nn.utils.get_total_norm(grads))
+            step_loss = float(loss_sum) / config.accumulate
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"the training loss is {step_loss} at step {step}: lower the learning rate "
+                                         f"(now {lr:.3g}) or check the data and the model's weights")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            now = time.perf_counter()
+            record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": norm,
+                      "tokens_per_s": tokens_per_step / (now - clock)}
+            clock = now
+            if held_out and (step % config.eval_every == 0 or step == config.steps):
+                record["val_loss"] = evaluate(model, held_out, device, autocast_region(config.autocast, device))
+                clock = time.perf_counter()  # the evaluation's time is not the step's
+            history.append(record)
+            if config.log_every and (step % config.log_every == 0 or step == 1 or step == config.steps):
+                say(f"step {step:6d}  loss {step_loss:.4f}  lr {lr:.3g}  grad norm {norm:.3g}  "
+                    f"{record['tokens_per_s']:,.0f} tokens/s"
+                    + (f"  val loss {record['val_loss']:.4f}" if "val_loss" in record else ""))
+            elif "val_loss" in record:
+                say(f"step {step:6d}  val loss {record['val_loss']:.4f}")
+            if checkpoint is not None and ((save_every and step % save_every == 0) or step == config.steps):
+                checkpoint(state(step))
+    finally:
+        model.activation_checkpointing = recompute
+        model.eval()
     return history
 
 

@@ -218,3 +218,55 @@ def test_model_compiles_whole():
     _, loss = compiled(idx[:, :-1], idx[:, 1:])
     loss.backward()
     assert model.transformer.wte.weight.grad is not None and torch.isfinite(loss)
+
+
+def _saved_activation_bytes(model, idx) -> tuple[int, torch.Tensor]:
+    """Bytes of the non-parameter tensors a training forward pass keeps for its backward
+    pass, as torch's saved-tensor hooks see them from outside the model, and the loss."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(idx, idx)
+    return sum(kept.values()), loss
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt-oss"])
+def test_activation_checkpointing(arch):
+    """Recomputing the blocks in the backward pass keeps a fraction of the activations and
+    gives the gradients bit for bit, dropout's masks included, leaving the random state as
+    it would have been."""
+    if arch == "gpt2":
+        cfg = GPTConfig(n_embd=64, n_head=4, n_layer=4, vocab_size=50, context_length=64, dropout=0.1)
+    else:
+        cfg = GPTConfig.preset("gpt-oss-20b", vocab_size=50, context_length=64, n_embd=64, n_layer=4, n_head=4,
+                               n_kv_head=2, head_width=16, n_experts=4, experts_per_token=2, expert_width=32,
+                               sliding_window=8)
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    idx = torch.randint(0, 50, (2, 48))
+    runs = []
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        kept, loss = _saved_activation_bytes(model, idx)
+        loss.backward()
+        runs.append((kept, loss.detach(), {n: p.grad for n, p in model.named_parameters()}, torch.rand(4)))
+    (kept, loss, grads, after), (kept_ck, loss_ck, grads_ck, after_ck) = runs
+    assert kept_ck < 0.3 * kept, (kept_ck, kept)
+    assert torch.equal(loss, loss_ck) and torch.equal(after, after_ck)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_ck[name]), name
+    # Generation (a KV cache, no gradients) runs the blocks once, as without it.
+    model.eval()
+    prompt = idx[:, :8]
+    with_flag = model.generate(prompt, max_new_tokens=6, temperature=0)
+    model.activation_checkpointing = False
+    assert torch.equal(with_flag, model.generate(prompt, max_new_tokens=6, temperature=0))

@@ -156,6 +156,22 @@ def test_training_is_reproducible():
     assert first != [r["loss"] for r in train.train(_gpt2(), data, other, log=None)]
 
 
+@pytest.mark.parametrize("make", [functools.partial(_gpt2, dropout=0.1), _oss])
+def test_activation_checkpointing_takes_the_same_steps(make):
+    data = train.TokenData(_pattern(), context=16, val_fraction=0.1)
+    common = dict(steps=3, batch_size=4, lr=1e-2, eval_every=2, eval_batches=1, log_every=0)
+    plain, recomputed = make(), make()
+    torch.manual_seed(3)
+    expected = train.train(plain, data, train.TrainConfig(**common), log=None)
+    torch.manual_seed(3)
+    history = train.train(recomputed, data, train.TrainConfig(activation_checkpointing=True, **common), log=None)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in h]  # noqa: E731
+    assert strip(history) == strip(expected)
+    for (name, a), b in zip(plain.state_dict().items(), recomputed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert recomputed.activation_checkpointing is False  # the model's own setting, handed back
+
+
 def test_training_errors():
     model = _gpt2()
     data = train.TokenData(_pattern(), context=16, val_fraction=0.0)
@@ -391,6 +407,15 @@ def test_cli_resumes_a_run(corpus, tmp_path, capsys):
     (tmp_path / "other.txt").write_text(corpus.read_text()[::-1])
     code, err = fails(*again, "--steps", "9", "--data", str(tmp_path / "other.txt"))
     assert code == 2 and "the data differs" in err
+    # A run written before TrainConfig had activation_checkpointing resumes with it off;
+    # --activation-checkpointing turns it on from there.
+    log = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert log["config"].pop("activation_checkpointing") is False
+    (tmp_path / "run" / "training.json").write_text(json.dumps(log))
+    assert main(["train", *again, "--steps", "9", "--activation-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "activation checkpointing" in out and "resumed at step 8" in out
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["config"]["activation_checkpointing"]
     (tmp_path / "whole" / "training.json").write_text('{"model": "gpt2-124m"}')
     code, err = fails("--out", str(tmp_path / "whole"), "--resume", "--steps", "9")
     assert code == 2 and "training.json is malformed (KeyError" in err
