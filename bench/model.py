@@ -91,7 +91,7 @@ def _training_step(module: torch.nn.Module, loss_of: Callable) -> Callable:
 def _gptext_competitor(name: str, backend: str, model: GPT) -> ModelCompetitor:
     return ModelCompetitor(name, _on_backend(backend, model),
                            _on_backend(backend, lambda idx, n: model.generate(idx, max_new_tokens=n, temperature=0)),
-                           train=_on_backend(backend, _training_step(model, lambda idx, t: model(idx, t)[1])))
+                           train=_on_backend(backend, _training_step(model, model.loss)))
 
 
 def _hf_competitor(checkpoint: str, device: torch.device, dtype: torch.dtype) -> tuple[ModelCompetitor, dict]:

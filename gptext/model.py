@@ -340,7 +340,8 @@ class OssBlock(nn.Module):
 class GPT(nn.Module):
     """A GPT-2- or gpt-oss-family language model on gptext's ops (cfg.arch picks).
 
-    model(idx) -> logits (B, T, vocab_size); model(idx, targets) -> (logits, loss).
+    model(idx) -> logits (B, T, vocab_size); model(idx, targets) -> (logits, loss);
+    model.loss(idx, targets) -> loss, without materialising the logits (for training).
     GPT.from_pretrained(dir) / model.save_pretrained(dir): Hugging Face checkpoints.
     model.generate(idx, ...): sampling with a KV cache (see gptext.generate).
     model.activation_checkpointing = True: forward passes that record gradients recompute
@@ -403,9 +404,28 @@ class GPT(nn.Module):
         loss = ops.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of model(idx, targets) (targets equal to -1 ignored) without
+        the logits: the head and the loss run fused, a chunk of rows at a time
+        (gptext.ops.linear_cross_entropy), so that training never holds the (B, T,
+        vocab_size) logits or their gradient. What gptext.train trains on."""
+        self.check_tokens(idx)
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets has shape {tuple(targets.shape)}; expected {tuple(idx.shape)} like idx")
+        B, T = idx.shape
+        x = self.trunk(idx, Step(positions=torch.arange(T, device=idx.device).expand(B, T)))
+        return ops.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
+
     def run(self, idx: torch.Tensor, step: Step, cache=None, last_only: bool = False) -> torch.Tensor:
         """The forward pass proper, on already-checked tokens: logits for every position (or
         only the last one), reading and writing `cache` as `step` says."""
+        x = self.trunk(idx, step, cache)
+        if last_only:
+            x = x[:, -1:]
+        return ops.linear(x, self.lm_head.weight)
+
+    def trunk(self, idx: torch.Tensor, step: Step, cache=None) -> torch.Tensor:
+        """The forward pass up to the head: the final norm's output (B, T, n_embd)."""
         if self.config.arch == "gpt2":
             t = self.transformer
             stream = t.drop(t.wte(idx) + t.wpe(step.positions))
@@ -423,9 +443,7 @@ class GPT(nn.Module):
             else:
                 stream, pending = block(stream, pending, step, cache)
         x, _ = final_norm(stream, pending)
-        if last_only:
-            x = x[:, -1:]
-        return ops.linear(x, self.lm_head.weight)
+        return x
 
     def check_tokens(self, idx: torch.Tensor) -> None:
         """Clear errors for token tensors the model cannot take."""

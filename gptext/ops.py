@@ -51,6 +51,7 @@ __all__ = [
     "layernorm_residual",
     "linear",
     "linear_backend",
+    "linear_cross_entropy",
     "rmsnorm",
     "rmsnorm_residual",
     "rope",
@@ -610,6 +611,156 @@ def _cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
         return loss.view(targets.shape)
     total = loss.sum()
     return total if reduction == "sum" else total / (flat != ignore_index).sum()
+
+
+def _per_row_cross_entropy(logits, targets, ignore_index):
+    """(loss, lse) of each row of checked 2-d logits against checked int64 targets."""
+    if _use_kernels("cross_entropy", logits):
+        return torch.ops.gptext.cross_entropy.default(logits, targets, int(ignore_index))
+    return reference.cross_entropy(logits, targets, int(ignore_index))
+
+
+def _per_row_cross_entropy_grad(grad, logits, targets, lse, ignore_index):
+    """The logits' gradient of _per_row_cross_entropy's loss, rows scaled by grad (fp32)."""
+    if _use_kernels("cross_entropy", logits):
+        return torch.ops.gptext.cross_entropy_backward.default(grad, logits, targets, lse, int(ignore_index))
+    return reference.cross_entropy_backward(grad, logits, targets, lse, int(ignore_index))
+
+
+# linear_cross_entropy's default chunk: as many rows (a multiple of 64, at least 64) as make
+# this many bytes of logits. Fewer rows cost GEMM efficiency and, in 16 bits, one more pass
+# over the float32 weight gradient per chunk; more cost memory.
+LINEAR_CROSS_ENTROPY_CHUNK_BYTES = 128 << 20
+
+
+def _chunk_rows(classes: int, dtype: torch.dtype) -> int:
+    rows = LINEAR_CROSS_ENTROPY_CHUNK_BYTES // (classes * torch.empty((), dtype=dtype).element_size())
+    return max(64, rows // 64 * 64)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """cross_entropy(linear(x, weight, bias), targets, ignore_index, reduction) without the
+    logits: a language model's head and loss fused, for training and scoring. x (..., K),
+    weight (classes, K), targets x.shape[:-1]; reduction "mean" or "sum" (a scalar, fp32).
+
+    The rows go `chunk_rows` at a time (default: 128 MiB of logits, at least 64 rows): each
+    chunk's logits are made by `linear`, reduced by `cross_entropy`'s kernels and, when a
+    gradient is wanted, turned straight into their gradient, whose products with the weight
+    and with x (the GEMMs of linear's backward) run in the same pass; the backward then only
+    scales those gradients. So neither the logits (rows x classes, 0.8 GB in fp32 for 4096
+    rows of GPT-2's vocabulary) nor their gradient ever exist whole: the extra memory is
+    x's gradient and the weight's. x's gradient is what cross_entropy(linear(..)) gives; the
+    weight's is summed over the chunks in fp32, except where linear's backward runs in 16
+    bits on a CPU (see there): then the GEMM adds each chunk's product into a gradient in
+    the weight's dtype, a rounding a chunk."""
+    return _linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, chunk_rows)
+
+
+def _linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduction="mean", chunk_rows=None):
+    # Not observed as one op: the profiler sees its linear calls, the kernels' bulk.
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight, bias = _cast(dtype, x, weight, bias)
+        with _autocast_off(x):
+            return _linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, chunk_rows)
+    _check_linear("linear_cross_entropy", x, weight, bias, None, None)
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"gptext.ops.linear_cross_entropy: targets must be an int64 or int32 tensor, got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"gptext.ops.linear_cross_entropy: targets has shape {tuple(targets.shape)}; expected "
+                         f"{tuple(x.shape[:-1])}, x's without the feature dimension")
+    if targets.device != x.device:
+        raise ValueError(f"gptext.ops.linear_cross_entropy: targets is on {targets.device} but x is on {x.device}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"gptext.ops.linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r} "
+                         f"(for each row's loss, use cross_entropy on linear's logits)")
+    classes = weight.shape[0]
+    if classes == 0:
+        raise ValueError("gptext.ops.linear_cross_entropy: weight has no rows (no classes)")
+    chunk_rows = _chunk_rows(classes, x.dtype) if chunk_rows is None else chunk_rows
+    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"gptext.ops.linear_cross_entropy: chunk_rows must be a positive int, got {chunk_rows!r}")
+    rows, flat = x.reshape(-1, x.shape[-1]), targets.reshape(-1).long()
+    if flat.is_cpu and flat.numel() and not torch.compiler.is_compiling():
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= classes))
+        if bool(bad.any()):
+            raise IndexError(f"gptext.ops.linear_cross_entropy: targets holds {int(flat[bad][0])}, outside "
+                             f"[0, {classes}) (and not ignore_index {ignore_index})")
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    # Each row's share of the result: the mean's 1 / count (NaN, as cross_entropy's, when
+    # every target is ignored), or 1.
+    share = (1.0 / (flat != ignore_index).sum().float() if reduction == "mean"
+             else torch.ones((), dtype=torch.float32, device=x.device))
+    if wants_grad:
+        return _LinearCrossEntropy.apply(rows, weight, bias, flat, int(ignore_index), chunk_rows, share)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        logits = linear(rows[start:start + chunk_rows], weight, bias)
+        total += _per_row_cross_entropy(logits, flat[start:start + chunk_rows], ignore_index)[0].sum()
+    return total * share
+
+
+def _wide_weight_sum(x: torch.Tensor) -> bool:
+    """Whether linear_cross_entropy sums a 16-bit weight gradient over its chunks in float32."""
+    return x.device.type != "cpu"
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy's loss, each row's loss weighted by `share` (a 0-d fp32 tensor),
+    its gradients made in the forward pass with that weight, as the logits' gradient would
+    carry it; the backward scales them by the loss's gradient (1 for a plain backward())."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, ignore_index, chunk_rows, share):
+        in_storage = _backward_in_storage_dtype(rows)
+        wide_weight = weight if in_storage or weight.dtype == torch.float32 else weight.float()
+        dx = torch.empty_like(rows)
+        # The weight's gradient sums over the chunks in float32, except for 16-bit products
+        # on a CPU: there it sums in place in their dtype (each chunk's product added by the
+        # GEMM, rounded once), as an fp32 sum would read and write a float32 copy of the whole
+        # matrix per chunk, which measured 1.4x slower at GPT-2's head. On a GPU that pass is
+        # a small part of the GEMM's time.
+        wide_sum = not in_storage or _wide_weight_sum(rows)
+        dweight = torch.zeros(weight.shape, dtype=torch.float32 if wide_sum else weight.dtype, device=weight.device)
+        dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        for start in range(0, rows.shape[0], chunk_rows):
+            part, picked = rows[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = linear(part, weight, bias)
+            loss, lse = _per_row_cross_entropy(logits, picked, ignore_index)
+            total += loss.sum()
+            grad = _per_row_cross_entropy_grad(share.expand(part.shape[0]).contiguous(), logits, picked, lse,
+                                               ignore_index)
+            del logits
+            if dbias is not None:
+                dbias += grad.sum(0, dtype=torch.float32)
+            if in_storage:  # the products in the 16-bit dtype, fp32 accumulation inside the GEMM
+                dx[start:start + chunk_rows] = grad @ weight
+                if wide_sum:
+                    dweight += grad.T @ part
+                else:
+                    dweight.addmm_(grad.T, part)
+            else:
+                wide = grad.float()
+                dx[start:start + chunk_rows] = wide @ wide_weight
+                dweight.addmm_(wide.T, part.float())
+        ctx.save_for_backward(dx, dweight, dbias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total * share
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        dx, dweight, dbias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = grad_total.float()
+        return ((dx * scale.to(dx.dtype)) if ctx.needs_input_grad[0] else None,
+                (dweight * scale).to(weight_dtype) if ctx.needs_input_grad[1] else None,
+                (dbias * scale).to(bias_dtype) if dbias is not None and ctx.needs_input_grad[2] else None,
+                None, None, None, None)
 
 
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

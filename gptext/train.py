@@ -508,7 +508,7 @@ def evaluate(model: GPT, batches, device, precision=None) -> float:
         total = count = 0
         for x, y in batches:
             with precision if precision is not None else contextlib.nullcontext():
-                _, loss = model(x.to(device), y.to(device))
+                loss = model.loss(x.to(device), y.to(device))
             total, count = total + float(loss) * x.shape[0], count + x.shape[0]
         return total / count
     finally:
@@ -568,7 +568,7 @@ def perplexity(model: GPT, ids, context: int | None = None, stride: int | None =
             for row, (b, _, keep) in enumerate(batch):
                 y[row, :keep - b - 1] = -1  # targets the window before scored
             count = int((y >= 0).sum())
-            _, loss = model(x.to(device), y.to(device))
+            loss = model.loss(x.to(device), y.to(device))
             total, scored = total + float(loss) * count, scored + count
     finally:
         model.train(was_training)
@@ -641,7 +641,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
             loss_sum = torch.zeros((), device=device)
             for x, y in zip(inputs.split(config.batch_size), targets.split(config.batch_size)):
                 with autocast_region(config.autocast, device):
-                    _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                 (loss / config.accumulate).backward()
                 loss_sum += loss.detach()
             if config.grad_clip:
