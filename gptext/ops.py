@@ -566,6 +566,31 @@ def _softmax(x, dim=-1, *, scale=None, causal=False, window=None):
 CROSS_ENTROPY_REDUCTIONS = ("mean", "sum", "none")
 
 
+def _check_targets(op: str, targets, name: str, t: torch.Tensor, last: str) -> None:
+    """Clear errors for class targets that do not fit tensor `name` (t) without its last
+    (`last`) dimension."""
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"gptext.ops.{op}: targets must be an int64 or int32 tensor, got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
+    if targets.shape != t.shape[:-1]:
+        raise ValueError(f"gptext.ops.{op}: targets has shape {tuple(targets.shape)}; expected "
+                         f"{tuple(t.shape[:-1])}, {name}'s without the {last} dimension")
+    if targets.device != t.device:
+        raise ValueError(f"gptext.ops.{op}: targets is on {targets.device} but {name} is on {t.device}")
+
+
+def _check_target_range(op: str, flat: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """IndexError for a target outside [0, classes) that is not ignore_index, on the CPU (on
+    a GPU the check would read the targets back to the host: the loss comes out NaN)."""
+    if flat.is_cpu and flat.numel() and not torch.compiler.is_compiling():
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= classes))
+        if bool(bad.any()):
+            raise IndexError(f"gptext.ops.{op}: targets holds {int(flat[bad][0])}, outside [0, {classes}) "
+                             f"(and not ignore_index {ignore_index})")
+
+
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean") -> torch.Tensor:
     """The cross-entropy of logits (..., classes) against integer targets (...), as
@@ -586,23 +611,12 @@ def _cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"gptext.ops.cross_entropy: logits must have a non-empty last (class) dimension, got "
                          f"shape {tuple(logits.shape)}")
-    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"gptext.ops.cross_entropy: targets must be an int64 or int32 tensor, got "
-                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"gptext.ops.cross_entropy: targets has shape {tuple(targets.shape)}; expected "
-                         f"{tuple(logits.shape[:-1])}, logits' without the class dimension")
-    if targets.device != logits.device:
-        raise ValueError(f"gptext.ops.cross_entropy: targets is on {targets.device} but logits is on {logits.device}")
+    _check_targets("cross_entropy", targets, "logits", logits, "class")
     if reduction not in CROSS_ENTROPY_REDUCTIONS:
         raise ValueError(f"gptext.ops.cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     classes = logits.shape[-1]
     rows, flat = logits.reshape(-1, classes), targets.reshape(-1).long()
-    if flat.is_cpu and flat.numel() and not torch.compiler.is_compiling():
-        bad = (flat != ignore_index) & ((flat < 0) | (flat >= classes))
-        if bool(bad.any()):
-            raise IndexError(f"gptext.ops.cross_entropy: targets holds {int(flat[bad][0])}, outside [0, {classes}) "
-                             f"(and not ignore_index {ignore_index})")
+    _check_target_range("cross_entropy", flat, classes, ignore_index)
     if _use_kernels("cross_entropy", logits):
         loss = torch.ops.gptext.cross_entropy.default(rows, flat, int(ignore_index))[0]
     else:
@@ -666,14 +680,7 @@ def _linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, redu
         with _autocast_off(x):
             return _linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, chunk_rows)
     _check_linear("linear_cross_entropy", x, weight, bias, None, None)
-    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"gptext.ops.linear_cross_entropy: targets must be an int64 or int32 tensor, got "
-                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
-    if targets.shape != x.shape[:-1]:
-        raise ValueError(f"gptext.ops.linear_cross_entropy: targets has shape {tuple(targets.shape)}; expected "
-                         f"{tuple(x.shape[:-1])}, x's without the feature dimension")
-    if targets.device != x.device:
-        raise ValueError(f"gptext.ops.linear_cross_entropy: targets is on {targets.device} but x is on {x.device}")
+    _check_targets("linear_cross_entropy", targets, "x", x, "feature")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"gptext.ops.linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r} "
                          f"(for each row's loss, use cross_entropy on linear's logits)")
@@ -684,11 +691,7 @@ def _linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, redu
     if not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"gptext.ops.linear_cross_entropy: chunk_rows must be a positive int, got {chunk_rows!r}")
     rows, flat = x.reshape(-1, x.shape[-1]), targets.reshape(-1).long()
-    if flat.is_cpu and flat.numel() and not torch.compiler.is_compiling():
-        bad = (flat != ignore_index) & ((flat < 0) | (flat >= classes))
-        if bool(bad.any()):
-            raise IndexError(f"gptext.ops.linear_cross_entropy: targets holds {int(flat[bad][0])}, outside "
-                             f"[0, {classes}) (and not ignore_index {ignore_index})")
+    _check_target_range("linear_cross_entropy", flat, classes, ignore_index)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     # Each row's share of the result: the mean's 1 / count (NaN, as cross_entropy's, when
