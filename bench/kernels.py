@@ -109,6 +109,38 @@ def _cross_entropy_cost(case):
     return 6.0 * rows * vocab, float(3 * rows * vocab * _itemsize(case) + 8 * rows)
 
 
+# linear_cross_entropy: a language model's head and loss in training, forward and backward
+# together (the loss and the gradients of x and of the weight), shape (rows, K, vocabulary).
+# Eager: F.linear, then F.cross_entropy of the logits in float32.
+def _linear_cross_entropy_inputs(case, randn):
+    rows, k, vocab = case.shape
+    g = torch.Generator().manual_seed(rows)
+    x = randn((rows, k))
+    return x, randn((vocab, k), k ** -0.5), torch.randint(0, vocab, (rows,), generator=g).to(x.device)
+
+
+def _linear_cross_entropy_functions(case):
+    def trained(loss_fn):
+        def call(x, weight, targets):
+            with torch.enable_grad():
+                leaves = x.detach().requires_grad_(), weight.detach().requires_grad_()
+                loss = loss_fn(*leaves, targets)
+                dx, dweight = torch.autograd.grad(loss, leaves)
+            return loss.detach(), dx, dweight
+        return call
+
+    return (trained(lambda x, w, t: ops.linear_cross_entropy(x, w, t)),
+            trained(lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t)),
+            trained(lambda x, w, t: reference.cross_entropy(reference.linear(x, w), t)[0].mean()))
+
+
+def _linear_cross_entropy_cost(case):
+    rows, k, vocab = case.shape
+    # Three GEMMs (the logits, x's and the weight's gradients); x and the weight read, their
+    # gradients written.
+    return 6.0 * rows * k * vocab, float(2 * (rows * k + vocab * k) * _itemsize(case) + 8 * rows)
+
+
 def _layernorm_residual_inputs(case, randn):
     cols = case.shape[-1]
     return randn(case.shape), randn(case.shape), randn((cols,), 0.1, 1.0), randn((cols,), 0.1)
@@ -388,6 +420,9 @@ OP_SPECS = {
                       lambda case: (5.0 * _elements(case), 2.0 * _elements(case) * _itemsize(case))),
     "cross_entropy": OpSpec(lambda case: "memory", _cross_entropy_inputs, _cross_entropy_functions,
                             _cross_entropy_cost),
+    "linear_cross_entropy": OpSpec(lambda case: "compute", _linear_cross_entropy_inputs,
+                                   _linear_cross_entropy_functions, _linear_cross_entropy_cost,
+                                   lambda case: max(case.shape[0], case.shape[2]), widen=2.0),
     "layernorm_residual": OpSpec(
         lambda case: "memory", _layernorm_residual_inputs, _layernorm_residual_functions,
         lambda case: (9.0 * _elements(case), float((4 * _elements(case) + 2 * case.shape[-1]) * _itemsize(case)))),

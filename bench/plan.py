@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from gptext import profiling
 
-OPS = ("softmax", "cross_entropy", "layernorm_residual", "rmsnorm_residual", "linear", "ffn", "rope", "expert_linear",
-       "expert_linear_bwd", "attention", "attention_bwd")
+OPS = ("softmax", "cross_entropy", "linear_cross_entropy", "layernorm_residual", "rmsnorm_residual", "linear", "ffn",
+       "rope", "expert_linear", "expert_linear_bwd", "attention", "attention_bwd")
 MODES = ("quick", "full")
 
 # Linear epilogues as GPT-2 uses them: c_attn (bias), c_fc (bias + GELU), the projections
@@ -49,7 +49,7 @@ class Case:
     """One op at one shape and dtype.
 
     shape: softmax, cross_entropy, layernorm_residual, rmsnorm_residual: (rows, cols); linear: (M, K, N),
-    weight [N, K];
+    weight [N, K]; linear_cross_entropy: (rows, K, vocabulary);
     ffn: (M, width), hidden 4 x width; rope: (batch, heads, positions, head_dim); expert_linear(_bwd): (tokens, slots, experts, N, K), with
     epilogue "swiglu" or "routes" (one row of x per route); attention(_bwd): (batch, heads, kv_heads, q_len,
     k_len, head_dim), with epilogue "causal" or "".
@@ -63,7 +63,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        if self.op == "linear":
+        if self.op in ("linear", "linear_cross_entropy"):
             m, k, n = self.shape
             return f"{m}x{k}->{n}" + (f" {self.epilogue}" if self.epilogue else "")
         if self.op.startswith("expert_linear"):
@@ -81,6 +81,7 @@ class Family:
     name: str
     shapes: tuple
     first_dtype_only: bool = False
+    dtypes: tuple | None = None  # of the run's dtypes, those it runs in (None: all)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ FAMILIES = {
         Family("softmax", "rows", ((4096, 1024), (256, 50257), (16384, 128))),
         Family("softmax", "sweep", ((1, 1024), (16, 1024), (256, 1024)), first_dtype_only=True),
         Family("cross_entropy", "classifier", ((256, 50257), (16, 201088))),
+        # Not fp16: eager's fp16 GEMMs run at under a GFLOP/s on a CPU without AVX512_FP16.
+        Family("linear_cross_entropy", "gpt2 head", ((1024, 768, 50257),), dtypes=("float32", "bfloat16")),
         Family("layernorm_residual", "rows", ((4096, 768), (1024, 2880), (8, 768))),
         Family("rmsnorm_residual", "rows", ((1024, 2880), (8, 2880))),
         Family("linear", "decode", _linear((1, 8), _GPT2_LINEARS + ((768, 50257, ""),))),
@@ -186,6 +189,7 @@ FAMILIES = {
     ("cuda", "quick"): (
         Family("softmax", "rows", ((16384, 1024), (8192, 50257))),
         Family("cross_entropy", "classifier", ((8192, 50257),)),
+        Family("linear_cross_entropy", "gpt2 head", ((8192, 768, 50257),)),
         Family("layernorm_residual", "rows", ((16384, 768), (16384, 2880))),
         Family("rmsnorm_residual", "rows", ((16384, 2880),)),
         Family("linear", "square", ((4096, 4096, 4096, ""),)),
@@ -203,6 +207,7 @@ FAMILIES = {
         Family("softmax", "sweep", tuple((rows, 1024) for rows in (1, 4, 16, 64, 256, 1024, 4096)),
                first_dtype_only=True),
         Family("cross_entropy", "classifier", ((8192, 50257), (2048, 201088))),
+        Family("linear_cross_entropy", "head", ((8192, 768, 50257), (2048, 2880, 201088))),
         Family("layernorm_residual", "rows", ((16384, 768), (16384, 1600), (16384, 2880))),
         Family("rmsnorm_residual", "rows", ((16384, 2880),)),
         Family("linear", "square", ((4096, 4096, 4096, ""),)),
@@ -300,6 +305,8 @@ def kernel_cases(device_type: str, mode: str, ops=OPS, dtypes=None, shape_filter
             for shape in family.shapes:
                 dims, epilogue = (tuple(shape[:-1]), shape[-1]) if isinstance(shape[-1], str) else (tuple(shape), "")
                 for dtype in dtypes[:1] if family.first_dtype_only else dtypes:
+                    if family.dtypes is not None and dtype not in family.dtypes:
+                        continue
                     if op.startswith("attention") and device_type == "cuda" and dtype == "float32":
                         continue  # the fused CUDA attention takes bf16/fp16; fp32 runs the reference
                     cases.append(Case(op, family.name, dims, dtype, epilogue))
