@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import gptext
 from gptext import GPT, GPTConfig, ops
 
-from conftest import assert_close
+from conftest import DEVICES, assert_close
 
 
 @pytest.fixture(params=["kernels", "reference"])
@@ -42,13 +42,15 @@ def _exact(x, weight, b, targets, reduction):
                                                   ignore_index=-1, reduction=reduction), *wide)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape, features, classes, chunk", [((37,), 24, 50, 8), ((3, 11), 32, 257, None),
                                                             ((2, 70), 16, 1000, 64), ((5,), 8, 3, 1)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_pytorch(backend, dtype, shape, features, classes, chunk, reduction, bias):
-    x, weight, b, targets = _case(shape, features, classes, dtype, bias)
+def test_matches_pytorch(backend, device, dtype, shape, features, classes, chunk, reduction, bias):
+    x, weight, b, targets = (t.to(device) if t is not None else None
+                             for t in _case(shape, features, classes, dtype, bias))
     loss, grads = _grads(lambda x, w, b: ops.linear_cross_entropy(x, w, targets, b, ignore_index=-1,
                                                                   reduction=reduction, chunk_rows=chunk), x, weight, b)
     exact, exact_grads = _exact(x, weight, b, targets, reduction)
