@@ -719,17 +719,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, ignore_index, chunk_rows, share):
+        need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         in_storage = _backward_in_storage_dtype(rows)
-        wide_weight = weight if in_storage or weight.dtype == torch.float32 else weight.float()
-        dx = torch.empty_like(rows)
+        wide_weight = weight if in_storage or weight.dtype == torch.float32 or not need_dx else weight.float()
+        dx = torch.empty_like(rows) if need_dx else None
         # The weight's gradient sums over the chunks in float32, except for 16-bit products
         # on a CPU: there it sums in place in their dtype (each chunk's product added by the
         # GEMM, rounded once), as an fp32 sum would read and write a float32 copy of the whole
         # matrix per chunk, which measured 1.4x slower at GPT-2's head. On a GPU that pass is
         # a small part of the GEMM's time.
         wide_sum = not in_storage or _wide_weight_sum(rows)
-        dweight = torch.zeros(weight.shape, dtype=torch.float32 if wide_sum else weight.dtype, device=weight.device)
-        dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        dweight = (torch.zeros(weight.shape, dtype=torch.float32 if wide_sum else weight.dtype, device=weight.device)
+                   if need_dweight else None)
+        dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_dbias else None
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         for start in range(0, rows.shape[0], chunk_rows):
             part, picked = rows[start:start + chunk_rows], targets[start:start + chunk_rows]
@@ -742,15 +744,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if dbias is not None:
                 dbias += grad.sum(0, dtype=torch.float32)
             if in_storage:  # the products in the 16-bit dtype, fp32 accumulation inside the GEMM
-                dx[start:start + chunk_rows] = grad @ weight
-                if wide_sum:
+                if need_dx:
+                    dx[start:start + chunk_rows] = grad @ weight
+                if need_dweight and wide_sum:
                     dweight += grad.T @ part
-                else:
+                elif need_dweight:
                     dweight.addmm_(grad.T, part)
             else:
                 wide = grad.float()
-                dx[start:start + chunk_rows] = wide @ wide_weight
-                dweight.addmm_(wide.T, part.float())
+                if need_dx:
+                    dx[start:start + chunk_rows] = wide @ wide_weight
+                if need_dweight:
+                    dweight.addmm_(wide.T, part.float())
         ctx.save_for_backward(dx, dweight, dbias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total * share
@@ -760,9 +765,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dx, dweight, dbias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
         scale = grad_total.float()
-        return ((dx * scale.to(dx.dtype)) if ctx.needs_input_grad[0] else None,
-                (dweight * scale).to(weight_dtype) if ctx.needs_input_grad[1] else None,
-                (dbias * scale).to(bias_dtype) if dbias is not None and ctx.needs_input_grad[2] else None,
+        return (dx * scale.to(dx.dtype) if dx is not None else None,
+                (dweight * scale).to(weight_dtype) if dweight is not None else None,
+                (dbias * scale).to(bias_dtype) if dbias is not None else None,
                 None, None, None, None)
 
 

@@ -166,3 +166,16 @@ def test_model_loss(arch):
     assert max(largest) < idx.numel() * cfg.vocab_size
     with pytest.raises(ValueError, match="targets has shape"):
         model.loss(idx, targets[:, :-1])
+
+
+def test_only_the_gradients_asked_for():
+    """A frozen weight (or a constant x) gets no gradient, and the others are unchanged."""
+    x, weight, b, targets = _case((30,), 16, 70, torch.float32)
+    _, (dx, dweight, dbias) = _grads(lambda x, w, b: ops.linear_cross_entropy(x, w, targets, b, ignore_index=-1,
+                                                                              chunk_rows=8), x, weight, b)
+    leaf = x.clone().requires_grad_()
+    ops.linear_cross_entropy(leaf, weight, targets, b, ignore_index=-1, chunk_rows=8).backward()
+    assert torch.equal(leaf.grad, dx)
+    w_leaf, b_leaf = weight.clone().requires_grad_(), b.clone().requires_grad_()
+    ops.linear_cross_entropy(x, w_leaf, targets, b_leaf, ignore_index=-1, chunk_rows=8).backward()
+    assert torch.equal(w_leaf.grad, dweight) and torch.equal(b_leaf.grad, dbias)
