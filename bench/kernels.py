@@ -85,22 +85,26 @@ def _cross_entropy_inputs(case, randn):
     return logits, torch.randint(0, vocab, (rows,), generator=g).to(logits.device)
 
 
-def _cross_entropy_functions(case):
-    def trained(loss_fn):
-        def call(logits, targets):
-            with torch.enable_grad():
-                leaf = logits.detach().requires_grad_()
-                loss = loss_fn(leaf, targets)
-                (grad,) = torch.autograd.grad(loss, leaf)
-            return loss.detach(), grad
-        return call
+def _trained(loss_fn):
+    """A loss's forward and backward as one call: (*tensors, targets) -> (loss, the gradient
+    of each tensor)."""
+    def call(*inputs):
+        *tensors, targets = inputs
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in tensors]
+            loss = loss_fn(*leaves, targets)
+            grads = torch.autograd.grad(loss, leaves)
+        return (loss.detach(), *grads)
+    return call
 
+
+def _cross_entropy_functions(case):
     def reference_loss(logits, targets):
         loss, _ = reference.cross_entropy(logits, targets)
         return loss.mean()
 
-    return (trained(lambda x, t: ops.cross_entropy(x, t)), trained(lambda x, t: F.cross_entropy(x.float(), t)),
-            trained(reference_loss))
+    return (_trained(lambda x, t: ops.cross_entropy(x, t)), _trained(lambda x, t: F.cross_entropy(x.float(), t)),
+            _trained(reference_loss))
 
 
 def _cross_entropy_cost(case):
@@ -120,18 +124,9 @@ def _linear_cross_entropy_inputs(case, randn):
 
 
 def _linear_cross_entropy_functions(case):
-    def trained(loss_fn):
-        def call(x, weight, targets):
-            with torch.enable_grad():
-                leaves = x.detach().requires_grad_(), weight.detach().requires_grad_()
-                loss = loss_fn(*leaves, targets)
-                dx, dweight = torch.autograd.grad(loss, leaves)
-            return loss.detach(), dx, dweight
-        return call
-
-    return (trained(lambda x, w, t: ops.linear_cross_entropy(x, w, t)),
-            trained(lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t)),
-            trained(lambda x, w, t: reference.cross_entropy(reference.linear(x, w), t)[0].mean()))
+    return (_trained(lambda x, w, t: ops.linear_cross_entropy(x, w, t)),
+            _trained(lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t)),
+            _trained(lambda x, w, t: reference.cross_entropy(reference.linear(x, w), t)[0].mean()))
 
 
 def _linear_cross_entropy_cost(case):

@@ -396,8 +396,9 @@ def saved_run(out) -> tuple[dict, "object"]:
         log = json.loads((out / "training.json").read_text(encoding="utf-8"))
         settings = {key: log[key] for key in ("model", "data", *TRAIN_DEFAULTS)}
         # A setting newer than the run's gptext takes its default (what that run trained with).
-        settings.update({key: log["config"][key] if key in log["config"] or key not in ADDED_SETTINGS
-                         else default for key, default in train_config_defaults().items()})
+        config = log["config"]
+        settings.update({key: config.get(key, default) if key in ADDED_SETTINGS else config[key]
+                         for key, default in train_config_defaults().items()})
     except (ValueError, KeyError, TypeError) as e:
         raise CommandError(f"--resume: {out / 'training.json'} is malformed ({type(e).__name__}: {e})") from None
     try:

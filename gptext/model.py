@@ -393,14 +393,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits for every position of idx (B, T); with targets (B, T), also the mean
         cross-entropy (targets equal to -1 are ignored)."""
-        self.check_tokens(idx)
-        B, T = idx.shape
-        positions = torch.arange(T, device=idx.device).expand(B, T)
-        logits = self.run(idx, Step(positions=positions))
+        logits = self.run(idx, self._whole_sequences(idx, targets))
         if targets is None:
             return logits
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets has shape {tuple(targets.shape)}; expected {tuple(idx.shape)} like idx")
         loss = ops.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -409,12 +404,17 @@ class GPT(nn.Module):
         the logits: the head and the loss run fused, a chunk of rows at a time
         (gptext.ops.linear_cross_entropy), so that training never holds the (B, T,
         vocab_size) logits or their gradient. What gptext.train trains on."""
+        x = self.trunk(idx, self._whole_sequences(idx, targets))
+        return ops.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
+
+    def _whole_sequences(self, idx: torch.Tensor, targets: torch.Tensor | None) -> Step:
+        """The Step of a pass over whole sequences idx (B, T) from position 0, no cache, after
+        checking idx and, when given, that targets has its shape."""
         self.check_tokens(idx)
-        if targets.shape != idx.shape:
+        if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets has shape {tuple(targets.shape)}; expected {tuple(idx.shape)} like idx")
         B, T = idx.shape
-        x = self.trunk(idx, Step(positions=torch.arange(T, device=idx.device).expand(B, T)))
-        return ops.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
+        return Step(positions=torch.arange(T, device=idx.device).expand(B, T))
 
     def run(self, idx: torch.Tensor, step: Step, cache=None, last_only: bool = False) -> torch.Tensor:
         """The forward pass proper, on already-checked tokens: logits for every position (or

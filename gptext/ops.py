@@ -617,10 +617,7 @@ def _cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     classes = logits.shape[-1]
     rows, flat = logits.reshape(-1, classes), targets.reshape(-1).long()
     _check_target_range("cross_entropy", flat, classes, ignore_index)
-    if _use_kernels("cross_entropy", logits):
-        loss = torch.ops.gptext.cross_entropy.default(rows, flat, int(ignore_index))[0]
-    else:
-        loss = reference.cross_entropy(rows, flat, int(ignore_index))[0]
+    loss = _per_row_cross_entropy(rows, flat, ignore_index)[0]
     if reduction == "none":
         return loss.view(targets.shape)
     total = loss.sum()
@@ -700,11 +697,7 @@ def _linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, redu
              else torch.ones((), dtype=torch.float32, device=x.device))
     if wants_grad:
         return _LinearCrossEntropy.apply(rows, weight, bias, flat, int(ignore_index), chunk_rows, share)
-    total = torch.zeros((), dtype=torch.float32, device=x.device)
-    for start in range(0, rows.shape[0], chunk_rows):
-        logits = linear(rows[start:start + chunk_rows], weight, bias)
-        total += _per_row_cross_entropy(logits, flat[start:start + chunk_rows], ignore_index)[0].sum()
-    return total * share
+    return _head_loss_chunks(rows, weight, bias, flat, ignore_index, chunk_rows, share)[0]
 
 
 def _wide_weight_sum(x: torch.Tensor) -> bool:
@@ -712,53 +705,65 @@ def _wide_weight_sum(x: torch.Tensor) -> bool:
     return x.device.type != "cpu"
 
 
+def _head_loss_chunks(rows, weight, bias, targets, ignore_index, chunk_rows, share, need=(False, False, False)):
+    """linear_cross_entropy's pass over its chunks of rows: (loss, dx, dweight, dbias), each
+    row's loss weighted by `share` (a 0-d fp32 tensor), and the gradients `need` asks for
+    (of rows, weight, bias; None for the others) made with that weight, as the logits'
+    gradient would carry it."""
+    need_dx, need_dweight, need_dbias = need
+    in_storage = _backward_in_storage_dtype(rows)
+    wide_weight = weight if in_storage or weight.dtype == torch.float32 or not need_dx else weight.float()
+    dx = torch.empty_like(rows) if need_dx else None
+    # The weight's gradient sums over the chunks in float32, except for 16-bit products on a
+    # CPU: there it sums in place in their dtype (each chunk's product added by the GEMM,
+    # rounded once), as an fp32 sum would read and write a float32 copy of the whole matrix
+    # per chunk, which measured 1.4x slower at GPT-2's head. On a GPU that pass is a small
+    # part of the GEMM's time.
+    wide_sum = not in_storage or _wide_weight_sum(rows)
+    dweight = (torch.zeros(weight.shape, dtype=torch.float32 if wide_sum else weight.dtype, device=weight.device)
+               if need_dweight else None)
+    dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_dbias else None
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        part, picked = rows[start:start + chunk_rows], targets[start:start + chunk_rows]
+        logits = linear(part, weight, bias)
+        loss, lse = _per_row_cross_entropy(logits, picked, ignore_index)
+        total += loss.sum()
+        if not any(need):
+            continue
+        grad = _per_row_cross_entropy_grad(share.expand(part.shape[0]).contiguous(), logits, picked, lse,
+                                           ignore_index)
+        del logits
+        if dbias is not None:
+            dbias += grad.sum(0, dtype=torch.float32)
+        if in_storage:  # the products in the 16-bit dtype, fp32 accumulation inside the GEMM
+            if need_dx:
+                dx[start:start + chunk_rows] = grad @ weight
+            if need_dweight and wide_sum:
+                dweight += grad.T @ part
+            elif need_dweight:
+                dweight.addmm_(grad.T, part)
+        else:
+            wide = grad.float()
+            if need_dx:
+                dx[start:start + chunk_rows] = wide @ wide_weight
+            if need_dweight:
+                dweight.addmm_(wide.T, part.float())
+    return total * share, dx, dweight, dbias
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """linear_cross_entropy's loss, each row's loss weighted by `share` (a 0-d fp32 tensor),
-    its gradients made in the forward pass with that weight, as the logits' gradient would
-    carry it; the backward scales them by the loss's gradient (1 for a plain backward())."""
+    """linear_cross_entropy's loss with its gradients made in the forward pass
+    (_head_loss_chunks); the backward scales them by the loss's gradient (1 for a plain
+    backward())."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, ignore_index, chunk_rows, share):
-        need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
-        in_storage = _backward_in_storage_dtype(rows)
-        wide_weight = weight if in_storage or weight.dtype == torch.float32 or not need_dx else weight.float()
-        dx = torch.empty_like(rows) if need_dx else None
-        # The weight's gradient sums over the chunks in float32, except for 16-bit products
-        # on a CPU: there it sums in place in their dtype (each chunk's product added by the
-        # GEMM, rounded once), as an fp32 sum would read and write a float32 copy of the whole
-        # matrix per chunk, which measured 1.4x slower at GPT-2's head. On a GPU that pass is
-        # a small part of the GEMM's time.
-        wide_sum = not in_storage or _wide_weight_sum(rows)
-        dweight = (torch.zeros(weight.shape, dtype=torch.float32 if wide_sum else weight.dtype, device=weight.device)
-                   if need_dweight else None)
-        dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_dbias else None
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        for start in range(0, rows.shape[0], chunk_rows):
-            part, picked = rows[start:start + chunk_rows], targets[start:start + chunk_rows]
-            logits = linear(part, weight, bias)
-            loss, lse = _per_row_cross_entropy(logits, picked, ignore_index)
-            total += loss.sum()
-            grad = _per_row_cross_entropy_grad(share.expand(part.shape[0]).contiguous(), logits, picked, lse,
-                                               ignore_index)
-            del logits
-            if dbias is not None:
-                dbias += grad.sum(0, dtype=torch.float32)
-            if in_storage:  # the products in the 16-bit dtype, fp32 accumulation inside the GEMM
-                if need_dx:
-                    dx[start:start + chunk_rows] = grad @ weight
-                if need_dweight and wide_sum:
-                    dweight += grad.T @ part
-                elif need_dweight:
-                    dweight.addmm_(grad.T, part)
-            else:
-                wide = grad.float()
-                if need_dx:
-                    dx[start:start + chunk_rows] = wide @ wide_weight
-                if need_dweight:
-                    dweight.addmm_(wide.T, part.float())
+        loss, dx, dweight, dbias = _head_loss_chunks(rows, weight, bias, targets, ignore_index, chunk_rows, share,
+                                                     ctx.needs_input_grad[:3])
         ctx.save_for_backward(dx, dweight, dbias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return total * share
+        return loss
 
     @staticmethod
     def backward(ctx, grad_total):

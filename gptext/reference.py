@@ -152,7 +152,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     # An ignored row's logits are left out of the graph, so that its gradient is exactly 0
     # even where they hold a NaN (which log_softmax's backward would spread over the row).
     ignored = (targets == ignore_index)[:, None]
-    picked = torch.log_softmax(torch.where(ignored, torch.zeros_like(wide), wide), -1).gather(-1, targets.clamp(0, max(logits.shape[-1] - 1, 0))[:, None])[:, 0]
+    kept = torch.where(ignored, torch.zeros_like(wide), wide)
+    picked = torch.log_softmax(kept, -1).gather(-1, targets.clamp(0, max(logits.shape[-1] - 1, 0))[:, None])[:, 0]
     loss = torch.where(inside, -picked, torch.full_like(lse, float("nan")))
     loss = torch.where(targets == ignore_index, torch.zeros_like(lse), loss)
     return loss.float(), lse.float()
