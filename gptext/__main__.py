@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import sys
 import time
 
@@ -452,19 +453,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def processes(device: str):
+    """(this process's device, its rank, the number of processes): under torchrun
+    (WORLD_SIZE > 1) the process group is started for the command (NCCL on CUDA, Gloo on
+    the CPU), each process on the GPU of its LOCAL_RANK; else this process alone."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield device, 0, 1
+        return
+    import torch.distributed as dist
+
+    where = torch.device(device)
+    if where.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if where.index is not None:
+            raise CommandError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK: "
+                               f"give --device cuda")
+        if local >= torch.cuda.device_count():
+            raise CommandError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    elif where.type != "cpu":
+        raise CommandError(f"--device {device}: data-parallel training runs on cuda or cpu")
+    dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
+    try:
+        yield device, dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import gptext
+
+    gptext.set_backend(args.backend)
+    with processes(args.device or default_device()) as (device, rank, world):
+        return run_training(args, device, rank, world)
+
+
+def run_training(args: argparse.Namespace, device: str, rank: int, world: int) -> int:
+    """train's work in process `rank` of `world` (rank 0 alone prints and writes --out)."""
     import dataclasses
     import json
     import os
     import shutil
     from pathlib import Path
 
-    import gptext
     from gptext import train
     from gptext.weights import _atomic_write
 
-    gptext.set_backend(args.backend)
-    device = args.device or default_device()
+    say = print if rank == 0 else (lambda *_, **__: None)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out}: exists and is not a directory")
@@ -505,9 +547,10 @@ def cmd_train(args: argparse.Namespace) -> int:
               "data": [str(Path(p).resolve()) for p in data_files], "context": context,
               "val_fraction": settings["val_fraction"], "dtype": settings["dtype"]}
     cfg = model.config
-    print(f"train: {source} ({origin}, {model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
+    say(f"train: {source} ({origin}, {model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
           f"width {cfg.n_embd}) on {data.train.size:,} tokens ({data.val.size:,} held out), windows of "
-          f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}, "
+          f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}"
+          + (f" and {world - 1} more process{'es' if world > 2 else ''} like it" if world > 1 else "") + ", "
           f"{settings['dtype']}" + (f" under {config.autocast} autocast" if config.autocast else "")
           + (", activation checkpointing" if config.activation_checkpointing else ""))
 
@@ -533,7 +576,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     steps = [r for r in history if "loss" in r]
     held = [r["val_loss"] for r in history if "val_loss" in r]
     tokens = (config.steps - first) * config.batch_size * config.accumulate * context
-    print(f"trained {config.steps - first} steps in {elapsed:.1f} s ({tokens / elapsed:,.0f} tokens/s); training "
+    say(f"trained {config.steps - first} steps in {elapsed:.1f} s ({tokens / elapsed:,.0f} tokens/s); training "
           f"loss {steps[0]['loss']:.4f} (step 1) -> {steps[-1]['loss']:.4f}"
           + (f", held-out loss {held[0]:.4f} -> {held[-1]:.4f}" if held else ""))
     return 0
@@ -659,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(settings, history) into --out, atomically, every --save-every steps and at the end. "
                     "--resume continues the run in --out from its last save, exactly as if it had not stopped, "
                     "with its saved settings; --steps may raise its total (the schedule stretches to it), "
-                    "and the other optimizer flags change it from there.")
+                    "and the other optimizer flags change it from there. Under torchrun it trains data "
+                    "parallel, one process per GPU (or CPU processes with --device cpu): the --accumulate "
+                    "micro-batches of a step (a multiple of the process count) are shared among them.")
     hide = argparse.SUPPRESS  # left out: the default, or on --resume the saved run's setting
     fit.add_argument("--model", default=None,
                      help="checkpoint directory (GPT-2 or gpt-oss) or a preset name (not with --resume)")

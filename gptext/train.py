@@ -18,6 +18,13 @@ generator: the same config draws the same batches); the held-out split is the st
 last `val_fraction`, evaluated on fixed, evenly spaced windows so that its loss is
 comparable from one evaluation to the next.
 
+Several processes can share a run (data parallelism: `torchrun --nproc_per_node=N -m gptext
+train ...`, or `train` called in every process of an initialized torch.distributed group):
+each takes its share of a step's micro-batches, their gradients are summed across the
+processes before the update, and every process applies the same update to its own copy of
+the weights. A step's windows are drawn as one process would draw them, so a run takes the
+same steps however many processes share it; only the sums' order differs.
+
 A run can stop and continue: `checkpoint` receives a TrainState (the optimizer's moments,
 the batch sampler's and dropout's random state, the history, fingerprints of the data and
 of the weights), which `TrainState.save` writes beside the model's checkpoint; passing it
@@ -45,8 +52,9 @@ from .model import GPT
 @dataclass
 class TrainConfig:
     """steps: optimizer steps; batch_size: windows per micro-batch; accumulate: micro-batches
-    per step (a step sees batch_size x accumulate windows); lr: the peak learning rate, reached
-    after `warmup` steps (default: a tenth of the steps, at most 100) and decayed on a cosine
+    per step (a step sees batch_size x accumulate windows), shared among the processes of a
+    data-parallel run (accumulate a multiple of their number); lr: the peak learning rate,
+    reached after `warmup` steps (default: a tenth of the steps, at most 100) and decayed on a cosine
     to min_lr (default lr / 10) at the last step; weight_decay applies to matrices and
     embeddings only (not to biases, norm weights or sinks); grad_clip: the largest global
     gradient norm (0: none); eval_every / eval_batches: held-out loss every so many steps
@@ -442,9 +450,10 @@ TRAIN_STATE_FORMAT = "gptext.TrainState/2"  # 2: TokenData.fingerprint of the st
 class TrainState:
     """Where a run stands after `step` steps: with the model's weights at that step, enough to
     continue it exactly. optimizer: AdamW's state_dict; generator: the batch sampler's state;
-    rng: torch's global generators (dropout), "cpu" and, training on CUDA, "cuda"; data and
-    weights: TokenData.fingerprint() and weights_digest(model) at that step, checked on resume
-    so that a state meets only its own data and weights."""
+    rng: torch's global generators (dropout), "cpu" and, training on CUDA, "cuda" (with
+    several processes, rank r > 0's as "cpu/r" and "cuda/r"); data and weights:
+    TokenData.fingerprint() and weights_digest(model) at that step, checked on resume so that
+    a state meets only its own data and weights."""
 
     step: int
     history: list[dict]
@@ -502,6 +511,13 @@ def autocast_region(autocast: str | None, device):
 def evaluate(model: GPT, batches, device, precision=None) -> float:
     """The mean loss over the given (inputs, targets) batches, in eval mode (no dropout),
     each forward pass in the `precision` context (a torch.autocast) when one is given."""
+    total, count = _loss_sum(model, batches, device, precision)
+    return total / count
+
+
+@torch.no_grad()
+def _loss_sum(model: GPT, batches, device, precision=None) -> tuple[float, int]:
+    """evaluate's sum of the windows' losses and their number (0, 0 for no batches)."""
     was_training = model.training
     model.eval()
     try:
@@ -510,9 +526,87 @@ def evaluate(model: GPT, batches, device, precision=None) -> float:
             with precision if precision is not None else contextlib.nullcontext():
                 loss = model.loss(x.to(device), y.to(device))
             total, count = total + float(loss) * x.shape[0], count + x.shape[0]
-        return total / count
+        return total, count
     finally:
         model.train(was_training)
+
+
+# ---- data parallelism: the processes of a torch.distributed group ----------------------
+
+_BUCKET_BYTES = 32 << 20  # gradients summed across processes this many bytes at a time
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that share a run: torch.distributed's default group when one is
+    initialized (torchrun), else this process alone (rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def same(self, value, what: str) -> None:
+        """Raises ValueError in every process unless all of them hold an equal `value`."""
+        import torch.distributed as dist
+
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the {self.size} processes of the run were given different {what}: "
+                             f"every process must train on the same")
+
+    def broadcast_weights(self, model: torch.nn.Module) -> None:
+        """Every process's weights (and buffers) made rank 0's."""
+        import torch.distributed as dist
+
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+
+    def sum_(self, tensors) -> None:
+        """Sums the tensors across the processes, in place: those of one dtype flattened
+        into buckets of about _BUCKET_BYTES, one all-reduce each."""
+        import torch.distributed as dist
+
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            start = 0
+            while start < len(group):
+                end, size = start, 0
+                while end < len(group) and (end == start or size + group[end].nbytes <= _BUCKET_BYTES):
+                    size, end = size + group[end].nbytes, end + 1
+                bucket = group[start:end]
+                flat = torch.cat([t.reshape(-1) for t in bucket])
+                dist.all_reduce(flat)
+                for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+                    t.copy_(part.view_as(t))
+                start = end
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def gather(self, value) -> list:
+        """Every process's `value`, in rank order."""
+        import torch.distributed as dist
+
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+
+def _rng_key(kind: str, rank: int) -> str:
+    """Where a TrainState's rng keeps process `rank`'s generator of `kind` ("cpu", "cuda")."""
+    return kind if rank == 0 else f"{kind}/{rank}"
 
 
 def windows(tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -588,7 +682,19 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
     later). `resume`: a state saved by an earlier run, the model holding the weights it was
     saved with; training continues from its step (the schedule is config's, so a resumed
     run whose config is unchanged takes exactly the steps the uninterrupted run would have).
-    A loss that is not finite stops training with FloatingPointError."""
+    A loss that is not finite stops training with FloatingPointError.
+
+    In every process of an initialized torch.distributed group (one per device, the model on
+    it), the processes share each step: process r runs the r-th of its accumulate / N equal
+    shares of the step's micro-batches, the gradients and losses are summed across them
+    (all-reduce) and every process takes the same update. The weights start as rank 0's; the
+    data and config must be the same in every process. The held-out batches are shared
+    too; only rank 0 logs and calls `checkpoint`, whose TrainState then holds every
+    process's random state (dropout draws its own stream in each)."""
+    ranks = Ranks.current()
+    if config.accumulate % ranks.size:
+        raise ValueError(f"accumulate={config.accumulate} micro-batches a step cannot be shared equally among "
+                         f"{ranks.size} processes: make it a multiple of {ranks.size}")
     if data.context > model.config.context_length:
         raise ValueError(f"context {data.context} is longer than the model's context_length "
                          f"{model.config.context_length}")
@@ -603,28 +709,53 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
             raise ValueError(f"autocast={config.autocast!r} keeps float32 weights and runs the products in "
                              f"{config.autocast}; the model's are {', '.join(map(str, sorted(wide, key=str)))}: "
                              f"load it in float32")
-    say = log or (lambda line: None)
+    say = log if log is not None and ranks.rank == 0 else (lambda line: None)
+    fingerprint = data.fingerprint()
+    if ranks.size > 1:
+        ranks.same((fingerprint, repr(config)), "data or training settings")
+        ranks.broadcast_weights(model)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate(0),
                                   betas=config.betas)
     held_out = data.held_out(config.eval_batches, config.batch_size) if config.eval_every else []
-    history: list[dict] = []
-    first, fingerprint = 1, data.fingerprint()
-    if resume is not None:
-        history, first = _resume(resume, model, fingerprint, config, optimizer, generator, device), resume.step + 1
-        say(f"resumed at step {resume.step} of {config.steps}")
-    elif held_out:
-        history.append({"step": 0, "val_loss": evaluate(model, held_out, device, autocast_region(config.autocast, device))})
-        say(f"step {0:6d}  val loss {history[0]['val_loss']:.4f}")
 
-    def state(step: int) -> TrainState:
+    def held_out_loss() -> float:
+        total, count = _loss_sum(model, held_out[ranks.rank::ranks.size], device,
+                                 autocast_region(config.autocast, device))
+        if ranks.size > 1:
+            sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+            ranks.sum_([sums])
+            total, count = sums.tolist()
+        return total / count
+
+    history: list[dict] = []
+    first = 1
+    if resume is not None:
+        history = _resume(resume, model, fingerprint, config, optimizer, generator, device, ranks.rank)
+        first = resume.step + 1
+        say(f"resumed at step {resume.step} of {config.steps}")
+    else:
+        if ranks.rank:  # dropout's own stream in each process
+            torch.manual_seed(torch.initial_seed() + ranks.rank)
+        if held_out:
+            history.append({"step": 0, "val_loss": held_out_loss()})
+            say(f"step {0:6d}  val loss {history[0]['val_loss']:.4f}")
+
+    def state(step: int) -> TrainState | None:
+        """The run's state after `step` in rank 0 (None in the others, which send it their
+        random state)."""
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
+        every = ranks.gather(rng) if ranks.size > 1 else [rng]
+        if ranks.rank:
+            return None
+        rng = {_rng_key(kind, rank): value for rank, states in enumerate(every) for kind, value in states.items()}
         return TrainState(step=step, history=list(history), optimizer=optimizer.state_dict(),
                           generator=generator.get_state(), data=fingerprint, weights=weights_digest(model),
                           rng=rng)
 
+    share = config.accumulate // ranks.size * config.batch_size  # windows of a step per process
     tokens_per_step = config.batch_size * config.accumulate * data.context
     model.train()
     recompute = model.activation_checkpointing
@@ -638,12 +769,15 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
             # One draw of every window of the step, split into micro-batches: a step is the same
             # however it is accumulated.
             inputs, targets = data.sample(config.batch_size * config.accumulate, generator)
+            mine = slice(ranks.rank * share, (ranks.rank + 1) * share)
             loss_sum = torch.zeros((), device=device)
-            for x, y in zip(inputs.split(config.batch_size), targets.split(config.batch_size)):
+            for x, y in zip(inputs[mine].split(config.batch_size), targets[mine].split(config.batch_size)):
                 with autocast_region(config.autocast, device):
                     loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                 (loss / config.accumulate).backward()
                 loss_sum += loss.detach()
+            if ranks.size > 1:
+                ranks.sum_([p.grad for p in model.parameters() if p.grad is not None] + [loss_sum])
             if config.grad_clip:
                 norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             else:
@@ -660,7 +794,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
                       "tokens_per_s": tokens_per_step / (now - clock)}
             clock = now
             if held_out and (step % config.eval_every == 0 or step == config.steps):
-                record["val_loss"] = evaluate(model, held_out, device, autocast_region(config.autocast, device))
+                record["val_loss"] = held_out_loss()
                 clock = time.perf_counter()  # the evaluation's time is not the step's
             history.append(record)
             if config.log_every and (step % config.log_every == 0 or step == 1 or step == config.steps):
@@ -669,8 +803,13 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
                     + (f"  val loss {record['val_loss']:.4f}" if "val_loss" in record else ""))
             elif "val_loss" in record:
                 say(f"step {step:6d}  val loss {record['val_loss']:.4f}")
-            if checkpoint is not None and ((save_every and step % save_every == 0) or step == config.steps):
-                checkpoint(state(step))
+            if (save_every and step % save_every == 0) or step == config.steps:
+                if checkpoint is not None or ranks.size > 1:  # every process sends rank 0 its part
+                    saved = state(step)
+                    if checkpoint is not None and saved is not None:
+                        checkpoint(saved)
+        if ranks.size > 1:
+            ranks.barrier()  # rank 0's last checkpoint written before any process goes on
     finally:
         model.activation_checkpointing = recompute
         model.eval()
@@ -678,9 +817,10 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
 
 
 def _resume(resume: TrainState, model: GPT, fingerprint: str, config: TrainConfig, optimizer, generator,
-            device) -> list[dict]:
+            device, rank: int = 0) -> list[dict]:
     """Restores a saved run into a fresh optimizer and generator after checking that it meets
-    its own data and weights; returns its history."""
+    its own data and weights; returns its history. Process `rank` takes its own random state,
+    or, where the run had fewer processes, rank 0's reseeded (a stream of its own)."""
     if resume.step >= config.steps:
         raise ValueError(f"the run to resume is at step {resume.step}, and config.steps is {config.steps}: "
                          f"nothing is left to train (raise steps to go on)")
@@ -701,9 +841,13 @@ def _resume(resume: TrainState, model: GPT, fingerprint: str, config: TrainConfi
         group.update(settings)
     try:
         generator.set_state(resume.generator)
-        torch.set_rng_state(resume.rng["cpu"])
-        if device.type == "cuda" and "cuda" in resume.rng:
-            torch.cuda.set_rng_state(resume.rng["cuda"], device)
+        saved = _rng_key("cpu", rank) in resume.rng
+        torch.set_rng_state(resume.rng[_rng_key("cpu", rank if saved else 0)])
+        cuda = _rng_key("cuda", rank if saved else 0)
+        if device.type == "cuda" and cuda in resume.rng:
+            torch.cuda.set_rng_state(resume.rng[cuda], device)
+        if not saved:
+            torch.manual_seed(torch.initial_seed() + rank)
     except (KeyError, RuntimeError, TypeError) as e:
         raise ValueError(f"the saved random state is malformed ({e})") from None
     return list(resume.history)
