@@ -366,7 +366,9 @@ cudaError_t launch_gemm(const GemmArgs& a, GemmTile tile, cudaStream_t stream, c
     case GemmTile::Large:
       return launch_config<T, LargeTile, kGrouped>(a, g, stream);
     case GemmTile::Wide:
-      return launch_config<T, WideTile, kGrouped>(a, g, stream);
+      // The grouped form takes Small or Large only (expert_linear_grouped): no Wide kernels built for it.
+      if constexpr (!kGrouped) return launch_config<T, WideTile, false>(a, g, stream);
+      break;
   }
   return cudaErrorInvalidValue;
 }
