@@ -481,9 +481,14 @@ inline AttentionGradProblem attention_grad_problem(const at::Tensor& grad_out, c
   g.grad_q = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   g.grad_k = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
   g.grad_v = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
-  g.grad_sinks = g.fwd.sinks.defined()
-                     ? -((g.fwd.sinks.view({1, -1, 1}) - g.fwd.lse).exp() * g.delta).sum(at::IntArrayRef{0, 2})
-                     : at::empty({0}, q.options().dtype(at::kFloat));
+  // A sink's gradient: minus its probability times delta, summed over the rows. A row that sees
+  // nothing, not even its sink (-inf), has lse -inf and a sink probability of 0, not NaN.
+  if (g.fwd.sinks.defined()) {
+    const at::Tensor p_sink = (g.fwd.sinks.view({1, -1, 1}) - g.fwd.lse).exp();
+    g.grad_sinks = -(at::where(g.fwd.lse == -INFINITY, 0.0, p_sink) * g.delta).sum(at::IntArrayRef{0, 2});
+  } else {
+    g.grad_sinks = at::empty({0}, q.options().dtype(at::kFloat));
+  }
   g.args = AttentionGradArgs{};
   g.args.fwd = g.fwd.args;
   g.args.fwd.out = nullptr;  // the kernels read delta instead

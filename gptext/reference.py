@@ -93,16 +93,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     B, H, Tq, D = q.shape
     Tk, group = k.shape[2], H // k.shape[1]
     scale = D ** -0.5 if scale is None else scale
-    keys = _wide(k).repeat_interleave(group, dim=1)
-    values = _wide(v).repeat_interleave(group, dim=1)
-    scores = (_wide(q) @ keys.transpose(-2, -1)) * scale
     starts = torch.zeros(B, dtype=torch.long, device=q.device) if kv_starts is None else kv_starts.long()
     lens = torch.full((B,), Tk, dtype=torch.long, device=q.device) if kv_lens is None else kv_lens.long()
     lens = lens.clamp(0, Tk)
     starts = torch.minimum(starts.clamp(min=0), lens)
     key = torch.arange(Tk, device=q.device)[None, None, :]
+    held = (key >= starts[:, None, None]) & (key < lens[:, None, None])  # (B, 1, Tk)
+    # Keys a batch does not hold are never read (zeros in their place): whatever a cache
+    # holds there cannot reach an output or a gradient, even as 0 * NaN.
+    keys = _wide(k).masked_fill(~held[..., None], 0.0).repeat_interleave(group, dim=1)
+    values = _wide(v).masked_fill(~held[..., None], 0.0).repeat_interleave(group, dim=1)
+    scores = (_wide(q) @ keys.transpose(-2, -1)) * scale
     pos = (lens[:, None] - Tq + torch.arange(Tq, device=q.device)[None, :])[:, :, None]  # (B, Tq, 1)
-    visible = ((key >= starts[:, None, None]) & (key < lens[:, None, None])).expand(B, Tq, Tk)
+    visible = held.expand(B, Tq, Tk)
     if causal:
         visible = visible & (key <= pos)
         if window:
@@ -114,7 +117,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     e = torch.exp(scores - row_max)
     total = e.sum(-1, keepdim=True)
-    probs = torch.where(total == 0, torch.zeros_like(e), e / total)
+    # total == 0 for a row with nothing to attend to: divided by 1 instead, so that its
+    # gradient (through a sink of -inf too) is 0, not 0 / 0.
+    probs = torch.where(total == 0, torch.zeros_like(e), e / torch.where(total == 0, torch.ones_like(total), total))
     return (probs[..., :Tk] @ values).to(q.dtype)
 
 
@@ -123,15 +128,18 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None, causa
     """softmax(scale * x) along `dim`; with causal, x holds attention scores (..., q_len, k_len)
     and masked keys get probability 0. A row with no visible key is all zeros (not NaN)."""
     scores = _wide(x) * (1.0 if scale is None else scale)
-    if causal:
-        mask = attention_mask(x.shape[-2], x.shape[-1], True, window, x.device)
+    mask = attention_mask(x.shape[-2], x.shape[-1], True, window, x.device) if causal else None
+    if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim, keepdim=True)
     row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     e = torch.exp(scores - row_max)
     total = e.sum(dim, keepdim=True)
-    # total == 0 only when every key is masked; a NaN total (NaN input) still propagates.
+    # total == 0 only when every key is masked; a NaN total (NaN input) still propagates, to
+    # the visible keys only: a masked key's probability is 0 whatever its row holds.
     probs = torch.where(total == 0, torch.zeros_like(e), e / total)
+    if mask is not None:
+        probs = probs.masked_fill(~mask, 0.0)
     return probs.to(x.dtype)
 
 

@@ -208,6 +208,31 @@ def test_gradients(kernels, device, opts, shape):
         assert_close(got.float(), want.float(), dtype, scale=4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_keys_a_batch_does_not_hold_are_never_read(kernels, device):
+    """NaN in the cache slots outside [kv_starts, kv_lens) (padding, keys not yet written)
+    reaches no output and no gradient, in the kernels and in the reference; rows that see no
+    key, and a sink of -inf, give zeros and zero gradients."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = qkv(3, 4, 2, 40, 70, 64, dtype, device)
+    starts, lens = torch.tensor([0, 5, 20], device=device), torch.tensor([70, 50, 30], device=device)
+    for b in range(3):
+        for t in (k, v):
+            t[b, :, :starts[b]], t[b, :, lens[b]:] = float("nan"), float("nan")
+    sinks = torch.tensor([float("-inf"), 0.5, -1.0, 2.0], device=device)
+    grads = []
+    for fn in (gptext.ops.attention, reference.attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        out = fn(*leaves[:3], kv_starts=starts, kv_lens=lens, sinks=leaves[3])
+        assert torch.isfinite(out).all() and (out[2, :, :30] == 0).all()  # batch 2: 10 keys for 40 queries
+        out.float().square().sum().backward()
+        grads.append([t.grad for t in leaves])
+        assert all(torch.isfinite(g).all() for g in grads[-1]), fn
+        assert (leaves[1].grad[1, :, :5] == 0).all() and (leaves[2].grad[1, :, 50:] == 0).all()
+    for got, want in zip(*grads):
+        assert_close(got.float(), want.float(), dtype, scale=4)
+
+
 def test_model_scale_default_and_errors():
     q, k, v = qkv(1, 4, 2, 5, 5, 16, torch.float32, "cpu")
     assert_close(gptext.ops.attention(q, k, v), gptext.ops.attention(q, k, v, scale=1 / math.sqrt(16)))

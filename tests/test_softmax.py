@@ -140,6 +140,21 @@ def test_nan_propagates(kernels, device, dtype, cols):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [40, 1030, 20000, 70000])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_masked_keys_stay_zero_beside_a_nan(kernels, device, dtype, cols, poison):
+    """A visible NaN (or +inf) makes its row's visible keys NaN, and its masked keys 0 still,
+    in every row-length variant (warp, block, cluster or online) and in the reference."""
+    x = torch.randn(4, cols, device=device)
+    x[0, 5] = poison  # row 0 (query at position cols - 4) sees keys [0, cols - 3)
+    x[1, -2] = poison  # row 1 sees keys [0, cols - 2): a masked key may hold anything
+    for y in (gptext.ops.softmax(x.to(dtype), causal=True), reference.softmax(x.to(dtype), causal=True)):
+        assert torch.isnan(y[0, :cols - 3]).all() and (y[0, cols - 3:] == 0).all()
+        assert torch.isfinite(y[1:]).all() and (y[1, cols - 2:] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_logits_are_stable(kernels, device):
     x = torch.tensor([[1e4, 1e4 - 1, -1e4], [88.0, 89.0, 90.0]], device=device)
     assert_close(gptext.ops.softmax(x), torch.softmax(x, -1))

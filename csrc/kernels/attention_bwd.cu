@@ -82,8 +82,9 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const Attentio
   const int64_t group = a.heads / a.kv_heads;
   const float k2 = a.scale * kLog2e;
 
-  load_rows<D, kOwnRows, kThreads>(sk, row_ptr<T>(a.k, a.k_stride, b, kv, 0), a.k_stride[2], k0, a.k_len);
-  load_rows<D, kOwnRows, kThreads>(sv, row_ptr<T>(a.v, a.v_stride, b, kv, 0), a.v_stride[2], k0, a.k_len);
+  const KeyRange held = attention_batch_keys(a, b);
+  load_rows<D, kOwnRows, kThreads>(sk, row_ptr<T>(a.k, a.k_stride, b, kv, 0), a.k_stride[2], k0, held.begin, held.end);
+  load_rows<D, kOwnRows, kThreads>(sv, row_ptr<T>(a.v, a.v_stride, b, kv, 0), a.v_stride[2], k0, held.begin, held.end);
   cp_async_commit();
 
   // This thread's two keys (rows gr and gr + 8 of its warp) and the queries that see each
@@ -102,9 +103,9 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const Attentio
   int64_t next_h = kv * group, next_t0 = queries.begin;  // the step copied next
   auto load_next = [&](int stage) {
     load_rows<D, kStep, kThreads>(sq + stage * kStep * D, row_ptr<T>(a.q, a.q_stride, b, next_h, 0), a.q_stride[2],
-                                  next_t0, a.q_len);
+                                  next_t0, 0, a.q_len);
     load_rows<D, kStep, kThreads>(sdo + stage * kStep * D, row_ptr<T>(g.grad_out, g.grad_out_stride, b, next_h, 0),
-                                  g.grad_out_stride[2], next_t0, a.q_len);
+                                  g.grad_out_stride[2], next_t0, 0, a.q_len);
     if (threadIdx.x < kStep) {  // rows past q_len read as 0: their tiles are masked
       const int64_t t = next_t0 + threadIdx.x, row = (b * a.heads + next_h) * a.q_len + t;
       const bool inside = t < a.q_len;
@@ -182,9 +183,9 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttentionG
   const int64_t kv = h / (a.heads / a.kv_heads);
   const float k2 = a.scale * kLog2e;
 
-  load_rows<D, kOwnRows, kThreads>(sq, row_ptr<T>(a.q, a.q_stride, b, h, 0), a.q_stride[2], t0, a.q_len);
+  load_rows<D, kOwnRows, kThreads>(sq, row_ptr<T>(a.q, a.q_stride, b, h, 0), a.q_stride[2], t0, 0, a.q_len);
   load_rows<D, kOwnRows, kThreads>(sdo, row_ptr<T>(g.grad_out, g.grad_out_stride, b, h, 0), g.grad_out_stride[2], t0,
-                                   a.q_len);
+                                   0, a.q_len);
   cp_async_commit();
 
   // This thread's two query rows: their saved statistics and the keys each sees.
@@ -203,9 +204,10 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttentionG
   // The key tiles: the next one is copied while this one is computed.
   const T* k_rows = row_ptr<T>(a.k, a.k_stride, b, kv, 0);
   const T* v_rows = row_ptr<T>(a.v, a.v_stride, b, kv, 0);
+  const KeyRange held = attention_batch_keys(a, b);
   auto load_keys = [&](int64_t j0, int stage) {
-    load_rows<D, kStep, kThreads>(sk + stage * kStep * D, k_rows, a.k_stride[2], j0, a.k_len);
-    load_rows<D, kStep, kThreads>(sv + stage * kStep * D, v_rows, a.v_stride[2], j0, a.k_len);
+    load_rows<D, kStep, kThreads>(sk + stage * kStep * D, k_rows, a.k_stride[2], j0, held.begin, held.end);
+    load_rows<D, kStep, kThreads>(sv + stage * kStep * D, v_rows, a.v_stride[2], j0, held.begin, held.end);
   };
   if (span.begin < span.end) load_keys(span.begin, 0);
   cp_async_commit();

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS, R>::kMinBlocks)
   const bool one_head = r0 / a.q_len == r_last / a.q_len;
   const int64_t t_lo = one_head ? r0 % a.q_len : 0, t_hi = one_head ? r_last % a.q_len : a.q_len - 1;
   const KeyRange span = attention_span_keys(a, b, t_lo, t_hi);
-  const int64_t first_tile = span.begin / BN, end_tile = ceil_div(span.end, BN);
+  const int64_t first_tile = span.begin / BN, end_tile = span.end > span.begin ? ceil_div(span.end, BN) : first_tile;
   const int64_t per_split = ceil_div(end_tile - first_tile, w.splits);
   const int64_t tile_begin = first_tile + split * per_split;
   const int64_t tile_end = tile_begin + per_split < end_tile ? tile_begin + per_split : end_tile;
@@ -122,9 +122,10 @@ __global__ void __launch_bounds__(WARPS * 32, FwdTile<D, WARPS, R>::kMinBlocks)
   // This (batch, kv head)'s keys and values: row `key` at base + key * stride.
   const T* k_rows = row_ptr<T>(a.k, a.k_stride, b, kv, 0);
   const T* v_rows = row_ptr<T>(a.v, a.v_stride, b, kv, 0);
+  const KeyRange held = attention_batch_keys(a, b);
   auto load_kv = [&](int stage, int64_t tile) {
-    load_rows<D, BN, THREADS>(sk + stage * BN * D, k_rows, a.k_stride[2], tile * BN, a.k_len);
-    load_rows<D, BN, THREADS>(sv + stage * BN * D, v_rows, a.v_stride[2], tile * BN, a.k_len);
+    load_rows<D, BN, THREADS>(sk + stage * BN * D, k_rows, a.k_stride[2], tile * BN, held.begin, held.end);
+    load_rows<D, BN, THREADS>(sv + stage * BN * D, v_rows, a.v_stride[2], tile * BN, held.begin, held.end);
   };
   // The first and last queries' keys, to tell the tiles that need a mask (keys_unmasked).
   const KeyRange first_row_keys = attention_row_keys(a, b, t_lo), last_row_keys = attention_row_keys(a, b, t_hi);
@@ -359,7 +360,9 @@ cudaError_t launch_fwd_type(const AttentionArgs& a, const AttentionPlan& w, cuda
 }  // namespace
 
 bool attention_supported(const AttentionArgs& a, DType dtype) {
-  return dtype != DType::F32 && (a.head_dim == 64 || a.head_dim == 128);
+  // Query head h reads KV head h / (heads / kv_heads): the group must divide the heads.
+  return dtype != DType::F32 && (a.head_dim == 64 || a.head_dim == 128) && a.kv_heads > 0 &&
+         a.heads % a.kv_heads == 0;
 }
 
 AttentionPlan attention_forward_plan(const AttentionArgs& a, int sm_count, int64_t smem_per_sm, int warp_rows) {

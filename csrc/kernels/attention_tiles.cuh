@@ -29,22 +29,25 @@ __device__ __forceinline__ void load_tile(T* tile, int rows, const void* any_glo
   }
 }
 
-// Copies rows [row0, row0 + ROWS) of a matrix of rows_total rows of D elements (row r at
-// base + r * stride) into a swizzled shared tile with cp.async, zero-filling rows past the
-// end. Each thread copies the same 16-byte chunk of every (THREADS / CHUNKS)-th row, so the
-// loop unrolls and the swizzled column is the same in every step: per row, one address
-// and one bound check.
+// Copies rows [row0, row0 + ROWS) of a matrix of D-element rows (row r at base + r * stride)
+// into a swizzled shared tile with cp.async, zero-filling the rows outside [begin, end): past
+// the matrix's end, or keys a batch does not hold, which are never read, so that whatever
+// lies there cannot reach a product as 0 * NaN. Each thread copies the same 16-byte chunk of
+// every (THREADS / CHUNKS)-th row, so the loop unrolls and the swizzled column is the same in
+// every step: per row, one address and one bound check.
 template <int D, int ROWS, int THREADS, typename T>
-__device__ __forceinline__ void load_rows(T* tile, const T* base, int64_t stride, int64_t row0, int64_t rows_total) {
+__device__ __forceinline__ void load_rows(T* tile, const T* base, int64_t stride, int64_t row0, int64_t begin,
+                                          int64_t end) {
   constexpr int CHUNKS = D / 8, STEP = THREADS / CHUNKS;
   static_assert(THREADS % CHUNKS == 0 && ROWS % STEP == 0, "every thread copies whole steps");
   const int chunk = threadIdx.x % CHUNKS, first = threadIdx.x / CHUNKS;
   const T* src = base + (row0 + first) * stride + chunk * 8;
-  const int64_t left = rows_total - row0;  // rows of the matrix from row0 on
+  // Tile row `row` is copied iff 0 <= row - lo < count (one unsigned compare).
+  const int64_t lo = begin - row0, count = end > begin ? end - begin : 0;
 #pragma unroll
   for (int i = 0; i < ROWS / STEP; ++i, src += STEP * stride) {
-    const int row = first + i * STEP;
-    dev::cp_async_16(tile_at<D>(tile, row, chunk), row < left ? src : base, row < left ? 16 : 0);
+    const bool inside = uint64_t(first + i * STEP - lo) < uint64_t(count);
+    dev::cp_async_16(tile_at<D>(tile, first + i * STEP, chunk), inside ? src : base, inside ? 16 : 0);
   }
 }
 

@@ -59,9 +59,9 @@ cudaError_t expert_linear_grouped(const ExpertArgs& args, const int64_t* order, 
                                   cudaStream_t stream);
 
 // ---- fused attention (attention_fwd.cu, attention_bwd.cu) -----------------------------
-// Tensor-core kernels for bf16/fp16 with head_dim 64 or 128 (anything else returns
-// cudaErrorInvalidValue); q, k, v, grad_out rows must start 16-byte aligned (strides
-// multiples of 8 elements, aligned base pointers).
+// Tensor-core kernels for bf16/fp16 with head_dim 64 or 128, heads a multiple of kv_heads > 0
+// (anything else returns cudaErrorInvalidValue); q, k, v, grad_out rows must start 16-byte
+// aligned (strides multiples of 8 elements, aligned base pointers).
 bool attention_supported(const AttentionArgs& args, DType dtype);
 
 // How one forward call is launched. attention_forward_plan chooses from the problem and the

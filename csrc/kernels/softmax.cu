@@ -102,8 +102,9 @@ __global__ void __launch_bounds__(dev::row_kernel_threads(kWarpPerRow, kSoftmaxB
     for (int it = 0; it < ITERS; ++it) {
       const int64_t col0 = (int64_t(it) * row_threads + t) * VEC;
       if (col0 >= a.cols) continue;
+      // A masked key is 0 even in a row whose max is NaN or +inf (where its exp is NaN).
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) v[it][e] *= inv;
+      for (int e = 0; e < VEC; ++e) v[it][e] = visible(keys, col0 + e) ? v[it][e] * inv : 0.0f;
       if constexpr (VEC > 1) {
         dev::store_floats<VEC>(y + col0, v[it]);
       } else {
@@ -337,10 +338,10 @@ __global__ void __launch_bounds__(kClusterThreads) softmax_cluster_kernel(const 
       const int64_t p = int64_t(it) * G + g;
       if (p >= packs) continue;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) v[it][e] *= scale;
+      for (int e = 0; e < VEC; ++e) v[it][e] = visible(keys, head + p * VEC + e) ? v[it][e] * scale : 0.0f;
       dev::store_floats<VEC>(y + head + p * VEC, v[it]);
     }
-    if (extra_col >= 0) y[extra_col] = from_float<T>(extra * scale);
+    if (extra_col >= 0) y[extra_col] = from_float<T>(visible(keys, extra_col) ? extra * scale : 0.0f);
   }
   cluster.sync();
 #else

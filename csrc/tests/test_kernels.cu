@@ -13,6 +13,7 @@
 
 #include "../cpu/cpu_kernels.h"
 #include "../kernels/launch.h"
+#include "../kernels/softmax_math.cuh"
 
 using namespace gptext;
 
@@ -127,7 +128,14 @@ static void test_softmax(std::mt19937& gen) {
     for (const Case& c : cases_) {
       if (c.rows * c.cols > max_elements) continue;
       for (int offset : {0, 1}) {
-        const HostArray x = random_array(t, c.rows * c.cols, gen, 3.0f);
+        HostArray x = random_array(t, c.rows * c.cols, gen, 3.0f);
+        if (c.causal) {
+          // A NaN that row 0 sees makes its visible keys NaN and leaves its masked keys 0; a
+          // +inf that row 1 does not see changes nothing.
+          x.set(attention_key_range(0, c.q_len, c.cols, true, c.window).begin, NAN);
+          const KeyRange seen = attention_key_range(1 % c.q_len, c.q_len, c.cols, true, c.window);
+          if (c.rows > 1 && seen.end < c.cols) x.set(c.cols + seen.end, INFINITY);
+        }
         HostArray want(t, x.size());
         SoftmaxArgs args{x.bytes.data(), want.data(), c.rows, c.cols, 0.3f, c.causal, c.window, c.q_len};
         cpu::softmax_rows(t, args, 0, c.rows);
@@ -278,16 +286,22 @@ static void test_gemm(std::mt19937& gen) {
           const std::string name = "gemm " + std::string(name_of(t)) + " " + std::to_string(s.m) + "x" +
                                    std::to_string(s.n) + "x" + std::to_string(s.k) +
                                    (act == Activation::Gelu ? " gelu" : "") + (extras ? " bias+residual" : "");
-          DeviceArray da(a), db(b), dbias(bias), dres(res), dc(HostArray(t, s.m * s.n));
-          GemmArgs args{da.ptr, db.ptr, dc.ptr, extras ? dbias.ptr : nullptr, extras ? dres.ptr : nullptr,
-                        s.m, s.n, s.k, s.k, s.k, s.n, act};
-          for (int tile = 0; tile < kGemmTiles; ++tile) {
-            CUDA_OK(cudaMemset(dc.ptr, 0xff, dc.bytes));  // NaN patterns: an unwritten output fails
-            CUDA_OK(kernels::gemm_wmma(args, t, GemmTile(tile), nullptr));
-            CUDA_OK(cudaDeviceSynchronize());
-            const GemmTileShape shape = gemm_tile_shape(GemmTile(tile));
-            compare(name + " (tile " + std::to_string(shape.rows) + "x" + std::to_string(shape.cols) + ")",
-                    dc.download(t), want, 1e-2f, 2 * rtol(t));
+          // With bias and residual, also from misaligned x, residual and output pointers: plain
+          // loads instead of cp.async (even where K is a multiple of 8), scalar stores.
+          for (int offset : {0, 1}) {
+            if (offset && !extras) continue;
+            DeviceArray da(a, offset), db(b), dbias(bias), dres(res, offset), dc(HostArray(t, s.m * s.n), offset);
+            const GemmArgs args{da.ptr, db.ptr, dc.ptr, extras ? dbias.ptr : nullptr, extras ? dres.ptr : nullptr,
+                                s.m, s.n, s.k, s.k, s.k, s.n, act};
+            for (int tile = 0; tile < kGemmTiles; ++tile) {
+              CUDA_OK(cudaMemset(dc.ptr, 0xff, dc.bytes));  // NaN patterns: an unwritten output fails
+              CUDA_OK(kernels::gemm_wmma(args, t, GemmTile(tile), nullptr));
+              CUDA_OK(cudaDeviceSynchronize());
+              const GemmTileShape shape = gemm_tile_shape(GemmTile(tile));
+              compare(name + " (tile " + std::to_string(shape.rows) + "x" + std::to_string(shape.cols) + ")" +
+                          (offset ? " misaligned" : ""),
+                      dc.download(t), want, 1e-2f, 2 * rtol(t));
+            }
           }
 
           // The epilogue kernel over a product computed on the host and stored in T (the
@@ -300,8 +314,9 @@ static void test_gemm(std::mt19937& gen) {
             for (int64_t j = 0; j < s.n; ++j)
               want_epilogue.set(i * s.n + j, linear_epilogue(product.get(i * s.n + j), extras ? bias.get(j) : 0.0f, act,
                                                              extras ? res.get(i * s.n + j) : 0.0f));
-          DeviceArray dp(product);
-          args.c = dp.ptr;
+          DeviceArray dp(product), dbias(bias), dres(res);
+          const GemmArgs args{nullptr, nullptr, dp.ptr, extras ? dbias.ptr : nullptr, extras ? dres.ptr : nullptr,
+                              s.m, s.n, s.k, s.k, s.k, s.n, act};
           CUDA_OK(kernels::gemm_epilogue(args, t, nullptr));
           CUDA_OK(cudaDeviceSynchronize());
           compare(name + " (epilogue kernel)", dp.download(t), want_epilogue, 1e-2f, 2 * rtol(t));
@@ -362,12 +377,13 @@ static void test_rope(std::mt19937& gen) {
 // out-of-range expert index, whose row must come out NaN. bf16/fp16 also take the grouped
 // form (expert_linear_grouped, the routes sorted by expert here on the host), including
 // shapes with more routes to an expert than a GEMM tile has rows.
-static void test_expert_linear(std::mt19937& gen) {
+static void test_expert_linear(std::mt19937& gen, bool tensor_cores) {
   struct Case {
     int64_t tokens, slots, experts, n, k;
   };
+  // {200, 2, 3, ...}: 400 routes, enough for the grouped form's 128-row (Large) tiles.
   const Case shapes[] = {{1, 4, 8, 5760 / 16, 2880}, {3, 2, 5, 38, 64}, {2, 3, 4, 7, 13}, {4, 1, 3, 64, 0},
-                         {1, 2, 2, 2, 1}, {90, 4, 3, 130, 72}, {50, 2, 6, 66, 45}};
+                         {1, 2, 2, 2, 1}, {90, 4, 3, 130, 72}, {50, 2, 6, 66, 45}, {200, 2, 3, 130, 72}};
   for (DType t : {DType::F32, DType::BF16, DType::F16}) {
     for (const Case& s : shapes) {
       const int64_t routes = s.tokens * s.slots;
@@ -410,7 +426,7 @@ static void test_expert_linear(std::mt19937& gen) {
         CUDA_OK(kernels::expert_linear_forward(args, t, nullptr));
         CUDA_OK(cudaDeviceSynchronize());
         compare("expert_linear " + name, dout.download(t), want, 1e-2f, 2 * rtol(t));
-        if (t != DType::F32) {
+        if (t != DType::F32 && tensor_cores) {
           // Bucket e: expert e's routes in route order; bucket `experts`: the out-of-range ones.
           std::vector<int64_t> offsets(s.experts + 2, 0), order;
           for (int64_t b = 0; b <= s.experts; ++b) {
@@ -447,19 +463,35 @@ static void test_attention(std::mt19937& gen, const cudaDeviceProp& prop) {
                          {2, 8, 1, 1, 3000, 64, true, 0, true, false},   {1, 64, 8, 1, 8192, 64, true, 128, true, false},
                          {1, 4, 1, 17, 130, 128, false, 0, false, false}, {3, 4, 2, 2, 90, 64, true, 0, false, true},
                          {1, 2, 2, 150, 150, 128, true, 0, true, false},
-                         {1, 4, 2, 300, 300, 64, true, 0, false, false}, {2, 4, 1, 75, 333, 128, true, 64, true, true}};
+                         {1, 4, 2, 300, 300, 64, true, 0, false, false}, {2, 4, 1, 75, 333, 128, true, 64, true, true},
+                         // 24 rows a KV head (two warps a block); a decode at head_dim 128 (one warp);
+                         {1, 8, 1, 3, 200, 64, true, 0, false, false},   {2, 8, 1, 1, 3000, 128, true, 0, true, false},
+                         // more queries than keys: the first rows see nothing (with sinks, one of
+                         // them -inf); batches holding fewer keys than queries.
+                         {1, 4, 2, 100, 37, 64, true, 0, false, false},  {1, 4, 2, 100, 37, 128, true, 0, true, false},
+                         {3, 4, 2, 40, 45, 64, true, 0, false, true}};
   for (DType t : {DType::BF16, DType::F16}) {
     for (const Case& c : shapes) {
       const int64_t q_size = c.batch * c.heads * c.q_len * c.dim, kv_size = c.batch * c.kv_heads * c.k_len * c.dim;
       if (q_size + 2 * kv_size > max_elements) continue;
-      const HostArray q = random_array(t, q_size, gen), k = random_array(t, kv_size, gen),
-                      v = random_array(t, kv_size, gen), grad_out = random_array(t, q_size, gen);
+      const HostArray q = random_array(t, q_size, gen), grad_out = random_array(t, q_size, gen);
+      HostArray k = random_array(t, kv_size, gen), v = random_array(t, kv_size, gen);
       std::vector<float> sinks(c.heads);
       for (float& s : sinks) s = std::normal_distribution<float>(0.0f, 1.0f)(gen);
+      if (c.sinks && c.q_len > c.k_len) sinks[0] = -INFINITY;  // rows of head 0 that see no key see nothing
       std::vector<int32_t> starts(c.batch), lens(c.batch);
       for (int64_t b = 0; b < c.batch; ++b) {
         lens[b] = int32_t(c.k_len - 7 * b);
         starts[b] = int32_t(3 * b);
+        // Keys a batch does not hold are never read: NaN there must not reach any output.
+        for (int64_t key = 0; c.ranges && key < c.k_len; ++key) {
+          if (key >= starts[b] && key < lens[b]) continue;
+          for (int64_t i = 0; i < c.kv_heads * c.dim; ++i) {
+            const int64_t at = (b * c.kv_heads + i / c.dim) * c.k_len * c.dim + key * c.dim + i % c.dim;
+            k.set(at, NAN);
+            v.set(at, NAN);
+          }
+        }
       }
       AttentionArgs a{};
       a.batch = c.batch;
@@ -551,6 +583,7 @@ static void test_attention(std::mt19937& gen, const cudaDeviceProp& prop) {
       dev_grad.fwd.out = cpu_out.ptr;
       dev_grad.fwd.lse = static_cast<float*>(cpu_lse.ptr);
       for (int i = 0; i < 3; ++i) dev_grad.grad_out_stride[i] = q_stride[i];
+      for (const DeviceArray* grad : {&dgq, &dgk, &dgv}) CUDA_OK(cudaMemset(grad->ptr, 0xff, grad->bytes));  // NaN
       CUDA_OK(kernels::attention_backward(dev_grad, t, nullptr));
       CUDA_OK(cudaDeviceSynchronize());
       compare(name + " (grad q)", dgq.download(t), grad_q, 2e-2f, 4 * rtol(t));
@@ -757,7 +790,7 @@ int main(int argc, char** argv) {
   test_softmax(gen);
   test_cross_entropy(gen);
   test_layernorm(gen);
-  test_expert_linear(gen);
+  test_expert_linear(gen, prop.major >= 8);  // its grouped form runs on the WMMA GEMM
   test_rope(gen);
   if (prop.major >= 8) {
     test_gemm(gen);
