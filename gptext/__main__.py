@@ -548,11 +548,11 @@ def run_training(args: argparse.Namespace, device: str, rank: int, world: int) -
               "val_fraction": settings["val_fraction"], "dtype": settings["dtype"]}
     cfg = model.config
     say(f"train: {source} ({origin}, {model.num_parameters() / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
-          f"width {cfg.n_embd}) on {data.train.size:,} tokens ({data.val.size:,} held out), windows of "
-          f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}"
-          + (f" and {world - 1} more process{'es' if world > 2 else ''} like it" if world > 1 else "") + ", "
-          f"{settings['dtype']}" + (f" under {config.autocast} autocast" if config.autocast else "")
-          + (", activation checkpointing" if config.activation_checkpointing else ""))
+        f"width {cfg.n_embd}) on {data.train.size:,} tokens ({data.val.size:,} held out), windows of "
+        f"{context}, {config.batch_size * config.accumulate} a step, {config.steps} steps; {device}"
+        + (f" and {world - 1} more process{'es' if world > 2 else ''} like it" if world > 1 else "") + ", "
+        f"{settings['dtype']}" + (f" under {config.autocast} autocast" if config.autocast else "")
+        + (", activation checkpointing" if config.activation_checkpointing else ""))
 
     def checkpoint(saved: train.TrainState) -> None:
         # The weights first, the state (which names their digest) after them, the settings last:
@@ -577,8 +577,8 @@ def run_training(args: argparse.Namespace, device: str, rank: int, world: int) -
     held = [r["val_loss"] for r in history if "val_loss" in r]
     tokens = (config.steps - first) * config.batch_size * config.accumulate * context
     say(f"trained {config.steps - first} steps in {elapsed:.1f} s ({tokens / elapsed:,.0f} tokens/s); training "
-          f"loss {steps[0]['loss']:.4f} (step 1) -> {steps[-1]['loss']:.4f}"
-          + (f", held-out loss {held[0]:.4f} -> {held[-1]:.4f}" if held else ""))
+        f"loss {steps[0]['loss']:.4f} (step 1) -> {steps[-1]['loss']:.4f}"
+        + (f", held-out loss {held[0]:.4f} -> {held[-1]:.4f}" if held else ""))
     return 0
 
 

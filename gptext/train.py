@@ -54,8 +54,8 @@ class TrainConfig:
     """steps: optimizer steps; batch_size: windows per micro-batch; accumulate: micro-batches
     per step (a step sees batch_size x accumulate windows), shared among the processes of a
     data-parallel run (accumulate a multiple of their number); lr: the peak learning rate,
-    reached after `warmup` steps (default: a tenth of the steps, at most 100) and decayed on a cosine
-    to min_lr (default lr / 10) at the last step; weight_decay applies to matrices and
+    reached after `warmup` steps (default: a tenth of the steps, at most 100) and decayed on
+    a cosine to min_lr (default lr / 10) at the last step; weight_decay applies to matrices and
     embeddings only (not to biases, norm weights or sinks); grad_clip: the largest global
     gradient norm (0: none); eval_every / eval_batches: held-out loss every so many steps
     over so many fixed batches (0: never); log_every: a log line every so many steps;
@@ -554,10 +554,7 @@ class Ranks:
 
     def same(self, value, what: str) -> None:
         """Raises ValueError in every process unless all of them hold an equal `value`."""
-        import torch.distributed as dist
-
-        values = [None] * self.size
-        dist.all_gather_object(values, value)
+        values = self.gather(value)
         if any(v != values[0] for v in values):
             raise ValueError(f"the {self.size} processes of the run were given different {what}: "
                              f"every process must train on the same")
