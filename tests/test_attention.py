@@ -221,16 +221,18 @@ def test_keys_a_batch_does_not_hold_are_never_read(kernels, device):
             t[b, :, :starts[b]], t[b, :, lens[b]:] = float("nan"), float("nan")
     sinks = torch.tensor([float("-inf"), 0.5, -1.0, 2.0], device=device)
     grads = []
-    for fn in (gptext.ops.attention, reference.attention):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    for fn, wide in ((gptext.ops.attention, None), (reference.attention, torch.float64)):  # the oracle in fp64
+        leaves = [t.to(wide or t.dtype, copy=True).requires_grad_() for t in (q, k, v, sinks)]
         out = fn(*leaves[:3], kv_starts=starts, kv_lens=lens, sinks=leaves[3])
         assert torch.isfinite(out).all() and (out[2, :, :30] == 0).all()  # batch 2: 10 keys for 40 queries
         out.float().square().sum().backward()
         grads.append([t.grad for t in leaves])
         assert all(torch.isfinite(g).all() for g in grads[-1]), fn
         assert (leaves[1].grad[1, :, :5] == 0).all() and (leaves[2].grad[1, :, 50:] == 0).all()
+    # Rows that see one key have a q gradient of exactly 0, which fp32 leaves at the rounding
+    # of dO . v - dO . out (a few 1e-6 here): hence twice test_gradients' margin.
     for got, want in zip(*grads):
-        assert_close(got.float(), want.float(), dtype, scale=4)
+        assert_close(got.float(), want.float(), dtype, scale=8)
 
 
 def test_model_scale_default_and_errors():
