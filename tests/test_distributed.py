@@ -55,12 +55,15 @@ WORKER = textwrap.dedent("""
         history = train.train(model, data, config, log=print, checkpoint=checkpoint,
                               save_every=case.get("save_every", 0), resume=resume)
     except ValueError as e:
-        print("ValueError:", e)
+        print("ValueError:", e, flush=True)
         sys.exit(3)
+    finally:
+        # A process that leaves with its Gloo group still up may abort in the group's
+        # destructor ("terminate called without an active exception") instead of exiting.
+        if world > 1:
+            dist.destroy_process_group()
     if rank == 0:
         torch.save({"history": history, "weights": model.state_dict(), "saved": saved}, case["out"] + ".result")
-    if world > 1:
-        dist.destroy_process_group()
 """)
 
 
