@@ -601,6 +601,86 @@ class Ranks:
         return values
 
 
+class _OverlappedSum:
+    """Sums the parameters' gradients across the processes while the backward pass still runs.
+
+    The parameters fall into buckets in the reverse of their order in the model (about the
+    order backward completes their gradients), one dtype and about `bucket_bytes` a bucket.
+    During an armed backward pass a hook sees each gradient accumulated; a bucket whose
+    gradients are all in starts its all-reduce there and then, in the background. Buckets
+    start strictly in index order, so every process issues the same collectives in the same
+    order whatever its autograd did first. `finish()`, after the backward, starts the buckets
+    still waiting (parameters that got no gradient count as zeros), waits for every sum and
+    writes it back into the gradients. Unarmed backward passes (the micro-batches before a
+    step's last) are left alone: their gradients accumulate locally."""
+
+    def __init__(self, parameters, bucket_bytes: int = _BUCKET_BYTES):
+        unique = {id(p): p for p in parameters if p.requires_grad}
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        size = 0
+        for p in reversed(list(unique.values())):
+            bucket = self.buckets[-1] if self.buckets else None
+            if bucket is None or bucket[0].dtype != p.dtype or size + p.nbytes > bucket_bytes:
+                self.buckets.append([p])
+                size = p.nbytes
+            else:
+                bucket.append(p)
+                size += p.nbytes
+        self._bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
+        self._armed = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in unique.values()]
+
+    def arm(self) -> None:
+        """The next backward pass completes the step's gradients: sum them as they come."""
+        self._armed = True
+        self._left = [len(bucket) for bucket in self.buckets]
+        self._seen: set[int] = set()
+        self._next = 0  # the first bucket not started
+        self._pending: list[tuple[int, torch.Tensor, object]] = []
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        if not self._armed:
+            return
+        if id(p) in self._seen:  # a second accumulation would miss the sum already under way
+            raise RuntimeError("a parameter's gradient was accumulated twice in one backward pass; "
+                               "its sum across processes had already started")
+        self._seen.add(id(p))
+        b = self._bucket_of[id(p)]
+        self._left[b] -= 1
+        while self._next < len(self.buckets) and self._left[self._next] == 0:
+            self._start(self._next)
+
+    def _start(self, b: int) -> None:
+        import torch.distributed as dist
+
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.buckets[b]])
+        self._pending.append((b, flat, dist.all_reduce(flat, async_op=True)))
+        self._next = b + 1
+
+    def finish(self) -> None:
+        """After the armed backward: every bucket summed and written back into the gradients."""
+        if not self._armed:
+            raise RuntimeError("finish() without arm()")
+        try:
+            while self._next < len(self.buckets):
+                self._start(self._next)
+            for b, flat, work in self._pending:
+                work.wait()
+                for p, part in zip(self.buckets[b], flat.split([p.numel() for p in self.buckets[b]])):
+                    if p.grad is not None:
+                        p.grad.copy_(part.view_as(p))
+                    elif part.any():  # another process's gradient reached it
+                        p.grad = part.view_as(p).clone()
+        finally:
+            self._armed, self._pending = False, []
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
 def _rng_key(kind: str, rank: int) -> str:
     """Where a TrainState's rng keeps process `rank`'s generator of `kind` ("cpu", "cuda")."""
     return kind if rank == 0 else f"{kind}/{rank}"
@@ -684,7 +764,8 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
     In every process of an initialized torch.distributed group (one per device, the model on
     it), the processes share each step: process r runs the r-th of its accumulate / N equal
     shares of the step's micro-batches, the gradients and losses are summed across them
-    (all-reduce) and every process takes the same update. The weights start as rank 0's; the
+    (all-reduce, the gradients' started bucket by bucket while the last micro-batch's backward
+    pass still runs) and every process takes the same update. The weights start as rank 0's; the
     data and config must be the same in every process. The held-out batches are shared
     too; only rank 0 logs and calls `checkpoint`, whose TrainState then holds every
     process's random state (dropout draws its own stream in each)."""
@@ -757,6 +838,7 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
     model.train()
     recompute = model.activation_checkpointing
     model.activation_checkpointing = config.activation_checkpointing
+    overlap = _OverlappedSum(model.parameters()) if ranks.size > 1 else None
     try:
         clock = time.perf_counter()
         for step in range(first, config.steps + 1):
@@ -768,13 +850,17 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
             inputs, targets = data.sample(config.batch_size * config.accumulate, generator)
             mine = slice(ranks.rank * share, (ranks.rank + 1) * share)
             loss_sum = torch.zeros((), device=device)
-            for x, y in zip(inputs[mine].split(config.batch_size), targets[mine].split(config.batch_size)):
+            micro = list(zip(inputs[mine].split(config.batch_size), targets[mine].split(config.batch_size)))
+            for i, (x, y) in enumerate(micro):
                 with autocast_region(config.autocast, device):
                     loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                if overlap is not None and i == len(micro) - 1:
+                    overlap.arm()  # this backward completes the gradients: sum them as they come
                 (loss / config.accumulate).backward()
                 loss_sum += loss.detach()
-            if ranks.size > 1:
-                ranks.sum_([p.grad for p in model.parameters() if p.grad is not None] + [loss_sum])
+            if overlap is not None:
+                overlap.finish()
+                ranks.sum_([loss_sum])
             if config.grad_clip:
                 norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             else:
@@ -808,6 +894,8 @@ def train(model: GPT, data: TokenData, config: TrainConfig, log: Callable[[str],
         if ranks.size > 1:
             ranks.barrier()  # rank 0's last checkpoint written before any process goes on
     finally:
+        if overlap is not None:
+            overlap.close()
         model.activation_checkpointing = recompute
         model.eval()
     return history

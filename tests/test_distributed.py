@@ -192,3 +192,79 @@ def test_a_shared_run_resumes_in_one_process(tmp_path):
     assert [r["loss"] for r in result["history"]] == [r["loss"] for r in whole["history"]]
     for (name, a), b in zip(whole["weights"].items(), result["weights"].values()):
         assert torch.equal(a, b), name
+
+
+class _FakeSum:
+    """Stands in for torch.distributed.all_reduce in this process: the sum over two processes
+    that both hold this process's gradients (times 2, exact in binary), done at once, with a
+    record of when each bucket started and was waited for."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def __call__(self, tensor, async_op=False):
+        assert async_op, "the gradients' sums run in the background"
+        self.events.append(("start", tensor.numel()))
+        tensor.mul_(2)
+        events = self.events
+
+        class Work:
+            def wait(self):
+                events.append(("wait", tensor.numel()))
+        return Work()
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "activation-checkpointing"])
+def test_gradient_sums_start_while_the_backward_pass_runs(monkeypatch, recompute):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, context_length=16, n_embd=32, n_layer=2, n_head=2))
+    model.activation_checkpointing = recompute  # the blocks' forward runs again inside backward
+    batches = [(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))) for _ in range(2)]
+    for x, y in batches:  # two micro-batches accumulated in one process: the expected sum's halves
+        model.loss(x, y).backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    events = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", _FakeSum(events))
+    overlap = train._OverlappedSum(model.parameters(), bucket_bytes=8 << 10)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert len(overlap.buckets) >= 4
+    assert sum(len(b) for b in overlap.buckets) == len(plain)  # the tied embedding once
+    for p in model.parameters():  # registered after overlap's own hooks: runs after them
+        p.register_post_accumulate_grad_hook(lambda p: events.append(("grad", names[id(p)])))
+    try:
+        model.loss(*batches[0]).backward()  # unarmed: accumulates locally
+        assert not any(kind == "start" for kind, _ in events)
+        events.clear()
+        overlap.arm()
+        model.loss(*batches[1]).backward()
+        grads = [i for i, (kind, _) in enumerate(events) if kind == "grad"]
+        starts = [i for i, (kind, _) in enumerate(events) if kind == "start"]
+        # Every bucket started inside the backward pass, in bucket order, the first before
+        # half the gradients were in; none waited for.
+        assert len(starts) == len(overlap.buckets) and starts[0] < grads[len(grads) // 2]
+        assert [events[i][1] for i in starts] == [sum(p.numel() for p in b) for b in overlap.buckets]
+        assert all(kind != "wait" for kind, _ in events)
+        overlap.finish()
+        assert [n for kind, n in events if kind == "wait"] == [sum(p.numel() for p in b) for b in overlap.buckets]
+    finally:
+        overlap.close()
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, 2 * plain[name]), name
+
+
+def test_a_parameter_without_a_gradient_keeps_none(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "all_reduce", _FakeSum([]))
+    used, unused = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4)
+    overlap = train._OverlappedSum([*used.parameters(), *unused.parameters()])
+    try:
+        overlap.arm()
+        used(torch.ones(2, 3)).sum().backward()
+        overlap.finish()
+        assert torch.equal(used.bias.grad, torch.full((4,), 4.0))
+        assert unused.weight.grad is None and unused.bias.grad is None
+        with pytest.raises(RuntimeError, match="without arm"):
+            overlap.finish()
+    finally:
+        overlap.close()
